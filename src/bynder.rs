@@ -1,0 +1,439 @@
+//! The Bynder HTTP client: one method per asset-usage endpoint, wire types private beside it.
+//!
+//! Follows `bynder-api-reference.md`: GET and DELETE take the query string, create takes a
+//! form-urlencoded body, paths keep their exact trailing slashes, redirects are never followed
+//! (a redirected POST or DELETE would silently turn into a GET). Every request passes the shared
+//! [`Gate`] first, so the whole process stays under Bynder's per-IP rate limit. Errors say how the
+//! caller should react ([`Reaction`]); this module never retries on its own.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota};
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use tokio::time::Instant;
+use url::Url;
+
+use crate::auth::{AuthError, Credentials};
+use crate::config::Config;
+
+const USAGE_PATH: &str = "/api/media/usage/";
+const CURRENT_USER_PATH: &str = "/api/v4/currentUser/";
+
+/// A usage as Bynder reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    pub id: String,
+    pub asset_id: String,
+    pub uri: String,
+    pub additional: String,
+    /// The integration the usage belongs to, when Bynder says.
+    pub integration_id: Option<String>,
+}
+
+/// What went wrong with a request.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No connection could be made: nothing reached Bynder.
+    #[error("cannot connect to the portal at {url}: {detail}. Fix: check bynder.base_url and the network (proxy, DNS, firewall)")]
+    Connect { url: String, detail: String },
+    /// The request may have reached Bynder; the answer did not come in time.
+    #[error("the portal did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The connection broke after the request was sent: it may have been applied.
+    #[error("the connection to the portal broke: {0}")]
+    Transport(String),
+    /// Bynder answered with an error status.
+    #[error("the portal answered {status}: {body}")]
+    Status { status: StatusCode, body: String },
+    /// Bynder answered with a redirect, which is never followed.
+    #[error("the portal answered {status} redirecting to {location}; check bynder.base_url (use the portal's canonical https URL)")]
+    Redirect {
+        status: StatusCode,
+        location: String,
+    },
+    /// A success status with a body that is not what the API documents.
+    #[error("the portal's answer could not be understood: {0}")]
+    Decode(String),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+}
+
+/// How the caller should react to an [`Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reaction {
+    /// Try again later. `maybe_applied`: Bynder may have carried the request out.
+    Retry { maybe_applied: bool },
+    /// Bynder's rate limit blocks this IP: stop all sending for the block pause.
+    PauseAll,
+    /// The credentials were rejected.
+    CredentialsRejected,
+    /// Sending the same request again cannot succeed.
+    GiveUp,
+}
+
+impl Error {
+    pub fn reaction(&self) -> Reaction {
+        match self {
+            Error::Connect { .. } => Reaction::Retry {
+                maybe_applied: false,
+            },
+            Error::Timeout(_) | Error::Transport(_) | Error::Decode(_) => Reaction::Retry {
+                maybe_applied: true,
+            },
+            Error::Status { status, .. } => match status.as_u16() {
+                401 => Reaction::CredentialsRejected,
+                429 => Reaction::PauseAll,
+                408 => Reaction::Retry {
+                    maybe_applied: true,
+                },
+                s if s >= 500 => Reaction::Retry {
+                    maybe_applied: true,
+                },
+                _ => Reaction::GiveUp,
+            },
+            Error::Redirect { .. } | Error::Auth(_) | Error::Tls(_) => Reaction::GiveUp,
+        }
+    }
+
+    /// The HTTP status Bynder answered with, if any.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            Error::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// The process-wide gate every request passes: Bynder's rate limit is per IP, so one token bucket
+/// and one 429 pause serve every worker.
+pub struct Gate {
+    limiter: DefaultDirectRateLimiter,
+    paused_until: Mutex<Option<Instant>>,
+    block_pause: Duration,
+}
+
+impl Gate {
+    pub fn new(requests_per_second: u32, block_pause: Duration) -> Self {
+        let rps = std::num::NonZeroU32::new(requests_per_second.max(1)).expect("at least 1");
+        Gate {
+            // A burst of one second's worth: never more than the configured rate over any second.
+            limiter: DefaultDirectRateLimiter::direct(Quota::per_second(rps)),
+            paused_until: Mutex::new(None),
+            block_pause,
+        }
+    }
+
+    /// Waits for the pause to end and for a token from the bucket.
+    async fn pass(&self) {
+        loop {
+            let until = *self.paused_until.lock().expect("gate lock");
+            match until {
+                Some(t) if t > Instant::now() => tokio::time::sleep_until(t).await,
+                _ => break,
+            }
+        }
+        self.limiter.until_ready().await;
+    }
+
+    /// Starts (or keeps) a pause after a 429. Returns the end of the pause.
+    pub fn pause(&self) -> Instant {
+        let mut guard = self.paused_until.lock().expect("gate lock");
+        let end = Instant::now() + self.block_pause;
+        match *guard {
+            Some(t) if t >= end => t,
+            _ => {
+                *guard = Some(end);
+                tracing::warn!(
+                    pause = ?self.block_pause,
+                    "Bynder's rate limit blocked us (429): all sending stops until the block has passed"
+                );
+                end
+            }
+        }
+    }
+
+    /// The end of the current pause, if one is in force.
+    pub fn paused_until(&self) -> Option<Instant> {
+        self.paused_until
+            .lock()
+            .expect("gate lock")
+            .filter(|t| *t > Instant::now())
+    }
+}
+
+/// The Bynder client for one portal and one integration.
+pub struct Client {
+    http: reqwest::Client,
+    base_url: Url,
+    integration_id: String,
+    credentials: Credentials,
+    gate: Arc<Gate>,
+    timeout: Duration,
+    requests: AtomicU64,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("base_url", &self.base_url.as_str())
+            .field("integration_id", &self.integration_id)
+            .field("credentials", &self.credentials)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+struct WireUsage {
+    id: serde_json::Value,
+    asset_id: Option<String>,
+    uri: Option<String>,
+    additional: Option<String>,
+    integration: Option<WireIntegration>,
+}
+
+#[derive(Deserialize)]
+struct WireIntegration {
+    id: Option<String>,
+}
+
+impl WireUsage {
+    fn into_usage(self) -> Usage {
+        Usage {
+            id: match self.id {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            },
+            asset_id: self.asset_id.unwrap_or_default(),
+            uri: self.uri.unwrap_or_default(),
+            additional: self.additional.unwrap_or_default(),
+            integration_id: self.integration.and_then(|i| i.id),
+        }
+    }
+}
+
+impl Client {
+    /// Builds the client: one connection pool, timeouts, rustls with an optional extra root.
+    pub fn new(config: &Config, credentials: Credentials, gate: Arc<Gate>) -> Result<Self, Error> {
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("bynder-usage-sync/", env!("CARGO_PKG_VERSION")))
+            .timeout(config.bynder.timeout)
+            .connect_timeout(config.bynder.connect_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .use_rustls_tls();
+        if let Some(path) = &config.bynder.ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| Error::Tls(format!("cannot read {}: {e}", path.display())))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                Error::Tls(format!(
+                    "{} holds no usable PEM certificate: {e}",
+                    path.display()
+                ))
+            })?;
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().map_err(|e| Error::Tls(e.to_string()))?;
+        Ok(Client {
+            http,
+            base_url: config.bynder.base_url.clone(),
+            integration_id: config.bynder.integration_id.clone(),
+            credentials,
+            gate,
+            timeout: config.bynder.timeout,
+            requests: AtomicU64::new(0),
+        })
+    }
+
+    pub fn integration_id(&self) -> &str {
+        &self.integration_id
+    }
+
+    pub fn base_url(&self) -> &Url {
+        &self.base_url
+    }
+
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
+
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
+    }
+
+    /// How many requests this client has sent.
+    pub fn requests_sent(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    fn url(&self, path: &str) -> Url {
+        let mut url = self.base_url.clone();
+        url.set_path(path);
+        url
+    }
+
+    /// Sends one request through the gate, authorized, and returns status and body.
+    async fn send(&self, mut request: reqwest::Request) -> Result<(StatusCode, String), Error> {
+        self.gate.pass().await;
+        self.credentials.authorize(&mut request).await?;
+        let url = request.url().clone();
+        let method = request.method().clone();
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let response = self
+            .http
+            .execute(request)
+            .await
+            .map_err(|e| self.classify(e, &url))?;
+        let status = response.status();
+        if status.is_redirection() {
+            let location = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("?")
+                .to_owned();
+            return Err(Error::Redirect { status, location });
+        }
+        let body = response.text().await.map_err(|e| self.classify(e, &url))?;
+        tracing::debug!(%method, path = url.path(), status = status.as_u16(), "bynder request");
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            self.gate.pause();
+        }
+        if !status.is_success() {
+            return Err(Error::Status {
+                status,
+                body: snippet(&body),
+            });
+        }
+        Ok((status, body))
+    }
+
+    fn classify(&self, error: reqwest::Error, url: &Url) -> Error {
+        if error.is_timeout() {
+            Error::Timeout(self.timeout)
+        } else if error.is_connect() {
+            let mut detail = error.to_string();
+            let mut source = std::error::Error::source(&error);
+            while let Some(s) = source {
+                detail = s.to_string();
+                source = s.source();
+            }
+            let mut shown = url.clone();
+            shown.set_query(None);
+            shown.set_path("");
+            Error::Connect {
+                url: shown.to_string(),
+                detail,
+            }
+        } else {
+            Error::Transport(error.to_string())
+        }
+    }
+
+    /// `GET /api/media/usage/?asset_id=…&integration_id=…`: every usage of one asset for our
+    /// integration (Bynder needs the asset id; it cannot list a whole integration).
+    #[tracing::instrument(skip_all, fields(asset_id), err(level = "debug"))]
+    pub async fn list_usages(&self, asset_id: &str) -> Result<Vec<Usage>, Error> {
+        let mut url = self.url(USAGE_PATH);
+        url.query_pairs_mut()
+            .append_pair("asset_id", asset_id)
+            .append_pair("integration_id", &self.integration_id);
+        let (_, body) = self.send(reqwest::Request::new(Method::GET, url)).await?;
+        let wire: Vec<WireUsage> = serde_json::from_str(&body)
+            .map_err(|e| Error::Decode(format!("usage list: {e}: {}", snippet(&body))))?;
+        // Defensive: keep only our integration's usages even if the portal ignored the filter.
+        Ok(wire
+            .into_iter()
+            .map(WireUsage::into_usage)
+            .filter(|u| {
+                u.integration_id
+                    .as_deref()
+                    .is_none_or(|id| id == self.integration_id)
+            })
+            .collect())
+    }
+
+    /// `POST /api/media/usage/` (form-urlencoded): records one usage and returns it.
+    #[tracing::instrument(skip_all, fields(asset_id, uri), err(level = "debug"))]
+    pub async fn create_usage(
+        &self,
+        asset_id: &str,
+        uri: &str,
+        additional: &str,
+    ) -> Result<Usage, Error> {
+        let timestamp = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
+        let body = {
+            let mut form = url::form_urlencoded::Serializer::new(String::new());
+            form.append_pair("integration_id", &self.integration_id)
+                .append_pair("asset_id", asset_id)
+                .append_pair("uri", uri)
+                .append_pair("timestamp", &timestamp);
+            if !additional.is_empty() {
+                form.append_pair("additional", additional);
+            }
+            form.finish()
+        };
+        let mut request = reqwest::Request::new(Method::POST, self.url(USAGE_PATH));
+        request.headers_mut().insert(
+            reqwest::header::CONTENT_TYPE,
+            reqwest::header::HeaderValue::from_static("application/x-www-form-urlencoded"),
+        );
+        *request.body_mut() = Some(body.into());
+        let (_, body) = self.send(request).await?;
+        let wire: WireUsage = serde_json::from_str(&body)
+            .map_err(|e| Error::Decode(format!("created usage: {e}: {}", snippet(&body))))?;
+        Ok(wire.into_usage())
+    }
+
+    /// `DELETE /api/media/usage/?integration_id=…&asset_id=…&uri=…`: removes our usages of one asset
+    /// on one uri. The uri is required by the signature on purpose: without it Bynder removes the
+    /// asset's usages of every installation that shares the integration id. A 404 means already gone.
+    #[tracing::instrument(skip_all, fields(asset_id, uri), err(level = "debug"))]
+    pub async fn delete_usage(&self, asset_id: &str, uri: &str) -> Result<(), Error> {
+        debug_assert!(
+            !uri.is_empty(),
+            "a delete without a uri would remove other installations' usages"
+        );
+        let mut url = self.url(USAGE_PATH);
+        url.query_pairs_mut()
+            .append_pair("integration_id", &self.integration_id)
+            .append_pair("asset_id", asset_id)
+            .append_pair("uri", uri);
+        match self.send(reqwest::Request::new(Method::DELETE, url)).await {
+            Ok(_) => Ok(()),
+            Err(Error::Status {
+                status: StatusCode::NOT_FOUND,
+                ..
+            }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `GET /api/v4/currentUser/`: who the credentials act as.
+    #[tracing::instrument(skip_all, err(level = "debug"))]
+    pub async fn current_user(&self) -> Result<serde_json::Value, Error> {
+        let (_, body) = self
+            .send(reqwest::Request::new(
+                Method::GET,
+                self.url(CURRENT_USER_PATH),
+            ))
+            .await?;
+        serde_json::from_str(&body)
+            .map_err(|e| Error::Decode(format!("current user: {e}: {}", snippet(&body))))
+    }
+}
+
+/// The start of a response body, for error messages (bodies can be whole HTML pages).
+fn snippet(body: &str) -> String {
+    let trimmed = body.trim();
+    let mut out: String = trimmed.chars().take(300).collect();
+    if trimmed.chars().count() > 300 {
+        out.push('…');
+    }
+    out
+}

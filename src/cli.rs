@@ -1,0 +1,447 @@
+//! The command line: argument definitions, one function per subcommand, and the mapping of
+//! failures to the documented exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::auth::Credentials;
+use crate::bynder::{Client, Gate};
+use crate::config::{load_config, Config, ConfigError, ConfigSource, LogFormat};
+use crate::reconcile::{self, Context, Progress, RunOptions, RunOutcome, RunReport};
+use crate::store::{self, open_store, OpenMode, StoreError};
+
+/// Keeps Bynder's asset-usage records ("Asset Tracking") true to what a CMS uses.
+#[derive(Debug, Parser)]
+#[command(name = "bynder-usage-sync", version, about, long_about = None)]
+pub struct Cli {
+    /// The TOML config file [default: /etc/bynder-usage-sync/config.toml]
+    #[arg(
+        long,
+        global = true,
+        env = "BYNDER_USAGE_SYNC_CONFIG",
+        value_name = "PATH"
+    )]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the state database and the cms_asset_references table, or bring them up to date.
+    Migrate,
+    /// Make Bynder's usages for the integration match cms_asset_references, once.
+    Resync {
+        /// Show what would be sent, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the full report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Send deletes even when more than sync.max_deletes are planned or the table is empty.
+        #[arg(long)]
+        allow_mass_delete: bool,
+    },
+    /// Show the state database: last runs, queue, dead letters, rate-limit pause.
+    Status {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a full demonstration against the bundled simulated portal (no Bynder account needed).
+    Demo,
+}
+
+/// Documented exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Converged, or nothing to do.
+    Ok = 0,
+    /// Unexpected error, portal unreachable after retries included.
+    Unexpected = 1,
+    /// Finished, but some operations failed and wait in the queue or as dead letters (or the
+    /// mass-delete guard held the run back).
+    Partial = 3,
+    /// Bynder rejected the credentials.
+    Credentials = 4,
+    /// Configuration error (EX_CONFIG).
+    Config = 78,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(e: Exit) -> Self {
+        ExitCode::from(e as u8)
+    }
+}
+
+/// A failure that ends the process with a message and an exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Setup(StoreError),
+    #[error("{0}")]
+    Credentials(String),
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("{0:#}")]
+    Unexpected(#[from] anyhow::Error),
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Missing(_) | StoreError::NotMigrated(_) | StoreError::Open { .. } => {
+                Failure::Setup(e)
+            }
+            other => Failure::Unexpected(other.into()),
+        }
+    }
+}
+
+impl From<sqlx::Error> for Failure {
+    fn from(e: sqlx::Error) -> Self {
+        Failure::Unexpected(anyhow::Error::new(e).context("state database"))
+    }
+}
+
+impl Failure {
+    pub fn exit(&self) -> Exit {
+        match self {
+            Failure::Config(_) | Failure::Setup(_) => Exit::Config,
+            Failure::Credentials(_) => Exit::Credentials,
+            Failure::Unreachable(_) | Failure::Unexpected(_) => Exit::Unexpected,
+        }
+    }
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> Result<Exit, Failure> {
+    let source = match &cli.config {
+        Some(p) => ConfigSource::Explicit(p.clone()),
+        None => ConfigSource::Default,
+    };
+    match cli.command {
+        Command::Demo => {
+            init_tracing("warn", LogFormat::Text);
+            crate::demo::run_demo().await.map_err(Failure::Unexpected)
+        }
+        Command::Migrate => {
+            let config = start(&source)?;
+            let store = open_store(&config.database, OpenMode::Create).await?;
+            println!(
+                "state database {} is ready (table cms_asset_references present)",
+                store.path().display()
+            );
+            store.close().await;
+            Ok(Exit::Ok)
+        }
+        Command::Resync {
+            dry_run,
+            json,
+            allow_mass_delete,
+        } => {
+            let config = start(&source)?;
+            let options = RunOptions {
+                command: "resync",
+                dry_run,
+                allow_mass_delete,
+                keep_all_items: json,
+            };
+            resync(config, options, json).await
+        }
+        Command::Status { json } => {
+            let config = start(&source)?;
+            status(config, json).await
+        }
+    }
+}
+
+/// Loads the config and sets up logging from it.
+fn start(source: &ConfigSource) -> Result<Config, Failure> {
+    let config = load_config(source)?;
+    init_tracing(&config.log.level, config.log.format);
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    Ok(config)
+}
+
+/// Logs go to stderr: human-readable text, or JSON lines for journald and log collectors.
+/// `RUST_LOG`, when set, wins over `log.level`.
+pub fn init_tracing(level: &str, format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.with_target(false).try_init(),
+    };
+}
+
+/// Builds the run context: store, credentials, client.
+pub async fn build_context(config: Config) -> Result<Context, Failure> {
+    let store = open_store(&config.database, OpenMode::Existing).await?;
+    let gate = Arc::new(Gate::new(
+        config.limits.requests_per_second,
+        config.limits.block_pause,
+    ));
+    let client = Client::new(&config, Credentials::from_settings(&config.auth), gate)
+        .map_err(|e| ConfigError::new(format!("{e}. Fix: check bynder.ca_file")))?;
+    Ok(Context {
+        config,
+        store,
+        client: Arc::new(client),
+    })
+}
+
+async fn resync(config: Config, options: RunOptions, json: bool) -> Result<Exit, Failure> {
+    let ctx = build_context(config).await?;
+    let progress: Arc<dyn Progress> = if json || options.dry_run {
+        Arc::new(Quiet)
+    } else {
+        Arc::new(Bar::new())
+    };
+    let report = reconcile::reconcile_with_progress(&ctx, &options, progress).await?;
+    ctx.store.close().await;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(anyhow::Error::from)?
+        );
+    } else {
+        print_report(&report);
+    }
+    outcome_exit(&report.outcome, report.dead_letters)
+}
+
+/// The exit code for a run's outcome.
+pub fn outcome_exit(outcome: &RunOutcome, dead_letters: i64) -> Result<Exit, Failure> {
+    match outcome {
+        RunOutcome::CredentialsRejected(m) => Err(Failure::Credentials(m.clone())),
+        RunOutcome::Unreachable(m) => Err(Failure::Unreachable(m.clone())),
+        RunOutcome::Partial | RunOutcome::MassDeleteRefused(_) => Ok(Exit::Partial),
+        RunOutcome::Converged | RunOutcome::NothingToDo if dead_letters > 0 => Ok(Exit::Partial),
+        RunOutcome::Converged | RunOutcome::NothingToDo | RunOutcome::DryRun => Ok(Exit::Ok),
+    }
+}
+
+/// Prints a run report for people.
+pub fn print_report(report: &RunReport) {
+    let p = &report.plan;
+    let title = if matches!(report.outcome, RunOutcome::DryRun) {
+        "Plan (dry run, nothing sent)"
+    } else {
+        "Plan"
+    };
+    println!(
+        "{title}: {} create(s), {} update(s), {} delete(s), {} read-back(s); {} already queued, {} cancelled; \
+         {} row(s) read, {} skipped",
+        p.creates, p.updates, p.deletes, p.verifies, p.already_queued, p.cancelled, p.rows_read, p.skipped
+    );
+    for item in &p.items {
+        let note = item
+            .additional
+            .as_deref()
+            .map(|a| format!(" ({a})"))
+            .unwrap_or_default();
+        println!(
+            "  {:<7} {} {}{}",
+            format!("{:?}", item.change).to_lowercase(),
+            item.asset_id,
+            item.uri,
+            note
+        );
+    }
+    let listed = p.items.len() as u64;
+    let total = p.creates + p.updates + p.deletes + p.verifies + p.already_queued;
+    if total > listed {
+        println!("  … and {} more (use --json for all)", total - listed);
+    }
+    if p.skipped > 0 {
+        println!("Skipped rows (never sent):");
+        for row in &p.skipped_rows {
+            println!(
+                "  asset_id={:?} uri={:?}: {}",
+                row.asset_id, row.uri, row.reason
+            );
+        }
+        if p.skipped > p.skipped_rows.len() as u64 {
+            println!("  … and {} more", p.skipped - p.skipped_rows.len() as u64);
+        }
+    }
+    if !matches!(report.outcome, RunOutcome::DryRun) {
+        let s = &report.sent;
+        println!(
+            "Sent: {} operation(s) done, {} attempt(s) retried, {} new dead letter(s), {} still queued; {} request(s)",
+            s.succeeded, s.retried, s.dead, s.left_pending, s.requests
+        );
+    }
+    let result = match &report.outcome {
+        RunOutcome::NothingToDo => "nothing to do: Bynder already matches".to_owned(),
+        RunOutcome::Converged => "converged: Bynder matches cms_asset_references".to_owned(),
+        RunOutcome::Partial => {
+            "partial: some operations wait in the queue or as dead letters (see `status`)"
+                .to_owned()
+        }
+        RunOutcome::DryRun => "dry run: nothing was sent".to_owned(),
+        RunOutcome::MassDeleteRefused(m)
+        | RunOutcome::Unreachable(m)
+        | RunOutcome::CredentialsRejected(m) => m.clone(),
+    };
+    println!("Result: {result}");
+    if report.dead_letters > 0 {
+        println!(
+            "Dead letters: {} (see `bynder-usage-sync status`)",
+            report.dead_letters
+        );
+    }
+}
+
+async fn status(config: Config, json: bool) -> Result<Exit, Failure> {
+    let store = open_store(&config.database, OpenMode::Existing).await?;
+    let cms_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM cms_asset_references")
+        .fetch_one(store.pool())
+        .await?;
+    let recorded = store.recorded_count().await?;
+    let queue = store.queue_summary().await?;
+    let runs = store.recent_runs(10).await?;
+    let dead = store.list_operations(true).await?;
+    let paused_until = store
+        .setting("rate_limit_paused_until")
+        .await?
+        .filter(|t| t.as_str() > store::now_text().as_str());
+    store.close().await;
+    if json {
+        let value = serde_json::json!({
+            "portal": config.bynder.base_url.as_str(),
+            "integration_id": config.bynder.integration_id,
+            "database": config.database.path,
+            "cms_rows": cms_rows,
+            "recorded_usages": recorded,
+            "queue": queue,
+            "rate_limit_paused_until": paused_until,
+            "dead_letters": dead,
+            "runs": runs,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).map_err(anyhow::Error::from)?
+        );
+        return Ok(Exit::Ok);
+    }
+    println!(
+        "Portal:       {} (integration {})",
+        config.bynder.base_url, config.bynder.integration_id
+    );
+    println!("Database:     {}", config.database.path.display());
+    println!("CMS rows:     {cms_rows}");
+    println!("Recorded:     {recorded} usage(s) known to be in Bynder");
+    let oldest = queue
+        .oldest_pending_at
+        .as_deref()
+        .map(|t| format!(", oldest queued since {t}"))
+        .unwrap_or_default();
+    println!(
+        "Queue:        {} pending, {} in flight, {} dead letter(s){oldest}",
+        queue.pending, queue.in_flight, queue.dead
+    );
+    match &paused_until {
+        Some(t) => println!("Rate limit:   PAUSED until {t} (Bynder answered 429)"),
+        None => println!("Rate limit:   not paused"),
+    }
+    if runs.is_empty() {
+        println!("Runs:         none yet");
+    } else {
+        println!("Last runs:");
+        for r in &runs {
+            println!(
+                "  #{:<4} {} {:<8} {:<20} +{} ~{} -{} ok {} failed {} skipped {} requests {}{}",
+                r.id,
+                r.started_at,
+                r.command,
+                r.outcome.as_deref().unwrap_or("running/stopped"),
+                r.creates,
+                r.updates,
+                r.deletes,
+                r.succeeded,
+                r.failed,
+                r.skipped_rows,
+                r.requests,
+                r.message
+                    .as_deref()
+                    .map(|m| format!("\n         {m}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    if !dead.is_empty() {
+        println!("Dead letters (retried when their row changes):");
+        for op in &dead {
+            println!(
+                "  {} {}: {}",
+                op.asset_id,
+                op.uri,
+                op.last_error.as_deref().unwrap_or("?")
+            );
+        }
+    }
+    Ok(Exit::Ok)
+}
+
+struct Quiet;
+impl Progress for Quiet {}
+
+/// A progress bar on a terminal, plain lines otherwise.
+struct Bar {
+    bar: ProgressBar,
+    terminal: bool,
+}
+
+impl Bar {
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        let terminal = std::io::stderr().is_terminal();
+        let bar = if terminal {
+            ProgressBar::new(0)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} sending [{bar:30}] {pos}/{len} operations ({per_sec}, eta {eta})",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        Bar { bar, terminal }
+    }
+}
+
+impl Progress for Bar {
+    fn planned(&self, total: u64) {
+        self.bar.set_length(total);
+        if !self.terminal && total > 0 {
+            eprintln!("sending {total} operation(s)");
+        }
+    }
+    fn advanced(&self, done: u64) {
+        self.bar.set_position(done);
+        if !self.terminal && done % 1000 == 0 {
+            eprintln!("  {done} operation(s) done");
+        }
+    }
+    fn finished(&self) {
+        self.bar.finish_and_clear();
+    }
+}

@@ -1,0 +1,161 @@
+//! `demo`: the whole product on a laptop with no Bynder account. Starts the simulated portal,
+//! fills a fresh database with sample CMS rows, resyncs, changes rows, resyncs again, and shows
+//! what the portal holds — including another integration's usage that is never touched.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+
+use crate::cli::{build_context, print_report, Exit};
+use crate::config::Config;
+use crate::reconcile::{reconcile_with_progress, Progress, RunOptions, RunOutcome};
+use crate::simulator::{Options, Simulator};
+use crate::store::{open_store, OpenMode};
+
+const TOKEN: &str = "demo-permanent-token";
+const INTEGRATION: &str = "8e2a8a4f-0d1c-4c51-9d1e-5f6b0c1d2e3f";
+const OTHER_INTEGRATION: &str = "b242c16d-70f4-4101-8df5-87b35bbe56f0";
+
+fn asset(n: u32) -> String {
+    format!("C078E8EE-C13A-4DA5-86EC8D6F3353{n:04X}")
+}
+
+fn page(n: u32) -> String {
+    format!("https://cms.example/pages/{n}")
+}
+
+struct Lines;
+impl Progress for Lines {
+    fn planned(&self, total: u64) {
+        if total > 0 {
+            println!("  sending {total} operation(s) to the portal…");
+        }
+    }
+    fn advanced(&self, done: u64) {
+        if done % 10 == 0 {
+            println!("  … {done} done");
+        }
+    }
+}
+
+/// Runs the demonstration; prints as it goes.
+pub async fn run_demo() -> anyhow::Result<Exit> {
+    let portal = Simulator::start(Options {
+        permanent_tokens: vec![TOKEN.to_owned()],
+        ..Options::default()
+    })
+    .await
+    .context("starting the simulated portal")?;
+    let dir = tempfile::Builder::new()
+        .prefix("bynder-usage-sync-demo-")
+        .tempdir()?;
+    let db = dir.path().join("state.db");
+    println!("Simulated Bynder portal: {}", portal.base_url());
+    println!("State database:          {}", db.display());
+    println!("Integration id:          {INTEGRATION}\n");
+
+    let config = Config::for_portal(&portal.base_url(), INTEGRATION, TOKEN, &db)?;
+    let store = open_store(&config.database, OpenMode::Create).await?;
+    // Someone else's usage of one of our assets: it must survive everything below.
+    portal.seed_usage(
+        OTHER_INTEGRATION,
+        &asset(1),
+        "https://wordpress.example/?p=7",
+        "WordPress post",
+    );
+
+    println!("1. The CMS writes 24 references (12 assets on 8 pages) into cms_asset_references.");
+    let mut tx = store.pool().begin().await?;
+    for n in 0..24u32 {
+        sqlx::query(
+            "INSERT INTO cms_asset_references (asset_id, uri, additional) VALUES (?, ?, ?)",
+        )
+        .bind(asset(n % 12))
+        .bind(page(n % 8))
+        .bind(format!("hero image, page {}", n % 8))
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    let ctx = build_context(config)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let progress: Arc<dyn Progress> = Arc::new(Lines);
+    let options = RunOptions {
+        command: "demo",
+        ..RunOptions::default()
+    };
+
+    println!("\n2. First resync:");
+    let first = reconcile_with_progress(&ctx, &options, progress.clone()).await?;
+    print_report(&first);
+
+    println!("\n3. The CMS changes: 2 notes edited, 3 references removed, 2 added, 1 bad row.");
+    let pool = ctx.store.pool();
+    sqlx::query("UPDATE cms_asset_references SET additional = 'teaser, moved below the fold' WHERE uri = ? AND asset_id = ?")
+        .bind(page(0))
+        .bind(asset(0))
+        .execute(pool)
+        .await?;
+    sqlx::query(
+        "UPDATE cms_asset_references SET additional = 'gallery' WHERE uri = ? AND asset_id = ?",
+    )
+    .bind(page(1))
+    .bind(asset(1))
+    .execute(pool)
+    .await?;
+    sqlx::query("DELETE FROM cms_asset_references WHERE uri = ?")
+        .bind(page(7))
+        .execute(pool)
+        .await?;
+    for (a, p) in [(20u32, 2u32), (21, 3)] {
+        sqlx::query("INSERT INTO cms_asset_references (asset_id, uri, additional) VALUES (?, ?, 'new block')")
+            .bind(asset(a))
+            .bind(page(p))
+            .execute(pool)
+            .await?;
+    }
+    sqlx::query("INSERT INTO cms_asset_references (asset_id, uri) VALUES ('not an id!', 'https://cms.example/x')")
+        .execute(pool)
+        .await?;
+
+    println!("\n4. Second resync:");
+    let second = reconcile_with_progress(&ctx, &options, progress.clone()).await?;
+    print_report(&second);
+
+    println!("\n5. Third resync, nothing changed:");
+    let third = reconcile_with_progress(&ctx, &options, progress).await?;
+    print_report(&third);
+
+    println!("\n6. What the portal now holds:");
+    for u in portal.usages() {
+        let owner = if u.integration_id == INTEGRATION {
+            "ours "
+        } else {
+            "other"
+        };
+        println!("  [{owner}] {} {:<36} {}", u.asset_id, u.uri, u.additional);
+    }
+    let ours = portal.usages_for(INTEGRATION).len();
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM cms_asset_references WHERE asset_id GLOB '[0-9A-F]*-*'",
+    )
+    .fetch_one(pool)
+    .await?;
+    let converged =
+        ours as i64 == rows && third.outcome == RunOutcome::NothingToDo && third.sent.requests == 0;
+    println!(
+        "\n{} usage(s) of ours for {} valid row(s); the other integration's usage is untouched; \
+         the last resync sent {} request(s).",
+        ours, rows, third.sent.requests
+    );
+    ctx.store.close().await;
+    portal.shutdown().await;
+    if converged {
+        println!("Demo finished: Bynder matches the CMS.");
+        Ok(Exit::Ok)
+    } else {
+        println!("Demo finished, but the portal does not match the CMS: this is a bug.");
+        Ok(Exit::Unexpected)
+    }
+}

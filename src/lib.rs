@@ -1,0 +1,13 @@
+//! bynder-usage-sync: keeps Bynder's asset-usage records true to what a CMS uses.
+
+pub mod auth;
+pub mod bynder;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod model;
+pub mod plan;
+pub mod queue;
+pub mod reconcile;
+pub mod simulator;
+pub mod store;

@@ -1,0 +1,817 @@
+//! One reconcile run: read the CMS rows, plan against the recorded state and the queue, write the
+//! plan to the queue in one transaction, then drain the queue against Bynder.
+//!
+//! Data flows one way: CMS rows → plan → queue → client → recorded state. The plan is a merge of
+//! three streams sorted by (asset_id, uri), so memory does not grow with the table. An operation
+//! is finished only once Bynder confirmed it, in the same transaction that updates the recorded
+//! state; anything in flight when the process dies is read back before it is sent again.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use futures::stream::BoxStream;
+use futures::TryStreamExt;
+use tokio::task::JoinSet;
+
+use crate::bynder::{self, Client};
+use crate::config::Config;
+use crate::model::{AssetId, Reference, SkipReason, UsageUri};
+use crate::plan::{decide, Change, Decision, Desired, Queued, Target};
+use crate::queue::{self, Next, RunEffect};
+use crate::store::{self, Operation, RunCounts, SourceRow, Store};
+
+/// How many rows of each kind a report keeps when not asked for everything.
+pub const REPORT_SAMPLE: usize = 20;
+
+/// What the caller asked for.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Name recorded in the run history (`resync`, `demo`…).
+    pub command: &'static str,
+    pub dry_run: bool,
+    pub allow_mass_delete: bool,
+    /// Keep every planned item in the report (for `--json`), not just a sample.
+    pub keep_all_items: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            command: "resync",
+            dry_run: false,
+            allow_mass_delete: false,
+            keep_all_items: false,
+        }
+    }
+}
+
+/// Everything a run needs.
+pub struct Context {
+    pub config: Config,
+    pub store: Store,
+    pub client: Arc<Client>,
+}
+
+/// How a run ended. Callers branch on it (exit codes, daemon health).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "outcome", content = "message")]
+pub enum RunOutcome {
+    /// Bynder already matched: nothing was sent.
+    NothingToDo,
+    /// Everything planned or queued went through.
+    Converged,
+    /// Some operations failed and wait in the queue or as dead letters.
+    Partial,
+    /// The plan would delete more usages than `sync.max_deletes` allows; nothing was queued.
+    MassDeleteRefused(String),
+    /// The portal could not be reached; the operations stay queued.
+    Unreachable(String),
+    /// Bynder rejected the credentials; the operations stay queued.
+    CredentialsRejected(String),
+    /// `--dry-run`: the plan was shown, nothing changed.
+    DryRun,
+}
+
+impl RunOutcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            RunOutcome::NothingToDo => "nothing_to_do",
+            RunOutcome::Converged => "converged",
+            RunOutcome::Partial => "partial",
+            RunOutcome::MassDeleteRefused(_) => "mass_delete_refused",
+            RunOutcome::Unreachable(_) => "unreachable",
+            RunOutcome::CredentialsRejected(_) => "credentials_rejected",
+            RunOutcome::DryRun => "dry_run",
+        }
+    }
+}
+
+/// One planned change, for reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PlannedItem {
+    pub asset_id: String,
+    pub uri: String,
+    pub change: Change,
+    /// The note the usage will carry (absent for deletes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub additional: Option<String>,
+}
+
+/// A row that was not used, and why.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SkippedRow {
+    pub asset_id: String,
+    pub uri: String,
+    pub reason: String,
+}
+
+/// What the plan found.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PlanReport {
+    pub rows_read: u64,
+    pub creates: u64,
+    pub updates: u64,
+    pub deletes: u64,
+    pub verifies: u64,
+    /// Queued operations made unnecessary by the CMS (e.g. a create whose row is gone again).
+    pub cancelled: u64,
+    /// Operations already queued from earlier runs, still to send.
+    pub already_queued: u64,
+    /// Dead letters left alone because their row did not change.
+    pub dead_letters: u64,
+    pub skipped: u64,
+    pub items: Vec<PlannedItem>,
+    pub skipped_rows: Vec<SkippedRow>,
+    /// Whether `items` and `skipped_rows` hold everything or a sample.
+    pub complete: bool,
+}
+
+/// What sending achieved.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SendReport {
+    pub succeeded: u64,
+    /// Attempts that failed and will be retried.
+    pub retried: u64,
+    /// Operations that became dead letters in this run.
+    pub dead: u64,
+    /// Operations still queued when the run ended.
+    pub left_pending: u64,
+    pub requests: u64,
+}
+
+/// The result of one run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunReport {
+    pub run_id: Option<i64>,
+    #[serde(flatten)]
+    pub outcome: RunOutcome,
+    pub plan: PlanReport,
+    pub sent: SendReport,
+    /// Dead letters in the queue after the run (new and old).
+    pub dead_letters: i64,
+}
+
+/// Progress callbacks, so the CLI can draw a bar or print lines while the library stays silent.
+pub trait Progress: Send + Sync {
+    fn planned(&self, _total: u64) {}
+    fn advanced(&self, _done: u64) {}
+    fn finished(&self) {}
+}
+
+struct NoProgress;
+impl Progress for NoProgress {}
+
+/// Runs one reconcile with no progress display.
+pub async fn reconcile_once(ctx: &Context, options: &RunOptions) -> anyhow::Result<RunReport> {
+    reconcile_with_progress(ctx, options, Arc::new(NoProgress)).await
+}
+
+/// Runs one reconcile: plan, queue, send.
+#[tracing::instrument(skip_all, fields(command = options.command, dry_run = options.dry_run))]
+pub async fn reconcile_with_progress(
+    ctx: &Context,
+    options: &RunOptions,
+    progress: Arc<dyn Progress>,
+) -> anyhow::Result<RunReport> {
+    if options.dry_run {
+        let plan = plan_run(ctx, options, false).await?.0;
+        return Ok(RunReport {
+            run_id: None,
+            outcome: RunOutcome::DryRun,
+            plan,
+            sent: SendReport::default(),
+            dead_letters: ctx.store.queue_summary().await?.dead,
+        });
+    }
+
+    let _lock = RunLock::acquire(ctx.store.path()).await?;
+    let recovered = ctx.store.recover_in_flight().await?;
+    if recovered > 0 {
+        tracing::warn!(recovered, "operations were in flight when a previous run stopped; they are read back before anything is re-sent");
+    }
+    let run_id = ctx.store.start_run(options.command).await?;
+    let requests_before = ctx.client.requests_sent();
+
+    let (plan, refused) = plan_run(ctx, options, true).await?;
+    let (outcome, mut sent) = if let Some(why) = refused {
+        (RunOutcome::MassDeleteRefused(why), SendReport::default())
+    } else {
+        let queued = ctx.store.queue_summary().await?.pending;
+        progress.planned(queued as u64);
+        let (stop, sent) = drain(ctx, run_id, progress.as_ref()).await?;
+        progress.finished();
+        let summary = ctx.store.queue_summary().await?;
+        let outcome = match stop {
+            Some(RunEffect::StopCredentials) => {
+                RunOutcome::CredentialsRejected(format!("Bynder rejected the credentials (401). Fix: {}", ctx.client.credentials().rejection_fix()))
+            }
+            Some(_) => RunOutcome::Unreachable(format!(
+                "the portal at {} could not be reached after {} attempts; the changes stay queued for the next run. \
+                 Fix: check bynder.base_url and the network",
+                ctx.config.bynder.base_url,
+                ctx.config.retry.max_attempts
+            )),
+            None if summary.pending > 0 || summary.dead > 0 || summary.in_flight > 0 => RunOutcome::Partial,
+            None if sent.succeeded == 0 && sent.retried == 0 => RunOutcome::NothingToDo,
+            None => RunOutcome::Converged,
+        };
+        (outcome, sent)
+    };
+    let summary = ctx.store.queue_summary().await?;
+    sent.left_pending = summary.pending as u64;
+    sent.requests = ctx.client.requests_sent() - requests_before;
+
+    let counts = RunCounts {
+        creates: plan.creates as i64,
+        updates: plan.updates as i64,
+        deletes: plan.deletes as i64,
+        skipped_rows: plan.skipped as i64,
+        succeeded: sent.succeeded as i64,
+        failed: (sent.dead + sent.left_pending) as i64,
+        requests: sent.requests as i64,
+    };
+    let message = match &outcome {
+        RunOutcome::MassDeleteRefused(m)
+        | RunOutcome::Unreachable(m)
+        | RunOutcome::CredentialsRejected(m) => Some(m.as_str()),
+        _ => None,
+    };
+    ctx.store
+        .finish_run(run_id, outcome.label(), &counts, message)
+        .await?;
+    tracing::info!(
+        run_id,
+        outcome = outcome.label(),
+        creates = plan.creates,
+        updates = plan.updates,
+        deletes = plan.deletes,
+        skipped = plan.skipped,
+        succeeded = sent.succeeded,
+        requests = sent.requests,
+        "reconcile finished"
+    );
+    Ok(RunReport {
+        run_id: Some(run_id),
+        outcome,
+        plan,
+        sent,
+        dead_letters: summary.dead,
+    })
+}
+
+// ---- planning -------------------------------------------------------------------------------
+
+type Key = (String, String);
+
+/// One desired key from the source.
+struct DesiredRow {
+    key: Key,
+    additional: Option<String>, // None: hold (invalid row)
+}
+
+/// Reads the source in key order, turning invalid rows into reports.
+struct DesiredStream<'a> {
+    rows: BoxStream<'a, Result<SourceRow, sqlx::Error>>,
+    last: Option<Key>,
+    uri_prefixes: Vec<String>,
+}
+
+impl DesiredStream<'_> {
+    async fn next(
+        &mut self,
+        report: &mut PlanReport,
+        keep_all: bool,
+    ) -> anyhow::Result<Option<DesiredRow>> {
+        while let Some(row) = self
+            .rows
+            .try_next()
+            .await
+            .context("reading cms_asset_references")?
+        {
+            report.rows_read += 1;
+            let skip = |reason: SkipReason, report: &mut PlanReport| {
+                let (asset_id, uri) = row.raw.display_key();
+                report.skipped += 1;
+                if keep_all || report.skipped_rows.len() < REPORT_SAMPLE {
+                    report.skipped_rows.push(SkippedRow {
+                        asset_id,
+                        uri,
+                        reason: reason.to_string(),
+                    });
+                }
+            };
+            if !row.text_keys {
+                skip(SkipReason::NotText, report);
+                continue;
+            }
+            let parsed = Reference::parse(&row.raw, &self.uri_prefixes);
+            let (key, additional) = match parsed {
+                Ok(r) => (
+                    (r.asset_id.as_str().to_owned(), r.uri.as_str().to_owned()),
+                    Some(r.additional),
+                ),
+                Err(reason) => {
+                    let key = key_of(&row);
+                    skip(reason.clone(), report);
+                    match (key, reason) {
+                        // The key is fine but the rest of the row is not: hold what Bynder has.
+                        (
+                            Some(key),
+                            SkipReason::TooLong {
+                                field: "additional",
+                                ..
+                            },
+                        )
+                        | (Some(key), SkipReason::ControlCharacter("additional"))
+                        | (Some(key), SkipReason::NotUtf8("additional")) => (key, None),
+                        _ => continue,
+                    }
+                }
+            };
+            if let Some(last) = &self.last {
+                if key == *last {
+                    skip(SkipReason::Duplicate, report);
+                    continue;
+                }
+                anyhow::ensure!(
+                    key > *last,
+                    "internal error: source rows are not in key order"
+                );
+            }
+            self.last = Some(key.clone());
+            return Ok(Some(DesiredRow { key, additional }));
+        }
+        Ok(None)
+    }
+}
+
+fn key_of(row: &SourceRow) -> Option<Key> {
+    let text = |v: &Option<Vec<u8>>| {
+        v.as_deref()
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .map(str::to_owned)
+    };
+    let asset = AssetId::parse(&text(&row.raw.asset_id)?).ok()?;
+    let uri = UsageUri::parse(&text(&row.raw.uri)?).ok()?;
+    Some((asset.as_str().to_owned(), uri.as_str().to_owned()))
+}
+
+/// Plans the run by merging the source, the recorded state and the queue. When `write`, the
+/// decisions are written to the queue in one transaction, unless the mass-delete guard refuses
+/// (the reason is returned and nothing is written).
+async fn plan_run(
+    ctx: &Context,
+    options: &RunOptions,
+    write: bool,
+) -> anyhow::Result<(PlanReport, Option<String>)> {
+    let keep_all = options.keep_all_items;
+    let prefixes = &ctx.config.sync.uri_prefixes;
+    let mut report = PlanReport {
+        complete: keep_all,
+        ..PlanReport::default()
+    };
+    let mut desired = DesiredStream {
+        rows: ctx.store.stream_cms_rows(),
+        last: None,
+        uri_prefixes: prefixes.clone(),
+    };
+    let mut recorded = ctx.store.stream_recorded();
+    let mut queued = ctx.store.stream_queued();
+
+    let mut d_head = desired.next(&mut report, keep_all).await?;
+    let mut r_head = recorded.try_next().await?;
+    let mut q_head = queued.try_next().await?;
+    let mut tx = if write {
+        Some(ctx.store.pool().begin().await?)
+    } else {
+        None
+    };
+    let mut valid_rows = 0u64;
+
+    loop {
+        let keys = [
+            d_head
+                .as_ref()
+                .map(|d| (d.key.0.as_str(), d.key.1.as_str())),
+            r_head.as_ref().map(|(a, u, _)| (a.as_str(), u.as_str())),
+            q_head.as_ref().map(|(a, u, _)| (a.as_str(), u.as_str())),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|(a, u)| (a.to_owned(), u.to_owned()));
+        let Some(key) = keys else { break };
+
+        let d = if d_head.as_ref().is_some_and(|d| d.key == key) {
+            let taken = d_head.take();
+            d_head = desired.next(&mut report, keep_all).await?;
+            taken
+        } else {
+            None
+        };
+        let r = if r_head
+            .as_ref()
+            .is_some_and(|(a, u, _)| *a == key.0 && *u == key.1)
+        {
+            let taken = r_head.take().map(|(_, _, additional)| additional);
+            r_head = recorded.try_next().await?;
+            taken
+        } else {
+            None
+        };
+        let q: Option<Queued> = if q_head
+            .as_ref()
+            .is_some_and(|(a, u, _)| *a == key.0 && *u == key.1)
+        {
+            let taken = q_head.take().map(|(_, _, q)| q);
+            q_head = queued.try_next().await?;
+            taken
+        } else {
+            None
+        };
+
+        // Keys outside the prefixes are not ours, whatever the recorded state says (the prefixes
+        // may have been narrowed since): never touch them.
+        if !crate::model::is_managed_uri(&key.1, prefixes) {
+            continue;
+        }
+        let desired_state = match &d {
+            Some(DesiredRow {
+                additional: Some(a),
+                ..
+            }) => {
+                valid_rows += 1;
+                Desired::Present(a)
+            }
+            Some(DesiredRow {
+                additional: None, ..
+            }) => Desired::Hold,
+            None => Desired::Absent,
+        };
+        let decision = decide(desired_state, r.as_deref(), q.as_ref());
+        match decision {
+            Decision::Nothing => {
+                if let Some(q) = &q {
+                    if q.dead {
+                        report.dead_letters += 1;
+                    } else {
+                        report.already_queued += 1;
+                        push_item(
+                            &mut report,
+                            keep_all,
+                            &key,
+                            queued_change(q, r.is_some()),
+                            &q.target,
+                        );
+                    }
+                }
+            }
+            Decision::Cancel => {
+                report.cancelled += 1;
+                if let Some(tx) = tx.as_mut() {
+                    store::cancel(tx, &key.0, &key.1).await?;
+                }
+            }
+            Decision::Enqueue { target, change } => {
+                match change {
+                    Change::Create => report.creates += 1,
+                    Change::Update => report.updates += 1,
+                    Change::Delete => report.deletes += 1,
+                    Change::Verify => report.verifies += 1,
+                }
+                push_item(&mut report, keep_all, &key, change, &target);
+                if let Some(tx) = tx.as_mut() {
+                    store::enqueue(tx, &key.0, &key.1, &target).await?;
+                }
+            }
+        }
+    }
+    drop((desired, recorded, queued));
+
+    let refused = mass_delete_refusal(ctx, options, &report, valid_rows);
+    if let Some(tx) = tx {
+        if refused.is_some() {
+            tx.rollback().await?;
+        } else {
+            tx.commit().await.context("writing the plan to the queue")?;
+        }
+    }
+    if let Some(why) = &refused {
+        tracing::warn!("{why}");
+    }
+    Ok((report, refused))
+}
+
+fn queued_change(q: &Queued, recorded: bool) -> Change {
+    match (&q.target, recorded) {
+        (_, _) if q.uncertain => Change::Verify,
+        (Target::Delete, _) => Change::Delete,
+        (Target::Upsert(_), true) => Change::Update,
+        (Target::Upsert(_), false) => Change::Create,
+    }
+}
+
+fn push_item(report: &mut PlanReport, keep_all: bool, key: &Key, change: Change, target: &Target) {
+    if keep_all || report.items.len() < REPORT_SAMPLE {
+        report.items.push(PlannedItem {
+            asset_id: key.0.clone(),
+            uri: key.1.clone(),
+            change,
+            additional: match target {
+                Target::Upsert(a) => Some(a.clone()),
+                Target::Delete => None,
+            },
+        });
+    }
+}
+
+/// The guard against a truncated CMS table: too many deletes, or every row gone.
+fn mass_delete_refusal(
+    ctx: &Context,
+    options: &RunOptions,
+    report: &PlanReport,
+    valid_rows: u64,
+) -> Option<String> {
+    if options.allow_mass_delete || report.deletes == 0 {
+        return None;
+    }
+    let max = ctx.config.sync.max_deletes;
+    if report.deletes > max {
+        return Some(format!(
+            "refusing to delete {} usages in one run (sync.max_deletes = {max}); nothing was sent. \
+             If the CMS table really lost these rows on purpose, run again with --allow-mass-delete",
+            report.deletes
+        ));
+    }
+    if valid_rows == 0 {
+        return Some(format!(
+            "cms_asset_references has no usable rows, so every one of the {} recorded usages would be deleted; \
+             nothing was sent. If the table is empty on purpose, run again with --allow-mass-delete",
+            report.deletes
+        ));
+    }
+    None
+}
+
+// ---- sending --------------------------------------------------------------------------------
+
+/// Drains the queue with bounded concurrency until nothing is due for this run.
+async fn drain(
+    ctx: &Context,
+    run_id: i64,
+    progress: &dyn Progress,
+) -> anyhow::Result<(Option<RunEffect>, SendReport)> {
+    let concurrency = ctx.config.limits.concurrency;
+    let max_attempts = ctx.config.retry.max_attempts;
+    let mut workers: JoinSet<anyhow::Result<Attempted>> = JoinSet::new();
+    let mut sent = SendReport::default();
+    let mut stop: Option<RunEffect> = None;
+    let mut done = 0u64;
+
+    loop {
+        while stop.is_none() && workers.len() < concurrency {
+            match ctx.store.claim_next(run_id, max_attempts).await? {
+                Some(op) => {
+                    let client = ctx.client.clone();
+                    let store = ctx.store.clone();
+                    let retry = ctx.config.retry.clone();
+                    workers.spawn(async move { attempt(&client, &store, &retry, op).await });
+                }
+                None => break,
+            }
+        }
+        if workers.is_empty() {
+            if stop.is_some() {
+                break;
+            }
+            match ctx.store.next_retry_at(run_id, max_attempts).await? {
+                Some(at) => {
+                    let wait = (at - chrono::Utc::now()).to_std().unwrap_or_default();
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                None => break,
+            }
+        }
+        let next_retry = ctx.store.next_retry_at(run_id, max_attempts).await?;
+        let joined = match next_retry {
+            Some(at) if stop.is_none() => {
+                let wait = (at - chrono::Utc::now()).to_std().unwrap_or_default();
+                tokio::select! {
+                    joined = workers.join_next() => joined,
+                    _ = tokio::time::sleep(wait) => continue,
+                }
+            }
+            _ => workers.join_next().await,
+        };
+        let Some(joined) = joined else { continue };
+        match joined.context("a worker panicked")?? {
+            Attempted::Done => {
+                sent.succeeded += 1;
+                done += 1;
+                progress.advanced(done);
+            }
+            Attempted::Failed(effect, dead) => {
+                if dead {
+                    sent.dead += 1;
+                    done += 1;
+                    progress.advanced(done);
+                } else {
+                    sent.retried += 1;
+                }
+                match effect {
+                    RunEffect::Continue => {}
+                    RunEffect::Paused { until } => {
+                        ctx.store
+                            .set_setting(
+                                "rate_limit_paused_until",
+                                Some(&store::format_time(until)),
+                            )
+                            .await?;
+                    }
+                    effect => stop = stop.or(Some(effect)),
+                }
+            }
+        }
+    }
+    if ctx.client.gate().paused_until().is_none() {
+        ctx.store
+            .set_setting("rate_limit_paused_until", None)
+            .await?;
+    }
+    Ok((stop, sent))
+}
+
+enum Attempted {
+    Done,
+    Failed(RunEffect, bool),
+}
+
+/// One attempt at one operation; persists its outcome.
+#[tracing::instrument(skip_all, fields(op = op.id, asset_id = %op.asset_id, uri = %op.uri))]
+async fn attempt(
+    client: &Client,
+    store: &Store,
+    retry: &crate::config::RetrySettings,
+    op: Operation,
+) -> anyhow::Result<Attempted> {
+    let mut uncertain = op.uncertain;
+    let result = match &op.target {
+        Target::Delete => match client.delete_usage(&op.asset_id, &op.uri).await {
+            Ok(()) => {
+                store.complete_delete(&op).await?;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        },
+        Target::Upsert(additional) => {
+            upsert(client, store, &op, additional, &mut uncertain).await?
+        }
+    };
+    let Err(error) = result else {
+        return Ok(Attempted::Done);
+    };
+    let now = chrono::Utc::now();
+    let pause_until = client
+        .gate()
+        .paused_until()
+        .map(|t| {
+            now + chrono::Duration::from_std(t - tokio::time::Instant::now()).unwrap_or_default()
+        })
+        .unwrap_or(now);
+    let verdict = queue::verdict(
+        &error,
+        op.run_attempts as u32,
+        uncertain,
+        retry,
+        now,
+        rand::random::<f64>(),
+        pause_until,
+    );
+    match &verdict.next {
+        Next::Retry {
+            at,
+            uncertain,
+            counts,
+        } => {
+            tracing::debug!(%error, "attempt failed; will retry");
+            store
+                .fail_operation(op.id, false, *uncertain, *at, *counts, &error.to_string())
+                .await?;
+            Ok(Attempted::Failed(verdict.effect, false))
+        }
+        Next::Dead { reason } => {
+            tracing::warn!(%reason, "operation moved to the dead letters");
+            store
+                .fail_operation(op.id, true, false, now, true, reason)
+                .await?;
+            Ok(Attempted::Failed(verdict.effect, true))
+        }
+    }
+}
+
+/// Makes Bynder hold exactly one usage of ours for the key, with `additional`.
+async fn upsert(
+    client: &Client,
+    store: &Store,
+    op: &Operation,
+    additional: &str,
+    uncertain: &mut bool,
+) -> anyhow::Result<Result<(), bynder::Error>> {
+    macro_rules! bynder {
+        ($e:expr) => {
+            match $e {
+                Ok(v) => v,
+                Err(e) => return Ok(Err(e)),
+            }
+        };
+    }
+    if *uncertain {
+        // An earlier create may have reached Bynder: look before sending anything.
+        let found: Vec<_> = bynder!(client.list_usages(&op.asset_id).await)
+            .into_iter()
+            .filter(|u| u.uri == op.uri)
+            .collect();
+        if let [only] = found.as_slice() {
+            if only.additional == additional {
+                store
+                    .complete_upsert(op, additional, Some(&only.id))
+                    .await?;
+                return Ok(Ok(()));
+            }
+        }
+        if !found.is_empty() {
+            bynder!(client.delete_usage(&op.asset_id, &op.uri).await);
+        }
+        store.forget_recorded(&op.asset_id, &op.uri).await?;
+        *uncertain = false;
+    } else if store
+        .recorded_additional(&op.asset_id, &op.uri)
+        .await?
+        .is_some()
+    {
+        // Bynder has no update: remove the old usage, then create the new one.
+        bynder!(client.delete_usage(&op.asset_id, &op.uri).await);
+        store.forget_recorded(&op.asset_id, &op.uri).await?;
+    }
+    match client.create_usage(&op.asset_id, &op.uri, additional).await {
+        Ok(usage) => {
+            store
+                .complete_upsert(op, additional, Some(&usage.id))
+                .await?;
+            Ok(Ok(()))
+        }
+        Err(e) => {
+            if matches!(
+                e.reaction(),
+                bynder::Reaction::Retry {
+                    maybe_applied: true
+                }
+            ) {
+                *uncertain = true;
+            }
+            Ok(Err(e))
+        }
+    }
+}
+
+// ---- run lock -------------------------------------------------------------------------------
+
+/// Only one run sends at a time per state database: an OS file lock beside it, released by the
+/// kernel when the process dies, so a crash never leaves a stale lock.
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    pub async fn acquire(database: &Path) -> anyhow::Result<RunLock> {
+        let mut path = PathBuf::from(database);
+        let name = format!(
+            "{}.lock",
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("state.db")
+        );
+        path.set_file_name(name);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open the run lock {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(RunLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                tracing::info!(lock = %path.display(), "another run is sending for this database; waiting for it to finish");
+                let file = tokio::task::spawn_blocking(move || file.lock().map(|()| file))
+                    .await?
+                    .with_context(|| format!("cannot take the run lock {}", path.display()))?;
+                Ok(RunLock { _file: file })
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("cannot take the run lock {}", path.display()))
+            }
+        }
+    }
+}

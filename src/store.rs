@@ -1,0 +1,604 @@
+//! The SQLite state database: the CMS-facing table, the recorded state, the queue and run history.
+//!
+//! Opened one way only ([`open_store`]): WAL, `synchronous = NORMAL`, a busy timeout, so the CMS can
+//! write `cms_asset_references` while the daemon runs without either side seeing "database is
+//! locked". One function per query; callers own transactions.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqliteConnection, SqlitePool};
+
+use crate::config::DatabaseSettings;
+use crate::model::RawRow;
+use crate::plan::{Queued, Target};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Problems with the state database.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the state database {} does not exist. Fix: run `bynder-usage-sync migrate` once to create it (or check database.path)", .0.display())]
+    Missing(PathBuf),
+    #[error("the state database {} has no table cms_asset_references. Fix: run `bynder-usage-sync migrate` (or check database.path points at the right file)", .0.display())]
+    NotMigrated(PathBuf),
+    #[error("cannot open the state database {}: {source}. Fix: check database.path, its folder's permissions and free disk space", .path.display())]
+    Open { path: PathBuf, source: sqlx::Error },
+    #[error("migrating the state database failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("state database error: {0}")]
+    Sqlx(#[from] sqlx::Error),
+}
+
+/// Whether opening may create the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Create the file and schema if missing (`migrate`, `demo`).
+    Create,
+    /// The database must exist with its schema (everything else): a wrong `database.path` must
+    /// not silently yield an empty CMS table, which would plan to delete every usage.
+    Existing,
+}
+
+/// The opened state database.
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+    path: PathBuf,
+}
+
+/// An operation as stored in the queue.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Operation {
+    pub id: i64,
+    pub asset_id: String,
+    pub uri: String,
+    pub target: Target,
+    pub state: String,
+    pub uncertain: bool,
+    pub attempts: i64,
+    pub run_attempts: i64,
+    pub next_attempt_at: String,
+    pub last_error: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// A finished or running reconcile.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunRecord {
+    pub id: i64,
+    pub command: String,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub outcome: Option<String>,
+    pub creates: i64,
+    pub updates: i64,
+    pub deletes: i64,
+    pub skipped_rows: i64,
+    pub succeeded: i64,
+    pub failed: i64,
+    pub requests: i64,
+    pub message: Option<String>,
+}
+
+/// Counts for a run's record.
+#[derive(Debug, Clone, Default)]
+pub struct RunCounts {
+    pub creates: i64,
+    pub updates: i64,
+    pub deletes: i64,
+    pub skipped_rows: i64,
+    pub succeeded: i64,
+    pub failed: i64,
+    pub requests: i64,
+}
+
+/// Queue totals for `status`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct QueueSummary {
+    pub pending: i64,
+    pub in_flight: i64,
+    pub dead: i64,
+    pub oldest_pending_at: Option<String>,
+}
+
+/// Now, in the one timestamp format stored everywhere (sorts as text).
+pub fn now_text() -> String {
+    format_time(Utc::now())
+}
+
+pub fn format_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Opens the state database with the one set of connection options the project uses.
+pub async fn open_store(settings: &DatabaseSettings, mode: OpenMode) -> Result<Store, StoreError> {
+    let path = settings.path.clone();
+    if mode == OpenMode::Existing && !path.exists() {
+        return Err(StoreError::Missing(path));
+    }
+    if mode == OpenMode::Create {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| StoreError::Open {
+                path: path.clone(),
+                source: e.into(),
+            })?;
+        }
+    }
+    let options = SqliteConnectOptions::from_str("sqlite://")
+        .map_err(|e| StoreError::Open {
+            path: path.clone(),
+            source: e,
+        })?
+        .filename(&path)
+        .create_if_missing(mode == OpenMode::Create)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .foreign_keys(true)
+        .busy_timeout(settings.busy_timeout);
+    let pool = SqlitePoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(settings.busy_timeout + std::time::Duration::from_secs(5))
+        .connect_with(options)
+        .await
+        .map_err(|e| StoreError::Open {
+            path: path.clone(),
+            source: e,
+        })?;
+    let store = Store { pool, path };
+    match mode {
+        OpenMode::Create => store.migrate().await?,
+        OpenMode::Existing => store.check_schema().await?,
+    }
+    Ok(store)
+}
+
+impl Store {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Applies every pending migration.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Checks an existing database has the schema; applies migrations newer than it (an upgrade).
+    async fn check_schema(&self) -> Result<(), StoreError> {
+        let has = |name: &'static str| {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
+            )
+            .bind(name)
+            .fetch_one(&self.pool)
+        };
+        if has("_sqlx_migrations").await? == 0 || has("cms_asset_references").await? == 0 {
+            return Err(StoreError::NotMigrated(self.path.clone()));
+        }
+        self.migrate().await
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    // ---- the CMS table --------------------------------------------------------------------
+
+    /// Every row of `cms_asset_references` in key order. Values are read as bytes: a CMS may
+    /// store anything, and a bad row must become a report, not an aborted run. Rows whose key
+    /// columns are not TEXT (a BLOB, say) come last, flagged, since they sort apart.
+    pub fn stream_cms_rows(&self) -> BoxStream<'_, Result<SourceRow, sqlx::Error>> {
+        sqlx::query(
+            "SELECT CAST(asset_id AS BLOB), CAST(uri AS BLOB), CAST(additional AS BLOB), \
+                    typeof(asset_id) = 'text' AND typeof(uri) = 'text' \
+             FROM cms_asset_references ORDER BY asset_id, uri",
+        )
+        .fetch(&self.pool)
+        .map_ok(|row| SourceRow {
+            raw: RawRow {
+                asset_id: row.get(0),
+                uri: row.get(1),
+                additional: row.get(2),
+            },
+            text_keys: row.get::<bool, _>(3),
+        })
+        .boxed()
+    }
+
+    // ---- recorded state ---------------------------------------------------------------------
+
+    /// Every recorded usage `(asset_id, uri, additional)` in key order.
+    pub fn stream_recorded(&self) -> BoxStream<'_, Result<(String, String, String), sqlx::Error>> {
+        sqlx::query_as(
+            "SELECT asset_id, uri, additional FROM recorded_usages ORDER BY asset_id, uri",
+        )
+        .fetch(&self.pool)
+        .boxed()
+    }
+
+    pub async fn recorded_count(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT count(*) FROM recorded_usages")
+            .fetch_one(&self.pool)
+            .await
+    }
+
+    pub async fn recorded_additional(
+        &self,
+        asset_id: &str,
+        uri: &str,
+    ) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar("SELECT additional FROM recorded_usages WHERE asset_id = ? AND uri = ?")
+            .bind(asset_id)
+            .bind(uri)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    // ---- queue ------------------------------------------------------------------------------
+
+    /// Every queued operation's key and target in key order.
+    pub fn stream_queued(&self) -> BoxStream<'_, Result<(String, String, Queued), sqlx::Error>> {
+        sqlx::query("SELECT asset_id, uri, action, additional, state, uncertain FROM operations ORDER BY asset_id, uri")
+            .fetch(&self.pool)
+            .map_ok(|row| {
+                let queued = Queued {
+                    target: target_from(row.get(2), row.get(3)),
+                    dead: row.get::<String, _>(4) == "dead",
+                    uncertain: row.get(5),
+                };
+                (row.get(0), row.get(1), queued)
+            })
+            .boxed()
+    }
+
+    /// Turns any operation left in flight by a crashed process back into a pending, uncertain
+    /// one. Only called while holding the run lock, so nobody else is sending it.
+    pub async fn recover_in_flight(&self) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(
+            "UPDATE operations SET state = 'pending', uncertain = 1, updated_at = ? WHERE state = 'in_flight'",
+        )
+        .bind(now_text())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Claims the next operation due for this run: one the run has not tried yet, or one whose
+    /// backoff has passed and whose per-run attempts are not used up.
+    pub async fn claim_next(
+        &self,
+        run_id: i64,
+        max_run_attempts: u32,
+    ) -> Result<Option<Operation>, sqlx::Error> {
+        let now = now_text();
+        sqlx::query(
+            "UPDATE operations SET state = 'in_flight', \
+                 run_attempts = CASE WHEN run_id IS ?1 THEN run_attempts ELSE 0 END, \
+                 run_id = ?1, updated_at = ?2 \
+             WHERE id = (SELECT id FROM operations WHERE state = 'pending' \
+                 AND (run_id IS NOT ?1 OR (next_attempt_at <= ?2 AND run_attempts < ?3)) \
+                 ORDER BY next_attempt_at, id LIMIT 1) \
+             RETURNING id, asset_id, uri, action, additional, state, uncertain, attempts, run_attempts, \
+                 next_attempt_at, last_error, created_at, updated_at",
+        )
+        .bind(run_id)
+        .bind(&now)
+        .bind(max_run_attempts as i64)
+        .map(operation_from_row)
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    /// When this run's next retry becomes due, if any operation waits for one.
+    pub async fn next_retry_at(
+        &self,
+        run_id: i64,
+        max_run_attempts: u32,
+    ) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+        let next: Option<String> = sqlx::query_scalar(
+            "SELECT min(next_attempt_at) FROM operations WHERE state = 'pending' AND run_id IS ? AND run_attempts < ?",
+        )
+        .bind(run_id)
+        .bind(max_run_attempts as i64)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(next
+            .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+            .map(|t| t.with_timezone(&Utc)))
+    }
+
+    /// Marks an operation as possibly applied before its request is sent (crash safety).
+    pub async fn mark_uncertain(&self, id: i64) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE operations SET uncertain = 1 WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Bynder confirmed a usage: record it and finish the operation, in one transaction.
+    pub async fn complete_upsert(
+        &self,
+        op: &Operation,
+        additional: &str,
+        usage_id: Option<&str>,
+    ) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO recorded_usages (asset_id, uri, additional, usage_id, synced_at) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT (asset_id, uri) DO UPDATE SET additional = excluded.additional, \
+                 usage_id = excluded.usage_id, synced_at = excluded.synced_at",
+        )
+        .bind(&op.asset_id)
+        .bind(&op.uri)
+        .bind(additional)
+        .bind(usage_id)
+        .bind(now_text())
+        .execute(&mut *tx)
+        .await?;
+        finish_operation(&mut tx, op.id).await?;
+        tx.commit().await
+    }
+
+    /// Bynder confirmed no usage of ours remains for the key: forget it and finish the operation.
+    pub async fn complete_delete(&self, op: &Operation) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        forget_recorded(&mut tx, &op.asset_id, &op.uri).await?;
+        finish_operation(&mut tx, op.id).await?;
+        tx.commit().await
+    }
+
+    /// The first half of an update went through (the old usage is gone) while the operation goes on.
+    pub async fn forget_recorded(&self, asset_id: &str, uri: &str) -> Result<(), sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        forget_recorded(&mut conn, asset_id, uri).await
+    }
+
+    /// An attempt failed: back to pending with a due time, or dead with its reason.
+    pub async fn fail_operation(
+        &self,
+        id: i64,
+        dead: bool,
+        uncertain: bool,
+        next_attempt_at: DateTime<Utc>,
+        counts_as_attempt: bool,
+        error: &str,
+    ) -> Result<(), sqlx::Error> {
+        let step = i64::from(counts_as_attempt);
+        sqlx::query(
+            "UPDATE operations SET state = ?, uncertain = ?, attempts = attempts + ?, run_attempts = run_attempts + ?, \
+                 next_attempt_at = ?, last_error = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(if dead { "dead" } else { "pending" })
+        .bind(uncertain)
+        .bind(step)
+        .bind(step)
+        .bind(format_time(next_attempt_at))
+        .bind(error)
+        .bind(now_text())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Every operation, or only dead letters, in queue order.
+    pub async fn list_operations(&self, dead_only: bool) -> Result<Vec<Operation>, sqlx::Error> {
+        let sql = format!(
+            "SELECT id, asset_id, uri, action, additional, state, uncertain, attempts, run_attempts, next_attempt_at, \
+                 last_error, created_at, updated_at FROM operations {} ORDER BY id",
+            if dead_only { "WHERE state = 'dead'" } else { "" }
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .map(operation_from_row)
+            .fetch_all(&self.pool)
+            .await
+    }
+
+    pub async fn queue_summary(&self) -> Result<QueueSummary, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT coalesce(sum(state = 'pending'), 0), coalesce(sum(state = 'in_flight'), 0), \
+                 coalesce(sum(state = 'dead'), 0), min(CASE WHEN state != 'dead' THEN created_at END) FROM operations",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(QueueSummary {
+            pending: row.get(0),
+            in_flight: row.get(1),
+            dead: row.get(2),
+            oldest_pending_at: row.get(3),
+        })
+    }
+
+    // ---- runs -------------------------------------------------------------------------------
+
+    pub async fn start_run(&self, command: &str) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("INSERT INTO runs (command, started_at) VALUES (?, ?) RETURNING id")
+            .bind(command)
+            .bind(now_text())
+            .fetch_one(&self.pool)
+            .await
+    }
+
+    pub async fn finish_run(
+        &self,
+        id: i64,
+        outcome: &str,
+        counts: &RunCounts,
+        message: Option<&str>,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE runs SET finished_at = ?, outcome = ?, creates = ?, updates = ?, deletes = ?, skipped_rows = ?, \
+                 succeeded = ?, failed = ?, requests = ?, message = ? WHERE id = ?",
+        )
+        .bind(now_text())
+        .bind(outcome)
+        .bind(counts.creates)
+        .bind(counts.updates)
+        .bind(counts.deletes)
+        .bind(counts.skipped_rows)
+        .bind(counts.succeeded)
+        .bind(counts.failed)
+        .bind(counts.requests)
+        .bind(message)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn recent_runs(&self, limit: i64) -> Result<Vec<RunRecord>, sqlx::Error> {
+        sqlx::query(
+            "SELECT id, command, started_at, finished_at, outcome, creates, updates, deletes, skipped_rows, \
+                 succeeded, failed, requests, message FROM runs ORDER BY id DESC LIMIT ?",
+        )
+        .bind(limit)
+        .map(|row: sqlx::sqlite::SqliteRow| RunRecord {
+            id: row.get(0),
+            command: row.get(1),
+            started_at: row.get(2),
+            finished_at: row.get(3),
+            outcome: row.get(4),
+            creates: row.get(5),
+            updates: row.get(6),
+            deletes: row.get(7),
+            skipped_rows: row.get(8),
+            succeeded: row.get(9),
+            failed: row.get(10),
+            requests: row.get(11),
+            message: row.get(12),
+        })
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    // ---- settings ---------------------------------------------------------------------------
+
+    pub async fn set_setting(&self, key: &str, value: Option<&str>) -> Result<(), sqlx::Error> {
+        match value {
+            Some(v) => {
+                sqlx::query("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+                    .bind(key)
+                    .bind(v)
+                    .execute(&self.pool)
+                    .await?
+            }
+            None => sqlx::query("DELETE FROM settings WHERE key = ?").bind(key).execute(&self.pool).await?,
+        };
+        Ok(())
+    }
+
+    pub async fn setting(&self, key: &str) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar("SELECT value FROM settings WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+    }
+}
+
+/// A source row plus whether its key columns are TEXT (only those take part in the key merge).
+#[derive(Debug, Clone)]
+pub struct SourceRow {
+    pub raw: RawRow,
+    pub text_keys: bool,
+}
+
+/// Queues a target for a key, replacing any operation for it (coalescing). An uncertain flag is
+/// kept: whatever the new target, the key must first be read back.
+pub async fn enqueue(
+    conn: &mut SqliteConnection,
+    asset_id: &str,
+    uri: &str,
+    target: &Target,
+) -> Result<(), sqlx::Error> {
+    let (action, additional) = match target {
+        Target::Upsert(a) => ("upsert", Some(a.as_str())),
+        Target::Delete => ("delete", None),
+    };
+    let now = now_text();
+    sqlx::query(
+        "INSERT INTO operations (asset_id, uri, action, additional, state, next_attempt_at, created_at, updated_at) \
+         VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?5) \
+         ON CONFLICT (asset_id, uri) DO UPDATE SET action = excluded.action, additional = excluded.additional, \
+             state = 'pending', attempts = 0, run_attempts = 0, run_id = NULL, next_attempt_at = excluded.next_attempt_at, \
+             last_error = NULL, updated_at = excluded.updated_at",
+    )
+    .bind(asset_id)
+    .bind(uri)
+    .bind(action)
+    .bind(additional)
+    .bind(&now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Removes a queued operation that is no longer needed.
+pub async fn cancel(
+    conn: &mut SqliteConnection,
+    asset_id: &str,
+    uri: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM operations WHERE asset_id = ? AND uri = ? AND state != 'in_flight'")
+        .bind(asset_id)
+        .bind(uri)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+async fn finish_operation(conn: &mut SqliteConnection, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM operations WHERE id = ?")
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+async fn forget_recorded(
+    conn: &mut SqliteConnection,
+    asset_id: &str,
+    uri: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM recorded_usages WHERE asset_id = ? AND uri = ?")
+        .bind(asset_id)
+        .bind(uri)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+fn target_from(action: String, additional: Option<String>) -> Target {
+    if action == "upsert" {
+        Target::Upsert(additional.unwrap_or_default())
+    } else {
+        Target::Delete
+    }
+}
+
+fn operation_from_row(row: sqlx::sqlite::SqliteRow) -> Operation {
+    Operation {
+        id: row.get(0),
+        asset_id: row.get(1),
+        uri: row.get(2),
+        target: target_from(row.get(3), row.get(4)),
+        state: row.get(5),
+        uncertain: row.get(6),
+        attempts: row.get(7),
+        run_attempts: row.get(8),
+        next_attempt_at: row.get(9),
+        last_error: row.get(10),
+        created_at: row.get(11),
+        updated_at: row.get(12),
+    }
+}
