@@ -69,6 +69,15 @@ impl Credentials {
         }
     }
 
+    /// Called once when Bynder answered 401 to a request authorized with these credentials.
+    /// Returns true when fresh credentials were obtained and the request is worth sending again
+    /// (an OAuth2 access token renewed); false when nothing can change (a permanent token).
+    pub async fn renew_after_rejection(&self) -> Result<bool, AuthError> {
+        match self.kind {
+            Kind::Bearer(_) => Ok(false),
+        }
+    }
+
     /// Hint for a user whose credentials Bynder rejected.
     pub fn rejection_fix(&self) -> &'static str {
         match self.kind {

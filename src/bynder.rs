@@ -129,7 +129,7 @@ impl Gate {
     }
 
     /// Waits for the pause to end and for a token from the bucket.
-    async fn pass(&self) {
+    pub async fn pass(&self) {
         loop {
             let until = *self.paused_until.lock().expect("gate lock");
             match until {
@@ -277,8 +277,31 @@ impl Client {
         url
     }
 
-    /// Sends one request through the gate, authorized, and returns status and body.
-    async fn send(&self, mut request: reqwest::Request) -> Result<(StatusCode, String), Error> {
+    /// Sends one request through the gate, authorized, and returns status and body. A 401 lets
+    /// the credentials renew once and the request is sent once more; a second 401 is final.
+    async fn send(&self, request: reqwest::Request) -> Result<(StatusCode, String), Error> {
+        let retry = request.try_clone();
+        match self.send_once(request).await {
+            Err(Error::Status {
+                status: StatusCode::UNAUTHORIZED,
+                body,
+            }) => match retry {
+                Some(again) if self.credentials.renew_after_rejection().await? => {
+                    self.send_once(again).await
+                }
+                _ => Err(Error::Status {
+                    status: StatusCode::UNAUTHORIZED,
+                    body,
+                }),
+            },
+            other => other,
+        }
+    }
+
+    async fn send_once(
+        &self,
+        mut request: reqwest::Request,
+    ) -> Result<(StatusCode, String), Error> {
         self.gate.pass().await;
         self.credentials.authorize(&mut request).await?;
         let url = request.url().clone();

@@ -121,6 +121,7 @@ pub(super) async fn dispatch(State(shared): State<Arc<Shared>>, request: Request
         }
     };
     shared.meter().record_status(response.status());
+    tracing::debug!(%route, status = response.status().as_u16(), "simulated portal answered");
     response
 }
 

@@ -12,10 +12,10 @@
 //! It does not own any client code: nothing here signs requests or speaks to Bynder,
 //! and the daemon never imports from this module outside tests, benchmarks and `demo`.
 //!
-//! Layout: [`http`] receives every request (counting, rate limit, latency, faults) and
-//! routes it; [`usage`] serves the asset-usage endpoints over [`store`]; [`oauth2`] and
-//! [`oauth1`] serve the token endpoints; [`auth`] holds every credential and decides
-//! whether a request may proceed.
+//! Layout: `http` receives every request (counting, rate limit, latency, faults) and
+//! routes it; `usage` serves the asset-usage endpoints over `store`; `oauth2` and
+//! `oauth1` serve the token endpoints; `auth` holds every credential and decides whether
+//! a request may proceed; `meter` counts and rate-limits; `faults` rolls the dice.
 
 mod auth;
 mod faults;

@@ -164,6 +164,12 @@ async fn status_with_bearer(
         .status()
 }
 
+#[test]
+fn the_simulator_handle_can_be_shared_between_tasks() {
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+    assert_send_sync::<Simulator>();
+}
+
 #[tokio::test]
 async fn created_usage_can_be_read_back_and_deleted() {
     let (simulator, http) = start(options()).await;
@@ -1377,62 +1383,4 @@ async fn after_shutdown_the_portal_refuses_connections() {
     simulator.shutdown().await;
 
     assert!(http.get(&url).send().await.is_err());
-}
-
-#[tokio::test]
-async fn scratch_million() {
-    let (simulator, http) = start(options()).await;
-    let t = std::time::Instant::now();
-    for i in 0..1_000_000u32 {
-        let asset = format!("ASSET-{}", i % 50_000);
-        let uri = format!("https://cms.example/page/{}", i / 10);
-        simulator.seed_usage(INTEGRATION, &asset, &uri, "");
-    }
-    simulator.seed_usage(INTEGRATION, "LOGO", "https://cms.example/page/1", "");
-    eprintln!("seed {:?}", t.elapsed());
-    let t = std::time::Instant::now();
-    for _ in 0..200 {
-        let v = get_usages(&simulator, &http, &[("asset_id", "ASSET-7")]).await;
-        assert_eq!(v.as_array().unwrap().len(), 20);
-    }
-    eprintln!("200 gets {:?}", t.elapsed());
-    let t = std::time::Instant::now();
-    for i in 0..200 {
-        create(
-            &simulator,
-            &http,
-            "ASSET-9",
-            &format!("https://cms.example/page/{i}"),
-            "",
-        )
-        .await;
-    }
-    eprintln!("200 creates {:?}", t.elapsed());
-    let t = std::time::Instant::now();
-    let uris: Vec<String> = (0..1000)
-        .map(|i| format!("https://cms.example/page/{i}"))
-        .collect();
-    let usages: Vec<Value> = uris
-        .iter()
-        .map(|u| json!({"asset_id": "ASSET-1", "uri": u, "additional": ""}))
-        .collect();
-    let r = sync(
-        &simulator,
-        &http,
-        &json!({"integration_id": INTEGRATION, "uris": uris, "usages": usages}),
-    )
-    .await;
-    assert_eq!(r.status(), StatusCode::OK);
-    eprintln!("sync 1000 pages {:?}", t.elapsed());
-    let t = std::time::Instant::now();
-    let all = simulator.usages();
-    eprintln!("usages() {:?} {}", t.elapsed(), all.len());
-    let rss = std::fs::read_to_string("/proc/self/status").unwrap();
-    eprintln!(
-        "{}",
-        rss.lines()
-            .filter(|l| l.starts_with("VmRSS") || l.starts_with("VmHWM"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
 }
