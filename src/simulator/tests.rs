@@ -626,7 +626,7 @@ async fn client_credentials_work_in_the_body_and_with_basic_auth_without_a_refre
 #[tokio::test]
 async fn an_access_token_stops_working_after_its_lifetime() {
     let (simulator, http) = start(Options {
-        token_lifetime: Duration::from_millis(400),
+        token_lifetime: Duration::from_secs(1),
         ..options()
     })
     .await;
@@ -637,7 +637,7 @@ async fn an_access_token_stops_working_after_its_lifetime() {
         StatusCode::OK
     );
 
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
 
     let response = http
         .get(usage_url(&simulator))
