@@ -437,7 +437,7 @@ impl Progress for Bar {
     }
     fn advanced(&self, done: u64) {
         self.bar.set_position(done);
-        if !self.terminal && done % 1000 == 0 {
+        if !self.terminal && done.is_multiple_of(1000) {
             eprintln!("  {done} operation(s) done");
         }
     }

@@ -636,6 +636,7 @@ permanent_token = "s3cret-token"
 path = "state.db"
 "#;
 
+    #[allow(clippy::result_large_err)] // figment::Jail's closure type, test only
     fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.toml");

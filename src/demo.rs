@@ -32,7 +32,7 @@ impl Progress for Lines {
         }
     }
     fn advanced(&self, done: u64) {
-        if done % 10 == 0 {
+        if done.is_multiple_of(10) {
             println!("  … {done} done");
         }
     }
