@@ -121,8 +121,11 @@ impl Gate {
     pub fn new(requests_per_second: u32, block_pause: Duration) -> Self {
         let rps = std::num::NonZeroU32::new(requests_per_second.max(1)).expect("at least 1");
         Gate {
-            // A burst of one second's worth: never more than the configured rate over any second.
-            limiter: DefaultDirectRateLimiter::direct(Quota::per_second(rps)),
+            // No burst: requests are spaced evenly, so no window of any length sees more than
+            // its share of the configured rate (plus one).
+            limiter: DefaultDirectRateLimiter::direct(
+                Quota::per_second(rps).allow_burst(std::num::NonZeroU32::MIN),
+            ),
             paused_until: Mutex::new(None),
             block_pause,
         }

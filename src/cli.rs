@@ -53,8 +53,41 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Inspect and manage the durable queue of operations and its dead letters.
+    Queue {
+        #[command(subcommand)]
+        action: QueueAction,
+    },
     /// Run a full demonstration against the bundled simulated portal (no Bynder account needed).
     Demo,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QueueAction {
+    /// List queued operations, or only the dead letters.
+    List {
+        /// Only dead letters (operations Bynder rejected for good).
+        #[arg(long)]
+        dead: bool,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead letters back into the queue; the next run sends them again.
+    Retry {
+        /// Every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// The ids of the dead letters to retry (see `queue list --dead`).
+        #[arg(required_unless_present = "all")]
+        ids: Vec<i64>,
+    },
+    /// Delete dead letters. A row that still asks for the change is planned again by the next run.
+    Purge {
+        /// Purge the dead letters (required: pending operations are never purged).
+        #[arg(long, required = true)]
+        dead: bool,
+    },
 }
 
 /// Documented exit codes.
@@ -159,6 +192,10 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
         Command::Status { json } => {
             let config = start(&source)?;
             status(config, json).await
+        }
+        Command::Queue { action } => {
+            let config = start(&source)?;
+            queue(config, action).await
         }
     }
 }
@@ -396,6 +433,63 @@ async fn status(config: Config, json: bool) -> Result<Exit, Failure> {
             );
         }
     }
+    Ok(Exit::Ok)
+}
+
+async fn queue(config: Config, action: QueueAction) -> Result<Exit, Failure> {
+    let store = open_store(&config.database, OpenMode::Existing).await?;
+    match action {
+        QueueAction::List { dead, json } => {
+            let ops = store.list_operations(dead).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&ops).map_err(anyhow::Error::from)?
+                );
+            } else if ops.is_empty() {
+                println!(
+                    "{}",
+                    if dead {
+                        "no dead letters"
+                    } else {
+                        "the queue is empty"
+                    }
+                );
+            } else {
+                println!(
+                    "{:>6}  {:<9} {:<7} {:>8}  {:<36} uri / last error",
+                    "id", "state", "action", "attempts", "asset_id"
+                );
+                for op in &ops {
+                    let action = match op.target {
+                        crate::plan::Target::Upsert(_) => "upsert",
+                        crate::plan::Target::Delete => "delete",
+                    };
+                    println!(
+                        "{:>6}  {:<9} {:<7} {:>8}  {:<36} {}",
+                        op.id, op.state, action, op.attempts, op.asset_id, op.uri
+                    );
+                    if let Some(e) = &op.last_error {
+                        println!("{:>6}  {e}", "");
+                    }
+                }
+            }
+        }
+        QueueAction::Retry { all, ids } => {
+            let n = store
+                .retry_dead(if all { None } else { Some(&ids) })
+                .await?;
+            println!("{n} dead letter(s) re-queued; the next run sends them");
+            if !all && (n as usize) < ids.len() {
+                println!("(some ids were not dead letters and were left alone)");
+            }
+        }
+        QueueAction::Purge { dead: _ } => {
+            let n = store.purge_dead().await?;
+            println!("{n} dead letter(s) purged");
+        }
+    }
+    store.close().await;
     Ok(Exit::Ok)
 }
 

@@ -405,6 +405,43 @@ impl Store {
             .await
     }
 
+    /// Puts dead letters back into the queue (all of them, or those with these ids). Returns how
+    /// many were re-queued.
+    pub async fn retry_dead(&self, ids: Option<&[i64]>) -> Result<u64, sqlx::Error> {
+        let now = now_text();
+        let sql = "UPDATE operations SET state = 'pending', attempts = 0, run_attempts = 0, run_id = NULL, \
+                   next_attempt_at = ?1, updated_at = ?1 WHERE state = 'dead'";
+        match ids {
+            None => Ok(sqlx::query(sql)
+                .bind(&now)
+                .execute(&self.pool)
+                .await?
+                .rows_affected()),
+            Some(ids) => {
+                let mut tx = self.pool.begin().await?;
+                let mut n = 0;
+                for id in ids {
+                    n += sqlx::query(sqlx::AssertSqlSafe(format!("{sql} AND id = ?2")))
+                        .bind(&now)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                }
+                tx.commit().await?;
+                Ok(n)
+            }
+        }
+    }
+
+    /// Deletes every dead letter. Returns how many were removed.
+    pub async fn purge_dead(&self) -> Result<u64, sqlx::Error> {
+        Ok(sqlx::query("DELETE FROM operations WHERE state = 'dead'")
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
     pub async fn queue_summary(&self) -> Result<QueueSummary, sqlx::Error> {
         let row = sqlx::query(
             "SELECT coalesce(sum(state = 'pending'), 0), coalesce(sum(state = 'in_flight'), 0), \

@@ -2,4 +2,5 @@
 //! portal over loopback HTTP. One test binary; each test gets its own portal, database and config.
 
 mod common;
+mod reliability;
 mod resync;
