@@ -240,6 +240,11 @@ pub async fn reconcile_with_progress(
     ctx.store
         .finish_run(run_id, outcome.label(), &counts, message)
         .await?;
+    metrics::counter!("sync_runs_total", "outcome" => outcome.label()).increment(1);
+    if matches!(outcome, RunOutcome::Converged | RunOutcome::NothingToDo) {
+        metrics::gauge!("sync_last_success_timestamp_seconds")
+            .set(chrono::Utc::now().timestamp() as f64);
+    }
     tracing::info!(
         run_id,
         outcome = outcome.label(),
@@ -669,7 +674,13 @@ async fn attempt(
             upsert(client, store, &op, additional, &mut uncertain).await?
         }
     };
+    let kind = match op.target {
+        Target::Upsert(_) => "upsert",
+        Target::Delete => "delete",
+    };
     let Err(error) = result else {
+        metrics::counter!("sync_operations_total", "action" => kind, "result" => "done")
+            .increment(1);
         return Ok(Attempted::Done);
     };
     let now = chrono::Utc::now();
@@ -696,6 +707,8 @@ async fn attempt(
             counts,
         } => {
             tracing::debug!(%error, "attempt failed; will retry");
+            metrics::counter!("sync_operations_total", "action" => kind, "result" => "retry")
+                .increment(1);
             store
                 .fail_operation(op.id, false, *uncertain, *at, *counts, &error.to_string())
                 .await?;
@@ -703,6 +716,8 @@ async fn attempt(
         }
         Next::Dead { reason } => {
             tracing::warn!(%reason, "operation moved to the dead letters");
+            metrics::counter!("sync_operations_total", "action" => kind, "result" => "dead")
+                .increment(1);
             store
                 .fail_operation(op.id, true, false, now, true, reason)
                 .await?;
