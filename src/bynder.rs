@@ -16,10 +16,11 @@ use serde::Deserialize;
 use tokio::time::Instant;
 use url::Url;
 
-use crate::auth::{AuthError, Credentials};
+use crate::auth::{AuthError, AuthFailure, Credentials};
 use crate::config::Config;
 
 const USAGE_PATH: &str = "/api/media/usage/";
+const SYNC_PATH: &str = "/api/media/usage/sync";
 const CURRENT_USER_PATH: &str = "/api/v4/currentUser/";
 
 /// A usage as Bynder reports it.
@@ -31,6 +32,52 @@ pub struct Usage {
     pub additional: String,
     /// The integration the usage belongs to, when Bynder says.
     pub integration_id: Option<String>,
+}
+
+/// One usage listed in a sync request.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SyncUsage {
+    pub asset_id: String,
+    pub uri: String,
+    pub additional: String,
+}
+
+/// Bynder's answer to a sync request. Missing arrays count as empty.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct SyncResult {
+    pub accepted: Vec<SyncKey>,
+    #[serde(rename = "new")]
+    pub created: Vec<SyncCreated>,
+    pub rejected: Vec<SyncRejected>,
+    pub removed: Vec<SyncKey>,
+}
+
+/// An (asset, uri) pair in a sync answer.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct SyncKey {
+    pub asset_id: String,
+    pub uri: String,
+}
+
+/// A usage the sync created.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SyncCreated {
+    pub id: Option<serde_json::Value>,
+    #[serde(default)]
+    pub asset_id: String,
+    #[serde(default)]
+    pub uri: String,
+}
+
+/// An entry the sync refused, with Bynder's reason.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct SyncRejected {
+    pub asset_id: String,
+    pub uri: String,
+    pub reason: String,
 }
 
 /// What went wrong with a request.
@@ -96,7 +143,16 @@ impl Error {
                 },
                 _ => Reaction::GiveUp,
             },
-            Error::Redirect { .. } | Error::Auth(_) | Error::Tls(_) => Reaction::GiveUp,
+            // Nothing reached the API: a token endpoint that is down or slow is a transient
+            // failure, a refused client or refresh token stops the run like a 401.
+            Error::Auth(e) => match e.failure() {
+                AuthFailure::Transient => Reaction::Retry {
+                    maybe_applied: false,
+                },
+                AuthFailure::RateLimited => Reaction::PauseAll,
+                AuthFailure::Rejected => Reaction::CredentialsRejected,
+            },
+            Error::Redirect { .. } | Error::Tls(_) => Reaction::GiveUp,
         }
     }
 
@@ -446,6 +502,31 @@ impl Client {
         }
     }
 
+    /// `POST /api/media/usage/sync` (JSON): for every listed uri, Bynder makes the integration's
+    /// usages on it equal to the listed usages with that uri — creating, updating and deleting in
+    /// one request. A uri with no usage left must still be listed, or its old usages stay.
+    #[tracing::instrument(skip_all, fields(uris = uris.len(), usages = usages.len()), err(level = "debug"))]
+    pub async fn sync_usages(
+        &self,
+        uris: &[String],
+        usages: &[SyncUsage],
+    ) -> Result<SyncResult, Error> {
+        let body = serde_json::json!({
+            "integration_id": self.integration_id,
+            "uris": uris,
+            "usages": usages,
+        });
+        let mut request = reqwest::Request::new(Method::POST, self.url(SYNC_PATH));
+        request.headers_mut().insert(
+            reqwest::header::CONTENT_TYPE,
+            reqwest::header::HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        *request.body_mut() = Some(body.to_string().into());
+        let (_, body) = self.send(request).await?;
+        serde_json::from_str(&body)
+            .map_err(|e| Error::Decode(format!("sync result: {e}: {}", snippet(&body))))
+    }
+
     /// `GET /api/v4/currentUser/`: who the credentials act as.
     #[tracing::instrument(skip_all, err(level = "debug"))]
     pub async fn current_user(&self) -> Result<serde_json::Value, Error> {
@@ -458,6 +539,104 @@ impl Client {
         serde_json::from_str(&body)
             .map_err(|e| Error::Decode(format!("current user: {e}: {}", snippet(&body))))
     }
+
+    /// Any authenticated request to a path of the portal (`raw`): the answer is returned
+    /// whatever its status, with the headers as sent and received. Like every request it
+    /// passes the gate, a 401 lets the credentials renew once and the request is sent once
+    /// more, and redirects are not followed. `path_and_query` must start with `/`: the
+    /// credentials never go to another origin. In the returned request headers the
+    /// credentials are replaced by `[redacted]`.
+    #[tracing::instrument(skip_all, fields(%method), err(level = "debug"))]
+    pub async fn raw(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<(&'static str, Vec<u8>)>,
+    ) -> Result<RawResponse, Error> {
+        if !path_and_query.starts_with('/') || path_and_query.starts_with("//") {
+            return Err(Error::Decode(format!(
+                "`{path_and_query}` is not a path on the portal: give it relative to bynder.base_url, starting with /"
+            )));
+        }
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (path_and_query, None),
+        };
+        let mut url = self.url(path);
+        url.set_query(query.filter(|q| !q.is_empty()));
+        let mut request = reqwest::Request::new(method, url);
+        if let Some((content_type, bytes)) = body {
+            request.headers_mut().insert(
+                reqwest::header::CONTENT_TYPE,
+                reqwest::header::HeaderValue::from_static(content_type),
+            );
+            *request.body_mut() = Some(bytes.into());
+        }
+        let retry = request.try_clone();
+        let first = self.raw_once(request).await?;
+        if first.status != StatusCode::UNAUTHORIZED {
+            return Ok(first);
+        }
+        match retry {
+            Some(again) if self.credentials.renew_after_rejection().await? => {
+                self.raw_once(again).await
+            }
+            _ => Ok(first),
+        }
+    }
+
+    async fn raw_once(&self, mut request: reqwest::Request) -> Result<RawResponse, Error> {
+        self.gate.pass().await;
+        self.credentials.authorize(&mut request).await?;
+        let mut request_headers = request.headers().clone();
+        for name in [
+            reqwest::header::AUTHORIZATION,
+            reqwest::header::PROXY_AUTHORIZATION,
+            reqwest::header::COOKIE,
+        ] {
+            if request_headers.contains_key(&name) {
+                request_headers.insert(
+                    name,
+                    reqwest::header::HeaderValue::from_static("[redacted]"),
+                );
+            }
+        }
+        let url = request.url().clone();
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let response = self
+            .http
+            .execute(request)
+            .await
+            .map_err(|e| self.classify(e, &url))?;
+        let status = response.status();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            self.gate.pause();
+        }
+        let headers = response.headers().clone();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| self.classify(e, &url))?
+            .to_vec();
+        Ok(RawResponse {
+            url,
+            status,
+            request_headers,
+            headers,
+            body,
+        })
+    }
+}
+
+/// The answer to [`Client::raw`], whatever its status.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub url: Url,
+    pub status: StatusCode,
+    /// The request's headers as sent, credentials redacted.
+    pub request_headers: reqwest::header::HeaderMap,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
 }
 
 /// The start of a response body, for error messages (bodies can be whole HTML pages).

@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::auth::Credentials;
 use crate::bynder::{Client, Gate};
 use crate::config::{load_config, Config, ConfigError, ConfigSource, LogFormat};
+use crate::plan::Change;
 use crate::reconcile::{self, Context, Progress, RunOptions, RunOutcome, RunReport};
 use crate::store::{self, open_store, OpenMode, StoreError};
 
@@ -46,6 +47,14 @@ pub enum Command {
         /// Send deletes even when more than sync.max_deletes are planned or the table is empty.
         #[arg(long)]
         allow_mass_delete: bool,
+        /// First read Bynder back for every managed asset and repair drift (usages removed or
+        /// added by hand, duplicates, wrong notes).
+        #[arg(long)]
+        verify: bool,
+        /// Exit 0 when nothing would change (or changed) and 10 when something would (or did),
+        /// so scripts and monitoring can alert on drift. Error exit codes still win.
+        #[arg(long)]
+        detailed_exitcode: bool,
     },
     /// Show the state database: last runs, queue, dead letters, rate-limit pause.
     Status {
@@ -60,6 +69,17 @@ pub enum Command {
     },
     /// Run a full demonstration against the bundled simulated portal (no Bynder account needed).
     Demo,
+    /// Validate the config, reach the portal, authenticate, and show who the daemon acts as
+    /// and which scopes it got.
+    Check(crate::admin::CheckArgs),
+    /// Send one authenticated request to any API path and print {request, status, headers,
+    /// body} as JSON (credentials redacted).
+    Raw(crate::admin::RawArgs),
+    /// One-time logins that store credentials in the state database.
+    Auth {
+        #[command(subcommand)]
+        command: crate::admin::AuthCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,6 +122,8 @@ pub enum Exit {
     Partial = 3,
     /// Bynder rejected the credentials.
     Credentials = 4,
+    /// With `--detailed-exitcode`: something would change (dry run) or changed.
+    Changes = 10,
     /// Configuration error (EX_CONFIG).
     Config = 78,
 }
@@ -179,15 +201,18 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
             dry_run,
             json,
             allow_mass_delete,
+            verify,
+            detailed_exitcode,
         } => {
             let config = start(&source)?;
             let options = RunOptions {
-                command: "resync",
+                command: if verify { "verify" } else { "resync" },
                 dry_run,
                 allow_mass_delete,
                 keep_all_items: json,
+                verify,
             };
-            resync(config, options, json).await
+            resync(config, options, json, detailed_exitcode).await
         }
         Command::Status { json } => {
             let config = start(&source)?;
@@ -197,6 +222,9 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
             let config = start(&source)?;
             queue(config, action).await
         }
+        Command::Check(args) => crate::admin::check(start(&source)?, args).await,
+        Command::Raw(args) => crate::admin::raw(start(&source)?, args).await,
+        Command::Auth { command } => crate::admin::auth(start(&source)?, command).await,
     }
 }
 
@@ -233,16 +261,26 @@ pub async fn build_context(config: Config) -> Result<Context, Failure> {
         config.limits.requests_per_second,
         config.limits.block_pause,
     ));
-    let client = Client::new(&config, Credentials::from_settings(&config.auth), gate)
+    let credentials = Credentials::load(&config, Some(&store), gate.clone()).await?;
+    let client = Client::new(&config, credentials, gate)
         .map_err(|e| ConfigError::new(format!("{e}. Fix: check bynder.ca_file")))?;
+    let source = crate::source::open_source(&config)
+        .await
+        .map_err(|crate::source::SourceError::Config(e)| e)?;
     Ok(Context {
         config,
         store,
+        source,
         client: Arc::new(client),
     })
 }
 
-async fn resync(config: Config, options: RunOptions, json: bool) -> Result<Exit, Failure> {
+async fn resync(
+    config: Config,
+    options: RunOptions,
+    json: bool,
+    detailed_exitcode: bool,
+) -> Result<Exit, Failure> {
     let ctx = build_context(config).await?;
     let progress: Arc<dyn Progress> = if json || options.dry_run {
         Arc::new(Quiet)
@@ -259,7 +297,15 @@ async fn resync(config: Config, options: RunOptions, json: bool) -> Result<Exit,
     } else {
         print_report(&report);
     }
-    outcome_exit(&report.outcome, report.dead_letters)
+    let exit = outcome_exit(&report.outcome, report.dead_letters)?;
+    let p = &report.plan;
+    let drift = report.verify.as_ref().map_or(0, |v| v.drift());
+    let changes =
+        p.creates + p.updates + p.deletes + p.verifies + p.already_queued + p.cancelled + drift;
+    if detailed_exitcode && exit == Exit::Ok && changes > 0 {
+        return Ok(Exit::Changes);
+    }
+    Ok(exit)
 }
 
 /// The exit code for a run's outcome.
@@ -286,24 +332,39 @@ pub fn print_report(report: &RunReport) {
          {} row(s) read, {} skipped",
         p.creates, p.updates, p.deletes, p.verifies, p.already_queued, p.cancelled, p.rows_read, p.skipped
     );
-    for item in &p.items {
-        let note = item
-            .additional
-            .as_deref()
-            .map(|a| format!(" ({a})"))
-            .unwrap_or_default();
-        println!(
-            "  {:<7} {} {}{}",
-            format!("{:?}", item.change).to_lowercase(),
-            item.asset_id,
-            item.uri,
-            note
-        );
+    let groups = [
+        (Change::Create, "Creates", p.creates),
+        (Change::Update, "Updates (delete, then create)", p.updates),
+        (Change::Delete, "Deletes", p.deletes),
+        (
+            Change::Verify,
+            "Read-backs (outcome of an earlier request unknown)",
+            p.verifies,
+        ),
+    ];
+    for (change, title, count) in groups {
+        let items: Vec<_> = p.items.iter().filter(|i| i.change == change).collect();
+        if items.is_empty() {
+            continue;
+        }
+        println!("{title} ({count}):");
+        for item in &items {
+            let note = item
+                .additional
+                .as_deref()
+                .map(|a| format!(" ({a})"))
+                .unwrap_or_default();
+            println!("  {} {}{}", item.asset_id, item.uri, note);
+        }
+        if count > items.len() as u64 && !p.complete {
+            println!("  … and more (use --json for all)");
+        }
     }
-    let listed = p.items.len() as u64;
-    let total = p.creates + p.updates + p.deletes + p.verifies + p.already_queued;
-    if total > listed {
-        println!("  … and {} more (use --json for all)", total - listed);
+    if let Some(v) = &report.verify {
+        println!(
+            "Drift check: {} asset(s) read back; {} missing, {} extra, {} duplicated, {} with a wrong note; {} unreadable",
+            v.assets_checked, v.missing, v.extra, v.duplicates, v.wrong_additional, v.unreadable
+        );
     }
     if p.skipped > 0 {
         println!("Skipped rows (never sent):");
@@ -358,6 +419,7 @@ async fn status(config: Config, json: bool) -> Result<Exit, Failure> {
         .setting("rate_limit_paused_until")
         .await?
         .filter(|t| t.as_str() > store::now_text().as_str());
+    let auth_warning = crate::auth::status_warning(&config.auth, &store).await?;
     store.close().await;
     if json {
         let value = serde_json::json!({
@@ -368,6 +430,7 @@ async fn status(config: Config, json: bool) -> Result<Exit, Failure> {
             "recorded_usages": recorded,
             "queue": queue,
             "rate_limit_paused_until": paused_until,
+            "auth_warning": auth_warning,
             "dead_letters": dead,
             "runs": runs,
         });
@@ -396,6 +459,9 @@ async fn status(config: Config, json: bool) -> Result<Exit, Failure> {
     match &paused_until {
         Some(t) => println!("Rate limit:   PAUSED until {t} (Bynder answered 429)"),
         None => println!("Rate limit:   not paused"),
+    }
+    if let Some(warning) = &auth_warning {
+        println!("Auth:         WARNING: {warning}");
     }
     if runs.is_empty() {
         println!("Runs:         none yet");

@@ -56,6 +56,7 @@ pub struct Config {
     pub auth: AuthSettings,
     pub database: DatabaseSettings,
     pub sync: SyncSettings,
+    pub source: SourceSettings,
     pub limits: LimitSettings,
     pub retry: RetrySettings,
     pub log: LogSettings,
@@ -74,16 +75,84 @@ pub struct BynderSettings {
     pub connect_timeout: Duration,
 }
 
-/// How requests are authenticated. Secrets stay wrapped until the adapter that sends them.
+/// How requests are authenticated (`[auth] method = …`). Secrets stay wrapped
+/// ([`SecretString`] prints as `[REDACTED]`) until the adapter in `auth` that sends them.
 #[derive(Debug, Clone)]
 pub enum AuthSettings {
+    /// `Authorization: Bearer <permanent token>`.
     PermanentToken { token: SecretString },
+    /// OAuth 2 client credentials: the daemon fetches its own access tokens.
+    ClientCredentials(OAuth2Settings),
+    /// OAuth 2 authorization code + refresh token: `auth login` stores the refresh token in the
+    /// state database once; the daemon refreshes on its own afterwards.
+    RefreshToken(OAuth2Settings),
+    /// Legacy OAuth 1.0a: every request signed with HMAC-SHA1.
+    OAuth1(OAuth1Settings),
+}
+
+/// Default `auth.scopes` (Bynder's scope names; `offline` is added by `auth login`).
+pub const DEFAULT_SCOPES: &str = "asset.usage:read asset.usage:write current.user:read";
+/// Default `auth.redirect_uri`: a loopback address `auth login` listens on. Register it with the
+/// OAuth app in Bynder, or set your own.
+pub const DEFAULT_REDIRECT_URI: &str = "http://127.0.0.1:8765/callback";
+
+/// The OAuth 2 app: the same keys serve `client_credentials` and `refresh_token`.
+#[derive(Debug, Clone)]
+pub struct OAuth2Settings {
+    pub client_id: String,
+    pub client_secret: SecretString,
+    pub scopes: Vec<String>,
+    /// `auth.token_url`, by default `{base_url}/v6/authentication/oauth2/token`.
+    pub token_url: Url,
+    /// `{base_url}/v6/authentication/oauth2/auth` (the browser step of `auth login`).
+    pub auth_url: Url,
+    pub client_auth: ClientAuth,
+    /// Where Bynder sends the browser back to after `auth login`.
+    pub redirect_uri: Url,
+}
+
+/// How the client authenticates at the token endpoint (Bynder accepts both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// `client_id` and `client_secret` in the form body (Bynder's own plugins, most SDKs).
+    Body,
+    /// `Authorization: Basic base64(id:secret)` (the JS SDK).
+    Basic,
+}
+
+/// A legacy OAuth 1.0a consumer, with a token pair from the config or, when absent, the one
+/// `auth oauth1-login` stored in the state database.
+#[derive(Debug, Clone)]
+pub struct OAuth1Settings {
+    pub consumer_key: String,
+    pub consumer_secret: SecretString,
+    pub token: Option<OAuth1TokenPair>,
+}
+
+/// An OAuth 1.0a access token and its secret.
+#[derive(Debug, Clone)]
+pub struct OAuth1TokenPair {
+    pub token: SecretString,
+    pub token_secret: SecretString,
 }
 
 impl AuthSettings {
     pub fn method_name(&self) -> &'static str {
         match self {
             AuthSettings::PermanentToken { .. } => "permanent_token",
+            AuthSettings::ClientCredentials(_) => "client_credentials",
+            AuthSettings::RefreshToken(_) => "refresh_token",
+            AuthSettings::OAuth1(_) => "oauth1",
+        }
+    }
+
+    /// Whether the credentials live (partly) in the state database: a refresh token, or an
+    /// OAuth 1.0a token pair that the config does not give.
+    pub fn needs_store(&self) -> bool {
+        match self {
+            AuthSettings::RefreshToken(_) => true,
+            AuthSettings::OAuth1(s) => s.token.is_none(),
+            AuthSettings::PermanentToken { .. } | AuthSettings::ClientCredentials(_) => false,
         }
     }
 }
@@ -100,6 +169,33 @@ pub struct SyncSettings {
     pub uri_prefixes: Vec<String>,
     /// A run planning more deletes than this stops before sending any (`--allow-mass-delete`).
     pub max_deletes: u64,
+    /// How changes are sent to Bynder.
+    pub strategy: Strategy,
+    /// Most usages listed in one sync-endpoint request (halved automatically on 413).
+    pub batch_size: usize,
+}
+
+/// How changes reach Bynder (`sync.strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// `POST /api/media/usage/sync`, usages grouped by uri.
+    SyncEndpoint,
+    /// One create or delete call per usage.
+    PerUsage,
+    /// The sync endpoint, falling back to per-usage calls for the rest of the run when the portal
+    /// answers it with 404, 405 or 501.
+    Auto,
+}
+
+/// Where the desired state comes from (`[source]`).
+#[derive(Debug, Clone, Default)]
+pub struct SourceSettings {
+    /// The CMS's own SQLite file, opened read-only; by default the state database.
+    pub database: Option<PathBuf>,
+    /// A custom `SELECT` returning `asset_id, uri, additional`; by default
+    /// `SELECT asset_id, uri, additional FROM cms_asset_references`.
+    pub query: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -146,6 +242,8 @@ struct RawConfig {
     #[serde(default)]
     sync: RawSync,
     #[serde(default)]
+    source: RawSource,
+    #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
     retry: RawRetry,
@@ -173,6 +271,28 @@ struct RawAuth {
     method: Option<String>,
     permanent_token: Option<SecretString>,
     permanent_token_file: Option<RelativePathBuf>,
+    client_id: Option<String>,
+    client_secret: Option<SecretString>,
+    client_secret_file: Option<RelativePathBuf>,
+    scopes: Option<RawScopes>,
+    token_url: Option<String>,
+    client_auth: Option<String>,
+    redirect_uri: Option<String>,
+    consumer_key: Option<String>,
+    consumer_secret: Option<SecretString>,
+    consumer_secret_file: Option<RelativePathBuf>,
+    token: Option<SecretString>,
+    token_file: Option<RelativePathBuf>,
+    token_secret: Option<SecretString>,
+    token_secret_file: Option<RelativePathBuf>,
+}
+
+/// `scopes` as OAuth writes them (`"a b c"`) or as a TOML list.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawScopes {
+    Text(String),
+    List(Vec<String>),
 }
 
 #[derive(Deserialize, Default)]
@@ -189,6 +309,15 @@ struct RawSync {
     #[serde(default)]
     uri_prefixes: Vec<String>,
     max_deletes: Option<u64>,
+    strategy: Option<Strategy>,
+    batch_size: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    database: Option<RelativePathBuf>,
+    query: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -313,7 +442,7 @@ fn describe_figment_error(error: figment::Error) -> ConfigError {
 
 fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let bynder = validate_bynder(raw.bynder)?;
-    let auth = validate_auth(raw.auth)?;
+    let auth = validate_auth(raw.auth, &bynder)?;
 
     let database = DatabaseSettings {
         path: raw
@@ -336,7 +465,17 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let sync = SyncSettings {
         uri_prefixes: raw.sync.uri_prefixes,
         max_deletes: raw.sync.max_deletes.unwrap_or(1000),
+        strategy: raw.sync.strategy.unwrap_or(Strategy::Auto),
+        batch_size: raw.sync.batch_size.unwrap_or(1000),
     };
+    if sync.batch_size == 0 {
+        return Err(ConfigError::key(
+            "sync.batch_size",
+            "must be at least 1",
+            "use the default, 1000",
+        ));
+    }
+    let source = validate_source(raw.source)?;
 
     let limits = LimitSettings {
         concurrency: raw.limits.concurrency.unwrap_or(4),
@@ -388,11 +527,50 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         auth,
         database,
         sync,
+        source,
         limits,
         retry,
         log,
         warnings: Vec::new(),
     })
+}
+
+fn validate_source(raw: RawSource) -> Result<SourceSettings, ConfigError> {
+    let database = raw.database.map(|p| p.relative());
+    if let Some(path) = &database {
+        if !path.is_file() {
+            return Err(ConfigError::key(
+                "source.database",
+                format_args!("points to {}, which is not a file", path.display()),
+                "give the path of the CMS's SQLite database, or remove the key to read cms_asset_references from the state database",
+            ));
+        }
+    }
+    let query = raw
+        .query
+        .map(|q| q.trim().trim_end_matches(';').trim().to_owned());
+    if let Some(q) = &query {
+        let head = q
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_ascii_uppercase();
+        if head != "SELECT" && head != "WITH" {
+            return Err(ConfigError::key(
+                "source.query",
+                "is not a SELECT statement",
+                "write a SELECT returning the columns asset_id, uri and additional",
+            ));
+        }
+    }
+    if database.is_some() && query.is_none() {
+        // The CMS's own file with the product's table name is the default query's assumption.
+        return Ok(SourceSettings {
+            database,
+            query: None,
+        });
+    }
+    Ok(SourceSettings { database, query })
 }
 
 fn validate_bynder(raw: RawBynder) -> Result<BynderSettings, ConfigError> {
@@ -491,33 +669,281 @@ fn validate_bynder(raw: RawBynder) -> Result<BynderSettings, ConfigError> {
     })
 }
 
-fn validate_auth(raw: RawAuth) -> Result<AuthSettings, ConfigError> {
-    let method = raw.method.unwrap_or_else(|| "permanent_token".to_owned());
+const AUTH_METHODS: &str =
+    "\"permanent_token\", \"client_credentials\", \"refresh_token\" or \"oauth1\"";
+
+fn validate_auth(raw: RawAuth, bynder: &BynderSettings) -> Result<AuthSettings, ConfigError> {
+    let method = raw
+        .method
+        .clone()
+        .map(|m| m.trim().to_owned())
+        .unwrap_or_else(|| "permanent_token".to_owned());
+    // Which method uses each key: a key set for another method is a mistake worth stopping
+    // for (the user believes it is used), not something to ignore silently.
+    let keys: [(&str, bool, &[&str]); 11] = [
+        (
+            "permanent_token",
+            raw.permanent_token.is_some() || raw.permanent_token_file.is_some(),
+            &["permanent_token"],
+        ),
+        (
+            "client_id",
+            raw.client_id.is_some(),
+            &["client_credentials", "refresh_token"],
+        ),
+        (
+            "client_secret",
+            raw.client_secret.is_some() || raw.client_secret_file.is_some(),
+            &["client_credentials", "refresh_token"],
+        ),
+        (
+            "scopes",
+            raw.scopes.is_some(),
+            &["client_credentials", "refresh_token"],
+        ),
+        (
+            "token_url",
+            raw.token_url.is_some(),
+            &["client_credentials", "refresh_token"],
+        ),
+        (
+            "client_auth",
+            raw.client_auth.is_some(),
+            &["client_credentials", "refresh_token"],
+        ),
+        (
+            "redirect_uri",
+            raw.redirect_uri.is_some(),
+            &["refresh_token"],
+        ),
+        ("consumer_key", raw.consumer_key.is_some(), &["oauth1"]),
+        (
+            "consumer_secret",
+            raw.consumer_secret.is_some() || raw.consumer_secret_file.is_some(),
+            &["oauth1"],
+        ),
+        (
+            "token",
+            raw.token.is_some() || raw.token_file.is_some(),
+            &["oauth1"],
+        ),
+        (
+            "token_secret",
+            raw.token_secret.is_some() || raw.token_secret_file.is_some(),
+            &["oauth1"],
+        ),
+    ];
+    if !matches!(
+        method.as_str(),
+        "permanent_token" | "client_credentials" | "refresh_token" | "oauth1"
+    ) {
+        return Err(ConfigError::key(
+            "auth.method",
+            format_args!("is `{method}`, which is not a known method"),
+            format_args!("use one of {AUTH_METHODS}"),
+        ));
+    }
+    for (key, set, used_by) in keys {
+        if set && !used_by.contains(&method.as_str()) {
+            let default = if raw.method.is_none() {
+                " (the default)"
+            } else {
+                ""
+            };
+            return Err(ConfigError::key(
+                &format!("auth.{key}"),
+                format_args!(
+                    "is set, but auth.method is \"{method}\"{default}, which does not use it"
+                ),
+                format_args!(
+                    "remove it, or set auth.method = \"{}\" if that is the method you mean",
+                    used_by[0]
+                ),
+            ));
+        }
+    }
+
     match method.as_str() {
         "permanent_token" => {
-            let token = resolve_secret(
+            let token = required_secret(
                 "auth.permanent_token",
                 raw.permanent_token,
                 raw.permanent_token_file,
-            )?
-            .ok_or_else(|| {
-                ConfigError::key(
-                    "auth.permanent_token",
-                    "is missing",
-                    format_args!(
-                        "set it, or auth.permanent_token_file (env {}) to a file holding the token",
-                        env_var("auth.permanent_token_file")
-                    ),
-                )
-            })?;
+                "the permanent token (Settings > Advanced Settings > Portal Settings > Permanent Tokens)",
+            )?;
             Ok(AuthSettings::PermanentToken { token })
         }
-        other => Err(ConfigError::key(
-            "auth.method",
-            format_args!("is `{other}`, which is not a known method"),
-            "use \"permanent_token\"",
-        )),
+        "client_credentials" | "refresh_token" => {
+            let settings = validate_oauth2(raw, bynder)?;
+            Ok(if method == "client_credentials" {
+                AuthSettings::ClientCredentials(settings)
+            } else {
+                AuthSettings::RefreshToken(settings)
+            })
+        }
+        _ => {
+            let consumer_key = required_text(
+                "auth.consumer_key",
+                raw.consumer_key,
+                "the consumer key of the OAuth 1 app (Settings > Portal settings > API tokens)",
+            )?;
+            let consumer_secret = required_secret(
+                "auth.consumer_secret",
+                raw.consumer_secret,
+                raw.consumer_secret_file,
+                "the consumer secret of the OAuth 1 app",
+            )?;
+            let token = resolve_secret("auth.token", raw.token, raw.token_file)?;
+            let token_secret =
+                resolve_secret("auth.token_secret", raw.token_secret, raw.token_secret_file)?;
+            let token =
+                match (token, token_secret) {
+                    (Some(token), Some(token_secret)) => Some(OAuth1TokenPair {
+                        token,
+                        token_secret,
+                    }),
+                    (None, None) => None,
+                    (Some(_), None) => return Err(ConfigError::key(
+                        "auth.token_secret",
+                        "is missing while auth.token is set",
+                        "give both auth.token and auth.token_secret, or neither to use the pair \
+                         `bynder-usage-sync auth oauth1-login` stores",
+                    )),
+                    (None, Some(_)) => return Err(ConfigError::key(
+                        "auth.token",
+                        "is missing while auth.token_secret is set",
+                        "give both auth.token and auth.token_secret, or neither to use the pair \
+                         `bynder-usage-sync auth oauth1-login` stores",
+                    )),
+                };
+            Ok(AuthSettings::OAuth1(OAuth1Settings {
+                consumer_key,
+                consumer_secret,
+                token,
+            }))
+        }
     }
+}
+
+fn validate_oauth2(raw: RawAuth, bynder: &BynderSettings) -> Result<OAuth2Settings, ConfigError> {
+    let client_id = required_text(
+        "auth.client_id",
+        raw.client_id,
+        "the client id of the OAuth app (Settings > Advanced Settings > Portal Settings > OAuth Apps)",
+    )?;
+    let client_secret = required_secret(
+        "auth.client_secret",
+        raw.client_secret,
+        raw.client_secret_file,
+        "the client secret of the OAuth app (shown once when the app is created)",
+    )?;
+    let scopes: Vec<String> = match raw.scopes {
+        None => DEFAULT_SCOPES
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
+        Some(RawScopes::Text(text)) => text.split_whitespace().map(str::to_owned).collect(),
+        Some(RawScopes::List(list)) => list
+            .iter()
+            .flat_map(|s| s.split_whitespace())
+            .map(str::to_owned)
+            .collect(),
+    };
+    if scopes.is_empty() {
+        return Err(ConfigError::key(
+            "auth.scopes",
+            "is empty",
+            format_args!("remove it to use the default, \"{DEFAULT_SCOPES}\""),
+        ));
+    }
+    let endpoint = |path: &str| {
+        let mut url = bynder.base_url.clone();
+        url.set_path(path);
+        url
+    };
+    let token_url = match raw.token_url.filter(|u| !u.trim().is_empty()) {
+        None => endpoint("/v6/authentication/oauth2/token"),
+        Some(text) => {
+            let url = Url::parse(text.trim()).map_err(|e| {
+                ConfigError::key(
+                    "auth.token_url",
+                    format_args!("is not a URL ({e})"),
+                    "remove it to use {base_url}/v6/authentication/oauth2/token",
+                )
+            })?;
+            match url.scheme() {
+                "https" => {}
+                "http" if bynder.allow_insecure_http => {}
+                _ => return Err(ConfigError::key(
+                    "auth.token_url",
+                    "is not an https:// URL, and the client secret would travel over it",
+                    "use https://, or remove it to use {base_url}/v6/authentication/oauth2/token",
+                )),
+            }
+            url
+        }
+    };
+    let client_auth = match raw.client_auth.as_deref().map(str::trim) {
+        None | Some("body") => ClientAuth::Body,
+        Some("basic") => ClientAuth::Basic,
+        Some(other) => {
+            return Err(ConfigError::key(
+                "auth.client_auth",
+                format_args!("is `{other}`"),
+                "use \"body\" (client_id and client_secret in the form body, the default) or \"basic\" (HTTP Basic)",
+            ))
+        }
+    };
+    let redirect_text = raw
+        .redirect_uri
+        .filter(|u| !u.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_REDIRECT_URI.to_owned());
+    let redirect_uri = Url::parse(redirect_text.trim())
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
+        .ok_or_else(|| {
+            ConfigError::key(
+                "auth.redirect_uri",
+                format_args!("is not an http(s) URL ({redirect_text})"),
+                format_args!(
+                    "use the redirect URI registered with the OAuth app, e.g. {DEFAULT_REDIRECT_URI}"
+                ),
+            )
+        })?;
+    Ok(OAuth2Settings {
+        client_id,
+        client_secret,
+        scopes,
+        token_url,
+        auth_url: endpoint("/v6/authentication/oauth2/auth"),
+        client_auth,
+        redirect_uri,
+    })
+}
+
+fn required_text(key: &str, value: Option<String>, what: &str) -> Result<String, ConfigError> {
+    value
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| ConfigError::key(key, "is missing", format_args!("set it to {what}")))
+}
+
+fn required_secret(
+    key: &str,
+    inline: Option<SecretString>,
+    file: Option<RelativePathBuf>,
+    what: &str,
+) -> Result<SecretString, ConfigError> {
+    resolve_secret(key, inline, file)?.ok_or_else(|| {
+        ConfigError::key(
+            key,
+            "is missing",
+            format_args!(
+                "set it to {what}, or {key}_file (env {}) to a file holding it",
+                env_var(&format!("{key}_file"))
+            ),
+        )
+    })
 }
 
 /// A secret given inline or as `<key>_file`; never both.
@@ -577,7 +1003,7 @@ fn secrets_readable_by_others(path: &Path) -> Option<String> {
             let key = line.split('=').next().unwrap_or("").trim();
             matches!(
                 key,
-                "permanent_token" | "client_secret" | "consumer_secret" | "token_secret"
+                "permanent_token" | "client_secret" | "consumer_secret" | "token" | "token_secret"
             )
         });
         if holds_secret {
@@ -663,7 +1089,9 @@ path = "state.db"
             c.database.path.is_absolute(),
             "relative to the config file's folder"
         );
-        let AuthSettings::PermanentToken { token } = &c.auth;
+        let AuthSettings::PermanentToken { token } = &c.auth else {
+            panic!("permanent token expected, got {:?}", c.auth)
+        };
         assert_eq!(token.expose_secret(), "s3cret-token");
     }
 
@@ -725,7 +1153,9 @@ path = "state.db"
             &format!("permanent_token_file = \"{}\"", secret.display()),
         );
         let c = load(&toml, &[]).unwrap();
-        let AuthSettings::PermanentToken { token } = &c.auth;
+        let AuthSettings::PermanentToken { token } = &c.auth else {
+            panic!("permanent token expected, got {:?}", c.auth)
+        };
         assert_eq!(token.expose_secret(), "from-file");
         let both = toml.replace(
             &format!("permanent_token_file = \"{}\"", secret.display()),
@@ -748,5 +1178,183 @@ path = "state.db"
     fn an_explicit_config_path_that_does_not_exist_is_an_error() {
         let e = load_config(&ConfigSource::Explicit("/nonexistent/x.toml".into())).unwrap_err();
         assert!(e.message.contains("/nonexistent/x.toml"), "{e}");
+    }
+
+    // ---- [auth] -------------------------------------------------------------------------------
+
+    fn with_auth(auth: &str) -> String {
+        let start = GOOD.find("[auth]").unwrap();
+        let end = GOOD.find("[database]").unwrap();
+        format!("{}[auth]\n{auth}\n{}", &GOOD[..start], &GOOD[end..])
+    }
+
+    #[test]
+    fn client_credentials_get_bynder_defaults() {
+        let c = load(
+            &with_auth("method = \"client_credentials\"\nclient_id = \"app\"\nclient_secret = \"cs-s3cret\""),
+            &[],
+        )
+        .unwrap();
+        let AuthSettings::ClientCredentials(s) = &c.auth else {
+            panic!("{:?}", c.auth)
+        };
+        assert_eq!(s.client_id, "app");
+        assert_eq!(s.client_secret.expose_secret(), "cs-s3cret");
+        assert_eq!(
+            s.scopes,
+            ["asset.usage:read", "asset.usage:write", "current.user:read"]
+        );
+        assert_eq!(
+            s.token_url.as_str(),
+            "https://acme.bynder.com/v6/authentication/oauth2/token"
+        );
+        assert_eq!(
+            s.auth_url.as_str(),
+            "https://acme.bynder.com/v6/authentication/oauth2/auth"
+        );
+        assert_eq!(s.client_auth, ClientAuth::Body);
+        assert!(!c.auth.needs_store());
+        assert!(!format!("{c:?}").contains("cs-s3cret"));
+    }
+
+    #[test]
+    fn oauth2_keys_can_be_overridden_from_file_and_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("client_secret");
+        std::fs::write(&secret, "from-file\n").unwrap();
+        let c = load(
+            &with_auth(&format!(
+                "method = \"refresh_token\"\nclient_id = \"app\"\nclient_secret_file = \"{}\"\n\
+                 scopes = [\"asset.usage:read\", \"offline\"]\nclient_auth = \"basic\"",
+                secret.display()
+            )),
+            &[
+                (
+                    "BYNDER_USAGE_SYNC_AUTH__TOKEN_URL",
+                    "https://login.example/token",
+                ),
+                (
+                    "BYNDER_USAGE_SYNC_AUTH__REDIRECT_URI",
+                    "http://localhost:9999/cb",
+                ),
+            ],
+        )
+        .unwrap();
+        let AuthSettings::RefreshToken(s) = &c.auth else {
+            panic!("{:?}", c.auth)
+        };
+        assert_eq!(s.client_secret.expose_secret(), "from-file");
+        assert_eq!(s.scopes, ["asset.usage:read", "offline"]);
+        assert_eq!(s.client_auth, ClientAuth::Basic);
+        assert_eq!(s.token_url.as_str(), "https://login.example/token");
+        assert_eq!(s.redirect_uri.as_str(), "http://localhost:9999/cb");
+        assert!(c.auth.needs_store());
+    }
+
+    #[test]
+    fn a_missing_oauth2_secret_names_the_key_its_file_variant_and_env_variable() {
+        let e = load(
+            &with_auth("method = \"client_credentials\"\nclient_id = \"app\""),
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.message.contains("`auth.client_secret`"), "{e}");
+        assert!(
+            e.message.contains("BYNDER_USAGE_SYNC_AUTH__CLIENT_SECRET"),
+            "{e}"
+        );
+        assert!(
+            e.message
+                .contains("BYNDER_USAGE_SYNC_AUTH__CLIENT_SECRET_FILE"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_key_of_another_method_is_refused_with_the_method_that_uses_it() {
+        let e = load(
+            &with_auth("permanent_token = \"x\"\nclient_id = \"app\""),
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.message.contains("auth.client_id"), "{e}");
+        assert!(e.message.contains("(the default)"), "{e}");
+        assert!(e.message.contains("client_credentials"), "{e}");
+        let e = load(&with_auth("method = \"oauth2\""), &[]).unwrap_err();
+        assert!(
+            e.message.contains("auth.method") && e.message.contains("oauth1"),
+            "{e}"
+        );
+        let e = load(
+            &with_auth(
+                "method = \"client_credentials\"\nclient_id = \"a\"\nclient_secret = \"b\"\nclient_auth = \"header\"",
+            ),
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.message.contains("auth.client_auth"), "{e}");
+    }
+
+    #[test]
+    fn an_insecure_token_url_is_refused() {
+        let e = load(
+            &with_auth(
+                "method = \"client_credentials\"\nclient_id = \"a\"\nclient_secret = \"b\"\ntoken_url = \"http://login.example/token\"",
+            ),
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.message.contains("auth.token_url"), "{e}");
+    }
+
+    #[test]
+    fn oauth1_takes_a_token_pair_from_the_config_or_none_at_all() {
+        let base = "method = \"oauth1\"\nconsumer_key = \"ck\"\nconsumer_secret = \"cs\"";
+        let c = load(&with_auth(base), &[]).unwrap();
+        let AuthSettings::OAuth1(s) = &c.auth else {
+            panic!("{:?}", c.auth)
+        };
+        assert!(s.token.is_none());
+        assert!(
+            c.auth.needs_store(),
+            "the pair comes from auth oauth1-login"
+        );
+
+        let c = load(
+            &with_auth(&format!(
+                "{base}\ntoken = \"t\"\ntoken_secret = \"ts-s3cret\""
+            )),
+            &[],
+        )
+        .unwrap();
+        let AuthSettings::OAuth1(s) = &c.auth else {
+            panic!("{:?}", c.auth)
+        };
+        let pair = s.token.as_ref().unwrap();
+        assert_eq!(pair.token.expose_secret(), "t");
+        assert_eq!(pair.token_secret.expose_secret(), "ts-s3cret");
+        assert!(!c.auth.needs_store());
+        assert!(!format!("{c:?}").contains("ts-s3cret"));
+
+        let e = load(&with_auth(&format!("{base}\ntoken = \"t\"")), &[]).unwrap_err();
+        assert!(e.message.contains("auth.token_secret"), "{e}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_world_readable_config_holding_a_secret_gets_a_warning() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            with_auth("method = \"client_credentials\"\nclient_id = \"a\"\nclient_secret = \"b\""),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let warnings = secrets_readable_by_others(&path);
+        assert!(warnings.is_some_and(|w| w.contains("chmod 600")));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(secrets_readable_by_others(&path).is_none());
     }
 }

@@ -1,5 +1,6 @@
 //! bynder-usage-sync: keeps Bynder's asset-usage records true to what a CMS uses.
 
+pub mod admin;
 pub mod auth;
 pub mod bynder;
 pub mod cli;
@@ -10,4 +11,6 @@ pub mod plan;
 pub mod queue;
 pub mod reconcile;
 pub mod simulator;
+pub mod source;
 pub mod store;
+pub mod verify;

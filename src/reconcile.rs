@@ -15,11 +15,16 @@ use futures::TryStreamExt;
 use tokio::task::JoinSet;
 
 use crate::bynder::{self, Client};
-use crate::config::Config;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use crate::config::{Config, RetrySettings, Strategy};
 use crate::model::{AssetId, Reference, SkipReason, UsageUri};
 use crate::plan::{decide, Change, Decision, Desired, Queued, Target};
 use crate::queue::{self, Next, RunEffect};
-use crate::store::{self, Operation, RunCounts, SourceRow, Store};
+use crate::source::Source;
+use crate::store::{self, Operation, RunCounts, SourceRow, Store, SyncBatch};
+use crate::verify::{verify_assets, VerifyReport, VerifyStop};
 
 /// How many rows of each kind a report keeps when not asked for everything.
 pub const REPORT_SAMPLE: usize = 20;
@@ -33,6 +38,8 @@ pub struct RunOptions {
     pub allow_mass_delete: bool,
     /// Keep every planned item in the report (for `--json`), not just a sample.
     pub keep_all_items: bool,
+    /// Read Bynder back for every managed asset first and repair drift (`--verify`).
+    pub verify: bool,
 }
 
 impl Default for RunOptions {
@@ -42,6 +49,7 @@ impl Default for RunOptions {
             dry_run: false,
             allow_mass_delete: false,
             keep_all_items: false,
+            verify: false,
         }
     }
 }
@@ -50,6 +58,7 @@ impl Default for RunOptions {
 pub struct Context {
     pub config: Config,
     pub store: Store,
+    pub source: Source,
     pub client: Arc<Client>,
 }
 
@@ -150,6 +159,9 @@ pub struct RunReport {
     pub sent: SendReport,
     /// Dead letters in the queue after the run (new and old).
     pub dead_letters: i64,
+    /// What `--verify` found, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifyReport>,
 }
 
 /// Progress callbacks, so the CLI can draw a bar or print lines while the library stays silent.
@@ -175,13 +187,23 @@ pub async fn reconcile_with_progress(
     progress: Arc<dyn Progress>,
 ) -> anyhow::Result<RunReport> {
     if options.dry_run {
+        let (verify, outcome) = match options.verify {
+            false => (None, RunOutcome::DryRun),
+            true => match verify_assets(ctx, false).await? {
+                (report, None) => (Some(report), RunOutcome::DryRun),
+                (report, Some(VerifyStop::CredentialsRejected)) => {
+                    (Some(report), credentials_rejected(ctx))
+                }
+            },
+        };
         let plan = plan_run(ctx, options, false).await?.0;
         return Ok(RunReport {
             run_id: None,
-            outcome: RunOutcome::DryRun,
+            outcome,
             plan,
             sent: SendReport::default(),
             dead_letters: ctx.store.queue_summary().await?.dead,
+            verify,
         });
     }
 
@@ -193,8 +215,17 @@ pub async fn reconcile_with_progress(
     let run_id = ctx.store.start_run(options.command).await?;
     let requests_before = ctx.client.requests_sent();
 
+    let mut verify = None;
+    let mut verify_stopped = false;
+    if options.verify {
+        let (report, stop) = verify_assets(ctx, true).await?;
+        verify = Some(report);
+        verify_stopped = stop.is_some();
+    }
     let (plan, refused) = plan_run(ctx, options, true).await?;
-    let (outcome, mut sent) = if let Some(why) = refused {
+    let (outcome, mut sent) = if verify_stopped {
+        (credentials_rejected(ctx), SendReport::default())
+    } else if let Some(why) = refused {
         (RunOutcome::MassDeleteRefused(why), SendReport::default())
     } else {
         let queued = ctx.store.queue_summary().await?.pending;
@@ -203,9 +234,7 @@ pub async fn reconcile_with_progress(
         progress.finished();
         let summary = ctx.store.queue_summary().await?;
         let outcome = match stop {
-            Some(RunEffect::StopCredentials) => {
-                RunOutcome::CredentialsRejected(format!("Bynder rejected the credentials (401). Fix: {}", ctx.client.credentials().rejection_fix()))
-            }
+            Some(RunEffect::StopCredentials) => credentials_rejected(ctx),
             Some(_) => RunOutcome::Unreachable(format!(
                 "the portal at {} could not be reached after {} attempts; the changes stay queued for the next run. \
                  Fix: check bynder.base_url and the network",
@@ -262,7 +291,15 @@ pub async fn reconcile_with_progress(
         plan,
         sent,
         dead_letters: summary.dead,
+        verify,
     })
+}
+
+fn credentials_rejected(ctx: &Context) -> RunOutcome {
+    RunOutcome::CredentialsRejected(format!(
+        "Bynder rejected the credentials (401). Fix: {}",
+        ctx.client.credentials().rejection_fix()
+    ))
 }
 
 // ---- planning -------------------------------------------------------------------------------
@@ -377,7 +414,7 @@ async fn plan_run(
         ..PlanReport::default()
     };
     let mut desired = DesiredStream {
-        rows: ctx.store.stream_cms_rows(),
+        rows: ctx.source.stream_rows(),
         last: None,
         uri_prefixes: prefixes.clone(),
     };
@@ -561,6 +598,73 @@ fn mass_delete_refusal(
 
 // ---- sending --------------------------------------------------------------------------------
 
+/// How this run sends: the sync endpoint (with its current batch size) or per-usage calls.
+/// Shared by the workers, since any of them may learn that the portal lacks the sync endpoint
+/// or finds a batch too large.
+struct Mode {
+    sync: AtomicBool,
+    /// `sync.strategy = "auto"`: fall back to per-usage calls when the sync endpoint is missing.
+    auto: bool,
+    batch_size: AtomicUsize,
+}
+
+impl Mode {
+    fn new(config: &Config) -> Self {
+        Mode {
+            sync: AtomicBool::new(config.sync.strategy != Strategy::PerUsage),
+            auto: config.sync.strategy == Strategy::Auto,
+            batch_size: AtomicUsize::new(config.sync.batch_size),
+        }
+    }
+
+    fn uses_sync(&self) -> bool {
+        self.sync.load(Ordering::Relaxed)
+    }
+
+    fn fall_back(&self, why: &str) {
+        if self.sync.swap(false, Ordering::Relaxed) {
+            tracing::warn!("{why}: sending per-usage calls for the rest of this run");
+        }
+    }
+
+    /// Halves the batch size; false when it is already 1.
+    fn halve(&self) -> bool {
+        let current = self.batch_size.load(Ordering::Relaxed);
+        if current <= 1 {
+            return false;
+        }
+        let half = current / 2;
+        self.batch_size.store(half, Ordering::Relaxed);
+        tracing::info!(
+            batch_size = half,
+            "the portal found a sync batch too large; halving it"
+        );
+        true
+    }
+}
+
+/// What one unit of work achieved.
+#[derive(Debug, Default)]
+struct Tally {
+    done: u64,
+    retried: u64,
+    dead: u64,
+    effects: Vec<RunEffect>,
+}
+
+impl Tally {
+    fn add(&mut self, dead: bool, effect: RunEffect) {
+        if dead {
+            self.dead += 1;
+        } else {
+            self.retried += 1;
+        }
+        if effect != RunEffect::Continue {
+            self.effects.push(effect);
+        }
+    }
+}
+
 /// Drains the queue with bounded concurrency until nothing is due for this run.
 async fn drain(
     ctx: &Context,
@@ -569,21 +673,39 @@ async fn drain(
 ) -> anyhow::Result<(Option<RunEffect>, SendReport)> {
     let concurrency = ctx.config.limits.concurrency;
     let max_attempts = ctx.config.retry.max_attempts;
-    let mut workers: JoinSet<anyhow::Result<Attempted>> = JoinSet::new();
+    let mode = Arc::new(Mode::new(&ctx.config));
+    let mut workers: JoinSet<anyhow::Result<Tally>> = JoinSet::new();
     let mut sent = SendReport::default();
     let mut stop: Option<RunEffect> = None;
     let mut done = 0u64;
 
     loop {
         while stop.is_none() && workers.len() < concurrency {
-            match ctx.store.claim_next(run_id, max_attempts).await? {
-                Some(op) => {
-                    let client = ctx.client.clone();
-                    let store = ctx.store.clone();
-                    let retry = ctx.config.retry.clone();
-                    workers.spawn(async move { attempt(&client, &store, &retry, op).await });
+            let client = ctx.client.clone();
+            let store = ctx.store.clone();
+            let retry = ctx.config.retry.clone();
+            if mode.uses_sync() {
+                let size = mode.batch_size.load(Ordering::Relaxed);
+                match ctx
+                    .store
+                    .claim_sync_batch(run_id, max_attempts, size)
+                    .await?
+                {
+                    Some(batch) => {
+                        let mode = mode.clone();
+                        workers.spawn(async move {
+                            attempt_batch(&client, &store, &retry, &mode, batch).await
+                        });
+                    }
+                    None => break,
                 }
-                None => break,
+            } else {
+                match ctx.store.claim_next(run_id, max_attempts).await? {
+                    Some(op) => {
+                        workers.spawn(async move { attempt(&client, &store, &retry, op).await });
+                    }
+                    None => break,
+                }
             }
         }
         if workers.is_empty() {
@@ -611,32 +733,23 @@ async fn drain(
             _ => workers.join_next().await,
         };
         let Some(joined) = joined else { continue };
-        match joined.context("a worker panicked")?? {
-            Attempted::Done => {
-                sent.succeeded += 1;
-                done += 1;
-                progress.advanced(done);
-            }
-            Attempted::Failed(effect, dead) => {
-                if dead {
-                    sent.dead += 1;
-                    done += 1;
-                    progress.advanced(done);
-                } else {
-                    sent.retried += 1;
+        let tally = joined.context("a worker panicked")??;
+        sent.succeeded += tally.done;
+        sent.dead += tally.dead;
+        sent.retried += tally.retried;
+        if tally.done + tally.dead > 0 {
+            done += tally.done + tally.dead;
+            progress.advanced(done);
+        }
+        for effect in tally.effects {
+            match effect {
+                RunEffect::Continue => {}
+                RunEffect::Paused { until } => {
+                    ctx.store
+                        .set_setting("rate_limit_paused_until", Some(&store::format_time(until)))
+                        .await?;
                 }
-                match effect {
-                    RunEffect::Continue => {}
-                    RunEffect::Paused { until } => {
-                        ctx.store
-                            .set_setting(
-                                "rate_limit_paused_until",
-                                Some(&store::format_time(until)),
-                            )
-                            .await?;
-                    }
-                    effect => stop = stop.or(Some(effect)),
-                }
+                effect => stop = stop.or(Some(effect)),
             }
         }
     }
@@ -648,19 +761,21 @@ async fn drain(
     Ok((stop, sent))
 }
 
-enum Attempted {
-    Done,
-    Failed(RunEffect, bool),
+fn action_label(target: &Target) -> &'static str {
+    match target {
+        Target::Upsert(_) => "upsert",
+        Target::Delete => "delete",
+    }
 }
 
-/// One attempt at one operation; persists its outcome.
+/// One attempt at one operation with per-usage calls; persists its outcome.
 #[tracing::instrument(skip_all, fields(op = op.id, asset_id = %op.asset_id, uri = %op.uri))]
 async fn attempt(
     client: &Client,
     store: &Store,
-    retry: &crate::config::RetrySettings,
+    retry: &RetrySettings,
     op: Operation,
-) -> anyhow::Result<Attempted> {
+) -> anyhow::Result<Tally> {
     let mut uncertain = op.uncertain;
     let result = match &op.target {
         Target::Delete => match client.delete_usage(&op.asset_id, &op.uri).await {
@@ -674,15 +789,30 @@ async fn attempt(
             upsert(client, store, &op, additional, &mut uncertain).await?
         }
     };
-    let kind = match op.target {
-        Target::Upsert(_) => "upsert",
-        Target::Delete => "delete",
-    };
-    let Err(error) = result else {
-        metrics::counter!("sync_operations_total", "action" => kind, "result" => "done")
-            .increment(1);
-        return Ok(Attempted::Done);
-    };
+    let mut tally = Tally::default();
+    match result {
+        Ok(()) => {
+            metrics::counter!("sync_operations_total", "action" => action_label(&op.target), "result" => "done")
+                .increment(1);
+            tally.done = 1;
+        }
+        Err(error) => {
+            let (dead, effect) = fail(client, store, retry, &op, &error, uncertain).await?;
+            tally.add(dead, effect);
+        }
+    }
+    Ok(tally)
+}
+
+/// Records a failed attempt: back to pending with a backoff, or dead with its reason.
+async fn fail(
+    client: &Client,
+    store: &Store,
+    retry: &RetrySettings,
+    op: &Operation,
+    error: &bynder::Error,
+    uncertain: bool,
+) -> anyhow::Result<(bool, RunEffect)> {
     let now = chrono::Utc::now();
     let pause_until = client
         .gate()
@@ -692,7 +822,7 @@ async fn attempt(
         })
         .unwrap_or(now);
     let verdict = queue::verdict(
-        &error,
+        error,
         op.run_attempts as u32,
         uncertain,
         retry,
@@ -700,6 +830,7 @@ async fn attempt(
         rand::random::<f64>(),
         pause_until,
     );
+    let action = action_label(&op.target);
     match &verdict.next {
         Next::Retry {
             at,
@@ -707,23 +838,111 @@ async fn attempt(
             counts,
         } => {
             tracing::debug!(%error, "attempt failed; will retry");
-            metrics::counter!("sync_operations_total", "action" => kind, "result" => "retry")
+            metrics::counter!("sync_operations_total", "action" => action, "result" => "retry")
                 .increment(1);
             store
                 .fail_operation(op.id, false, *uncertain, *at, *counts, &error.to_string())
                 .await?;
-            Ok(Attempted::Failed(verdict.effect, false))
+            Ok((false, verdict.effect))
         }
         Next::Dead { reason } => {
-            tracing::warn!(%reason, "operation moved to the dead letters");
-            metrics::counter!("sync_operations_total", "action" => kind, "result" => "dead")
+            tracing::warn!(asset_id = %op.asset_id, uri = %op.uri, %reason, "operation moved to the dead letters");
+            metrics::counter!("sync_operations_total", "action" => action, "result" => "dead")
                 .increment(1);
             store
                 .fail_operation(op.id, true, false, now, true, reason)
                 .await?;
-            Ok(Attempted::Failed(verdict.effect, true))
+            Ok((true, verdict.effect))
         }
     }
+}
+
+/// Puts claimed operations back, untried, for another way of sending them.
+async fn release(store: &Store, ops: &[Operation], why: &str) -> anyhow::Result<()> {
+    let now = chrono::Utc::now();
+    for op in ops {
+        store
+            .fail_operation(op.id, false, op.uncertain, now, false, why)
+            .await?;
+    }
+    Ok(())
+}
+
+/// One sync-endpoint request for a batch of uris; persists its outcome.
+#[tracing::instrument(skip_all, fields(uris = batch.uris.len(), usages = batch.listing.len()))]
+async fn attempt_batch(
+    client: &Client,
+    store: &Store,
+    retry: &RetrySettings,
+    mode: &Mode,
+    batch: SyncBatch,
+) -> anyhow::Result<Tally> {
+    let mut tally = Tally::default();
+    match client.sync_usages(&batch.uris, &batch.listing).await {
+        Ok(result) => {
+            let rejected: HashMap<Key, String> = result
+                .rejected
+                .into_iter()
+                .map(|r| ((r.asset_id, r.uri), r.reason))
+                .collect();
+            let usage_ids: HashMap<Key, String> = result
+                .created
+                .into_iter()
+                .filter_map(|c| {
+                    let id = match c.id? {
+                        serde_json::Value::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    Some(((c.asset_id, c.uri), id))
+                })
+                .collect();
+            store
+                .complete_sync_batch(&batch, &usage_ids, &rejected)
+                .await?;
+            for op in &batch.ops {
+                let refused = matches!(op.target, Target::Upsert(_))
+                    && rejected.contains_key(&(op.asset_id.clone(), op.uri.clone()));
+                let result = if refused { "dead" } else { "done" };
+                metrics::counter!("sync_operations_total", "action" => action_label(&op.target), "result" => result)
+                    .increment(1);
+                if refused {
+                    tracing::warn!(asset_id = %op.asset_id, uri = %op.uri, "Bynder rejected the usage; moved to the dead letters");
+                    tally.dead += 1;
+                } else {
+                    tally.done += 1;
+                }
+            }
+        }
+        Err(error) => match error.status().map(|s| s.as_u16()) {
+            Some(404 | 405 | 501) if mode.auto => {
+                mode.fall_back(&format!("the portal has no sync endpoint ({error})"));
+                release(store, &batch.ops, "the sync endpoint is not available").await?;
+            }
+            Some(413) if mode.halve() => {
+                release(store, &batch.ops, "the sync batch was too large").await?;
+            }
+            Some(400) if mode.auto => {
+                mode.fall_back(&format!("the portal refused a sync batch ({error})"));
+                release(store, &batch.ops, "the sync batch was refused").await?;
+            }
+            _ => {
+                let maybe_applied = matches!(
+                    error.reaction(),
+                    bynder::Reaction::Retry {
+                        maybe_applied: true
+                    }
+                );
+                for op in &batch.ops {
+                    // The batch may have been applied: a later per-usage create must read back first.
+                    let uncertain =
+                        op.uncertain || (maybe_applied && matches!(op.target, Target::Upsert(_)));
+                    let (dead, effect) = fail(client, store, retry, op, &error, uncertain).await?;
+                    tally.add(dead, effect);
+                }
+            }
+        },
+    }
+    Ok(tally)
 }
 
 /// Makes Bynder hold exactly one usage of ours for the key, with `additional`.

@@ -13,6 +13,7 @@ use futures::{StreamExt, TryStreamExt};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
+use crate::bynder::SyncUsage;
 use crate::config::DatabaseSettings;
 use crate::model::RawRow;
 use crate::plan::{Queued, Target};
@@ -192,29 +193,6 @@ impl Store {
         self.pool.close().await;
     }
 
-    // ---- the CMS table --------------------------------------------------------------------
-
-    /// Every row of `cms_asset_references` in key order. Values are read as bytes: a CMS may
-    /// store anything, and a bad row must become a report, not an aborted run. Rows whose key
-    /// columns are not TEXT (a BLOB, say) come last, flagged, since they sort apart.
-    pub fn stream_cms_rows(&self) -> BoxStream<'_, Result<SourceRow, sqlx::Error>> {
-        sqlx::query(
-            "SELECT CAST(asset_id AS BLOB), CAST(uri AS BLOB), CAST(additional AS BLOB), \
-                    typeof(asset_id) = 'text' AND typeof(uri) = 'text' \
-             FROM cms_asset_references ORDER BY asset_id, uri",
-        )
-        .fetch(&self.pool)
-        .map_ok(|row| SourceRow {
-            raw: RawRow {
-                asset_id: row.get(0),
-                uri: row.get(1),
-                additional: row.get(2),
-            },
-            text_keys: row.get::<bool, _>(3),
-        })
-        .boxed()
-    }
-
     // ---- recorded state ---------------------------------------------------------------------
 
     /// Every recorded usage `(asset_id, uri, additional)` in key order.
@@ -364,6 +342,46 @@ impl Store {
         forget_recorded(&mut conn, asset_id, uri).await
     }
 
+    /// Drift repair found exactly one usage of ours in Bynder for the key: record what it holds.
+    pub async fn record_observed(
+        &self,
+        asset_id: &str,
+        uri: &str,
+        additional: &str,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO recorded_usages (asset_id, uri, additional, usage_id, synced_at) VALUES (?, ?, ?, NULL, ?) \
+             ON CONFLICT (asset_id, uri) DO UPDATE SET additional = excluded.additional, synced_at = excluded.synced_at",
+        )
+        .bind(asset_id)
+        .bind(uri)
+        .bind(additional)
+        .bind(now_text())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Drift repair found duplicates for the key: forget the recorded usage and queue an uncertain
+    /// operation, so whatever is sent next first reads Bynder back and collapses them.
+    pub async fn mark_for_read_back(&self, asset_id: &str, uri: &str) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        forget_recorded(&mut tx, asset_id, uri).await?;
+        let now = now_text();
+        sqlx::query(
+            "INSERT INTO operations (asset_id, uri, action, additional, state, uncertain, next_attempt_at, created_at, updated_at) \
+             VALUES (?1, ?2, 'delete', NULL, 'pending', 1, ?3, ?3, ?3) \
+             ON CONFLICT (asset_id, uri) DO UPDATE SET uncertain = 1, \
+                 state = CASE WHEN state = 'dead' THEN 'pending' ELSE state END, updated_at = excluded.updated_at",
+        )
+        .bind(asset_id)
+        .bind(uri)
+        .bind(&now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
+    }
+
     /// An attempt failed: back to pending with a due time, or dead with its reason.
     pub async fn fail_operation(
         &self,
@@ -403,6 +421,155 @@ impl Store {
             .map(operation_from_row)
             .fetch_all(&self.pool)
             .await
+    }
+
+    /// Claims a batch for the sync endpoint: whole uris (every operation queued on them), taken in
+    /// queue order until the listing would exceed `batch_size` usages (a single uri may exceed
+    /// it alone). A uri with an operation still in flight is skipped: two requests listing the
+    /// same uri at once could each undo what the other created. The listing is what Bynder must hold on those uris afterwards: the recorded
+    /// usages with the queued targets applied; dead letters leave their key as recorded.
+    pub async fn claim_sync_batch(
+        &self,
+        run_id: i64,
+        max_run_attempts: u32,
+        batch_size: usize,
+    ) -> Result<Option<SyncBatch>, sqlx::Error> {
+        let now = now_text();
+        // IMMEDIATE: the batch is read and claimed under one write lock, so nothing changes between.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let candidates: Vec<String> = sqlx::query_scalar(
+            "SELECT uri FROM operations WHERE state = 'pending' \
+                 AND (run_id IS NOT ?1 OR (next_attempt_at <= ?2 AND run_attempts < ?3)) \
+                 AND uri NOT IN (SELECT uri FROM operations WHERE state = 'in_flight') \
+             GROUP BY uri ORDER BY min(next_attempt_at), uri LIMIT 1024",
+        )
+        .bind(run_id)
+        .bind(&now)
+        .bind(max_run_attempts as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut batch = SyncBatch::default();
+        for uri in candidates {
+            let mut wanted: std::collections::BTreeMap<String, String> =
+                sqlx::query_as("SELECT asset_id, additional FROM recorded_usages WHERE uri = ?")
+                    .bind(&uri)
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .into_iter()
+                    .collect();
+            let queued: Vec<(String, String, Option<String>)> = sqlx::query_as(
+                "SELECT asset_id, action, additional FROM operations WHERE uri = ? AND state = 'pending'",
+            )
+            .bind(&uri)
+            .fetch_all(&mut *tx)
+            .await?;
+            for (asset_id, action, additional) in queued {
+                match target_from(action, additional) {
+                    Target::Upsert(a) => wanted.insert(asset_id, a),
+                    Target::Delete => wanted.remove(&asset_id),
+                };
+            }
+            if !batch.uris.is_empty() && batch.listing.len() + wanted.len() > batch_size {
+                break;
+            }
+            let claimed = sqlx::query(
+                "UPDATE operations SET state = 'in_flight', \
+                     run_attempts = CASE WHEN run_id IS ?1 THEN run_attempts ELSE 0 END, \
+                     run_id = ?1, updated_at = ?2 \
+                 WHERE uri = ?3 AND state = 'pending' \
+                 RETURNING id, asset_id, uri, action, additional, state, uncertain, attempts, run_attempts, \
+                     next_attempt_at, last_error, created_at, updated_at",
+            )
+            .bind(run_id)
+            .bind(&now)
+            .bind(&uri)
+            .map(operation_from_row)
+            .fetch_all(&mut *tx)
+            .await?;
+            batch.ops.extend(claimed);
+            batch
+                .listing
+                .extend(wanted.into_iter().map(|(asset_id, additional)| SyncUsage {
+                    asset_id,
+                    uri: uri.clone(),
+                    additional,
+                }));
+            batch.uris.push(uri);
+        }
+        if batch.uris.is_empty() {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        tx.commit().await?;
+        Ok(Some(batch))
+    }
+
+    /// Bynder applied a sync batch: the recorded state of its uris becomes the listing (less the
+    /// rejected entries, whose recorded usage is forgotten), its operations are finished, and
+    /// those whose entry was rejected become dead letters with Bynder's reason.
+    pub async fn complete_sync_batch(
+        &self,
+        batch: &SyncBatch,
+        usage_ids: &std::collections::HashMap<(String, String), String>,
+        rejected: &std::collections::HashMap<(String, String), String>,
+    ) -> Result<(), sqlx::Error> {
+        let now = now_text();
+        // IMMEDIATE: this transaction reads before it writes; a deferred one could not upgrade
+        // to a write lock once another connection committed (SQLITE_BUSY, no busy wait).
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for uri in &batch.uris {
+            let keep: std::collections::HashSet<&str> = batch
+                .listing
+                .iter()
+                .filter(|u| {
+                    u.uri == *uri && !rejected.contains_key(&(u.asset_id.clone(), u.uri.clone()))
+                })
+                .map(|u| u.asset_id.as_str())
+                .collect();
+            let recorded: Vec<String> =
+                sqlx::query_scalar("SELECT asset_id FROM recorded_usages WHERE uri = ?")
+                    .bind(uri)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            for asset_id in recorded.iter().filter(|a| !keep.contains(a.as_str())) {
+                forget_recorded(&mut tx, asset_id, uri).await?;
+            }
+        }
+        for usage in &batch.listing {
+            let key = (usage.asset_id.clone(), usage.uri.clone());
+            if rejected.contains_key(&key) {
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO recorded_usages (asset_id, uri, additional, usage_id, synced_at) VALUES (?, ?, ?, ?, ?) \
+                 ON CONFLICT (asset_id, uri) DO UPDATE SET additional = excluded.additional, \
+                     usage_id = coalesce(excluded.usage_id, recorded_usages.usage_id), synced_at = excluded.synced_at",
+            )
+            .bind(&usage.asset_id)
+            .bind(&usage.uri)
+            .bind(&usage.additional)
+            .bind(usage_ids.get(&key))
+            .bind(&now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for op in &batch.ops {
+            match rejected.get(&(op.asset_id.clone(), op.uri.clone())) {
+                Some(reason) if matches!(op.target, Target::Upsert(_)) => {
+                    sqlx::query(
+                        "UPDATE operations SET state = 'dead', uncertain = 0, attempts = attempts + 1, \
+                             last_error = ?, updated_at = ? WHERE id = ?",
+                    )
+                    .bind(format!("Bynder rejected the usage: {reason}"))
+                    .bind(&now)
+                    .bind(op.id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                _ => finish_operation(&mut tx, op.id).await?,
+            }
+        }
+        tx.commit().await
     }
 
     /// Puts dead letters back into the queue (all of them, or those with these ids). Returns how
@@ -541,6 +708,17 @@ impl Store {
             .fetch_optional(&self.pool)
             .await
     }
+}
+
+/// Operations claimed together for one sync-endpoint request.
+#[derive(Debug, Clone, Default)]
+pub struct SyncBatch {
+    /// The uris Bynder is authoritative for in this request.
+    pub uris: Vec<String>,
+    /// The claimed operations on those uris.
+    pub ops: Vec<Operation>,
+    /// Every usage Bynder must hold on those uris afterwards.
+    pub listing: Vec<SyncUsage>,
 }
 
 /// A source row plus whether its key columns are TEXT (only those take part in the key merge).

@@ -26,7 +26,9 @@ pub struct Setup {
     pub portal: Options,
     /// The `[auth]` section's body.
     pub auth: String,
-    /// More sections (`[sync]`…), appended verbatim.
+    /// The `[sync]` section's body.
+    pub sync: String,
+    /// More sections, appended verbatim.
     pub extra: String,
     /// Replaces the `[retry]` section's body.
     pub retry: String,
@@ -44,6 +46,7 @@ impl Default for Setup {
                 ..Options::default()
             },
             auth: format!("method = \"permanent_token\"\npermanent_token = \"{TOKEN}\""),
+            sync: String::new(),
             extra: String::new(),
             retry: "initial_backoff = \"10ms\"\nmax_backoff = \"100ms\"\nmax_attempts = 5"
                 .to_owned(),
@@ -75,10 +78,11 @@ pub async fn spawn_app_with(setup: Setup) -> App {
     let db_path = dir.path().join("state.db");
     let config = format!(
         "[bynder]\nbase_url = \"{}\"\nintegration_id = \"{INTEGRATION}\"\nallow_insecure_http = true\ntimeout = \"{}\"\n\
-         [auth]\n{}\n[database]\npath = \"state.db\"\n[retry]\n{}\n[limits]\n{}\n{}\n",
+         [auth]\n{}\n[database]\npath = \"state.db\"\n[sync]\n{}\n[retry]\n{}\n[limits]\n{}\n{}\n",
         portal.base_url(),
         setup.timeout,
         setup.auth,
+        setup.sync,
         setup.retry,
         setup.limits,
         setup.extra

@@ -1,6 +1,8 @@
 //! End-to-end tests: the real binary (and the real library) against the project's own simulated
 //! portal over loopback HTTP. One test binary; each test gets its own portal, database and config.
 
+mod auth;
 mod common;
 mod reliability;
 mod resync;
+mod strategies;

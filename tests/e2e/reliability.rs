@@ -29,6 +29,7 @@ async fn rejected_rows_become_dead_letters_and_wait_until_their_row_changes() {
             missing_assets: HashSet::from([asset(2)]),
             ..Options::default()
         },
+        sync: "strategy = \"per_usage\"".to_owned(),
         ..Setup::default()
     })
     .await;
@@ -103,7 +104,7 @@ async fn rejected_rows_become_dead_letters_and_wait_until_their_row_changes() {
 #[tokio::test]
 async fn the_mass_delete_guard_stops_a_run_that_would_delete_everything() {
     let app = spawn_app_with(Setup {
-        extra: "[sync]\nmax_deletes = 3".to_owned(),
+        sync: "max_deletes = 3".to_owned(),
         ..Setup::default()
     })
     .await;
@@ -154,8 +155,20 @@ async fn a_create_and_a_delete_queued_while_the_portal_was_down_cancel_out() {
 }
 
 #[tokio::test]
-async fn a_resync_converges_through_server_errors_dropped_connections_and_timeouts() {
+async fn a_resync_converges_through_server_errors_dropped_connections_and_timeouts_per_usage() {
+    converges_through_faults("per_usage").await;
+}
+
+#[tokio::test]
+async fn a_resync_converges_through_server_errors_dropped_connections_and_timeouts_with_the_sync_endpoint(
+) {
+    converges_through_faults("sync_endpoint").await;
+}
+
+async fn converges_through_faults(strategy: &str) {
     let app = spawn_app_with(Setup {
+        // Small batches: enough requests for the faults to hit many of them.
+        sync: format!("strategy = \"{strategy}\"\nbatch_size = 3"),
         timeout: "300ms".to_owned(),
         retry: "initial_backoff = \"5ms\"\nmax_backoff = \"50ms\"\nmax_attempts = 8".to_owned(),
         limits: "requests_per_second = 1000\nconcurrency = 8".to_owned(),
@@ -187,7 +200,7 @@ async fn a_resync_converges_through_server_errors_dropped_connections_and_timeou
     resync_until_converged(&app, 6).await;
     app.assert_converged().await;
     assert!(
-        app.portal.counters().faults_injected > 20,
+        app.portal.counters().faults_injected > 3,
         "faults were really injected"
     );
     assert_eq!(app.others().len(), 1);
@@ -205,6 +218,7 @@ async fn below_the_portal_rate_limit_a_long_resync_gets_no_429() {
             ..Options::default()
         },
         limits: "requests_per_second = 30\nblock_pause = \"1s\"".to_owned(),
+        sync: "strategy = \"per_usage\"".to_owned(),
         ..Setup::default()
     })
     .await;
@@ -228,6 +242,7 @@ async fn above_the_portal_rate_limit_the_daemon_pauses_and_still_converges() {
             ..Options::default()
         },
         limits: "requests_per_second = 500\nconcurrency = 4\nblock_pause = \"450ms\"".to_owned(),
+        sync: "strategy = \"per_usage\"".to_owned(),
         ..Setup::default()
     })
     .await;
@@ -256,8 +271,21 @@ async fn above_the_portal_rate_limit_the_daemon_pauses_and_still_converges() {
 }
 
 #[tokio::test]
-async fn a_resync_killed_at_random_points_always_converges_without_duplicates() {
+async fn a_resync_killed_at_random_points_always_converges_without_duplicates_per_usage() {
+    survives_kills("per_usage", 24, 60).await;
+}
+
+#[tokio::test]
+async fn a_resync_killed_at_random_points_always_converges_without_duplicates_with_the_sync_endpoint(
+) {
+    survives_kills("sync_endpoint", 20, 12).await;
+}
+
+/// SIGKILLs `rounds` resyncs, each after a random number (below `max_requests`) of requests
+/// reached the portal, changing the CMS table between restarts.
+async fn survives_kills(strategy: &str, rounds: usize, max_requests: u64) {
     let app = spawn_app_with(Setup {
+        sync: format!("strategy = \"{strategy}\"\nbatch_size = 4"),
         portal: Options {
             permanent_tokens: vec![TOKEN.to_owned()],
             latency: Duration::from_millis(2),
@@ -276,14 +304,14 @@ async fn a_resync_killed_at_random_points_always_converges_without_duplicates() 
     println!("kill test seed {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut kills = 0;
-    for round in 0..24 {
+    for round in 0..rounds {
         let before = app.portal.counters().total;
         // Every round rewrites every note, so each run has ~80 requests to make before it is done.
         app.exec(&format!(
             "UPDATE cms_asset_references SET additional = 'round {round}'"
         ))
         .await;
-        let kill_after = rng.random_range(0..60u64);
+        let kill_after = rng.random_range(0..max_requests);
         let mut child = binary()
             .arg("--config")
             .arg(&app.config_path)
@@ -317,7 +345,10 @@ async fn a_resync_killed_at_random_points_always_converges_without_duplicates() 
             }
         }
     }
-    assert!(kills >= 20, "only {kills} runs were killed mid-way");
+    assert!(
+        kills * 5 >= rounds * 4,
+        "only {kills} of {rounds} runs were killed mid-way"
+    );
     app.resync_expecting(0).await;
     app.assert_converged().await;
     assert_eq!(

@@ -60,7 +60,7 @@ async fn resync_with_no_changes_makes_zero_requests() {
 #[tokio::test]
 async fn another_integrations_usages_and_uris_outside_the_prefixes_survive_everything() {
     let app = spawn_app_with(Setup {
-        extra: "[sync]\nuri_prefixes = [\"https://cms.example/\"]".to_owned(),
+        sync: "uri_prefixes = [\"https://cms.example/\"]".to_owned(),
         ..Setup::default()
     })
     .await;

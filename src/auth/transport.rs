@@ -1,0 +1,194 @@
+//! The HTTP transport of the authentication endpoints (the OAuth 2 token endpoint and the
+//! OAuth 1.0a handshake): the same timeouts, TLS roots and user agent as the API client, never
+//! following a redirect, and passing the process-wide [`Gate`] first, because Bynder's rate
+//! limit counts these requests too.
+//!
+//! It also adapts the transport to the `oauth2` crate ([`AsyncHttpClient`]). That crate turns any
+//! non-200 answer into "could not parse the error body" unless the body is an OAuth 2 error
+//! object, which would lose the status; so an answer that is neither a 200 nor an OAuth 2 error
+//! becomes a [`TransportError::Status`] here, and the caller can tell a 503 from a rejection.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use oauth2::{AsyncHttpClient, HttpRequest, HttpResponse};
+use reqwest::StatusCode;
+
+use crate::bynder::Gate;
+use crate::config::BynderSettings;
+
+use super::AuthError;
+
+/// Why an authentication request got no usable answer.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TransportError {
+    #[error("cannot connect to {url}: {detail}")]
+    Connect { url: String, detail: String },
+    #[error("{url} did not answer in time")]
+    Timeout { url: String },
+    #[error("the connection to {url} broke: {detail}")]
+    Broken { url: String, detail: String },
+    #[error("{url} answered {status}: {body}")]
+    Status {
+        url: String,
+        status: StatusCode,
+        body: String,
+    },
+    #[error("the request could not be built: {0}")]
+    Build(String),
+}
+
+/// A received answer, read in full.
+pub(crate) struct Answer {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+/// The gated HTTP client for authentication requests.
+pub(crate) struct Transport {
+    http: reqwest::Client,
+    gate: Arc<Gate>,
+}
+
+impl Transport {
+    pub fn new(settings: &BynderSettings, gate: Arc<Gate>) -> Result<Transport, AuthError> {
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("bynder-usage-sync/", env!("CARGO_PKG_VERSION")))
+            .timeout(settings.timeout)
+            .connect_timeout(settings.connect_timeout)
+            // A redirected POST would become a GET, and a redirect could carry the client
+            // secret (HTTP Basic) to another origin.
+            .redirect(reqwest::redirect::Policy::none())
+            .use_rustls_tls();
+        if let Some(path) = &settings.ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| AuthError::Setup(format!("cannot read {}: {e}", path.display())))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                AuthError::Setup(format!(
+                    "{} holds no usable PEM certificate: {e}",
+                    path.display()
+                ))
+            })?;
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
+            .build()
+            .map_err(|e| AuthError::Setup(e.to_string()))?;
+        Ok(Transport { http, gate })
+    }
+
+    /// Sends one request through the gate and reads the whole answer, whatever its status.
+    /// A 429 starts the process-wide pause, as it does for API requests.
+    pub async fn execute(&self, request: reqwest::Request) -> Result<Answer, TransportError> {
+        self.gate.pass().await;
+        let mut shown = request.url().clone();
+        shown.set_query(None);
+        let shown = shown.to_string();
+        let classify = |e: reqwest::Error| {
+            if e.is_timeout() {
+                TransportError::Timeout { url: shown.clone() }
+            } else if e.is_connect() {
+                TransportError::Connect {
+                    url: shown.clone(),
+                    detail: innermost(&e),
+                }
+            } else {
+                TransportError::Broken {
+                    url: shown.clone(),
+                    detail: innermost(&e),
+                }
+            }
+        };
+        let response = self.http.execute(request).await.map_err(classify)?;
+        let status = response.status();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            self.gate.pause();
+        }
+        let headers = response.headers().clone();
+        let body = response.bytes().await.map_err(classify)?.to_vec();
+        tracing::debug!(url = %shown, status = status.as_u16(), "authentication request");
+        Ok(Answer {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// Like [`Transport::execute`], but any status other than 200 is an error.
+    pub async fn execute_ok(&self, request: reqwest::Request) -> Result<Answer, TransportError> {
+        let url = request.url().clone();
+        let answer = self.execute(request).await?;
+        if answer.status != StatusCode::OK {
+            let mut shown = url;
+            shown.set_query(None);
+            return Err(TransportError::Status {
+                url: shown.to_string(),
+                status: answer.status,
+                body: snippet(&answer.body),
+            });
+        }
+        Ok(answer)
+    }
+}
+
+impl<'c> AsyncHttpClient<'c> for Transport {
+    type Error = TransportError;
+    type Future = Pin<Box<dyn Future<Output = Result<HttpResponse, TransportError>> + Send + 'c>>;
+
+    fn call(&'c self, request: HttpRequest) -> Self::Future {
+        Box::pin(async move {
+            let request = reqwest::Request::try_from(request)
+                .map_err(|e| TransportError::Build(e.to_string()))?;
+            let url = request.url().clone();
+            let answer = self.execute(request).await?;
+            if answer.status != StatusCode::OK && !is_oauth2_error(&answer.body) {
+                return Err(TransportError::Status {
+                    url: url.to_string(),
+                    status: answer.status,
+                    body: snippet(&answer.body),
+                });
+            }
+            let mut builder = oauth2::http::Response::builder().status(answer.status.as_u16());
+            for (name, value) in &answer.headers {
+                builder = builder.header(name.as_str(), value.as_bytes());
+            }
+            builder
+                .body(answer.body)
+                .map_err(|e| TransportError::Build(e.to_string()))
+        })
+    }
+}
+
+/// Whether a body is an OAuth 2 error object (`{"error": "...", ...}`, RFC 6749 section 5.2).
+fn is_oauth2_error(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .is_some_and(|v| v.get("error").is_some_and(|e| e.is_string()))
+}
+
+/// The innermost cause of a reqwest error ("connection refused" rather than "error sending
+/// request").
+fn innermost(error: &reqwest::Error) -> String {
+    let mut detail = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(s) = source {
+        detail = s.to_string();
+        source = s.source();
+    }
+    detail
+}
+
+/// The start of a body, for messages (error pages can be whole HTML documents).
+pub(crate) fn snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let trimmed = text.trim();
+    let mut out: String = trimmed.chars().take(200).collect();
+    if trimmed.chars().count() > 200 {
+        out.push('…');
+    }
+    out
+}

@@ -1,0 +1,97 @@
+//! Where the desired state is read from: `cms_asset_references` in the state database (the
+//! default), the CMS's own SQLite file (`source.database`), or a custom `SELECT`
+//! (`source.query`). Always through a read-only connection: the daemon never writes the source.
+//! Rows come out sorted by (asset_id, uri) in byte order, which the plan's merge relies on.
+
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+use sqlx::{Row, SqlitePool};
+
+use crate::config::{Config, ConfigError};
+use crate::model::RawRow;
+use crate::store::SourceRow;
+
+/// The query used when `source.query` is not set.
+pub const DEFAULT_QUERY: &str = "SELECT asset_id, uri, additional FROM cms_asset_references";
+
+/// An opened, validated source of CMS rows.
+pub struct Source {
+    pool: SqlitePool,
+    /// The full statement, the user's query wrapped to read bytes in key order.
+    statement: String,
+}
+
+/// Why the source cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// Opens the configured source read-only and checks the query yields the needed columns.
+pub async fn open_source(config: &Config) -> Result<Source, SourceError> {
+    let (path, key) = match &config.source.database {
+        Some(p) => (p.clone(), "source.database"),
+        None => (config.database.path.clone(), "database.path"),
+    };
+    let options = SqliteConnectOptions::new()
+        .filename(&path)
+        .read_only(true)
+        .busy_timeout(config.database.busy_timeout);
+    let pool = SqlitePoolOptions::new()
+        .max_connections(2)
+        .connect_with(options)
+        .await
+        .map_err(|e| {
+            ConfigError::new(format!(
+                "cannot open {} (`{key}`) read-only: {e}. Fix: check the path and that the service user may read it",
+                path.display()
+            ))
+        })?;
+    let query = config.source.query.as_deref().unwrap_or(DEFAULT_QUERY);
+    // The user's SELECT runs as written, as a subquery; no value is ever formatted into SQL.
+    let probe = format!("SELECT asset_id, uri, additional FROM ({query}) LIMIT 0");
+    if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(probe))
+        .fetch_all(&pool)
+        .await
+    {
+        let (key, fix) = if config.source.query.is_some() {
+            ("source.query", "make it a SELECT over the CMS's tables returning columns named asset_id, uri and additional")
+        } else {
+            (
+                "source.database",
+                "point it at a database with a cms_asset_references table, or set source.query",
+            )
+        };
+        return Err(ConfigError::new(format!("`{key}` cannot be read: {e}. Fix: {fix}")).into());
+    }
+    let statement = format!(
+        "SELECT CAST(asset_id AS BLOB), CAST(uri AS BLOB), CAST(additional AS BLOB), \
+                typeof(asset_id) = 'text' AND typeof(uri) = 'text' \
+         FROM ({query}) ORDER BY asset_id COLLATE BINARY, uri COLLATE BINARY"
+    );
+    Ok(Source { pool, statement })
+}
+
+impl Source {
+    /// Every row in key order. Values are read as bytes: a CMS may store anything, and a bad row
+    /// must become a report, not an aborted run.
+    pub fn stream_rows(&self) -> BoxStream<'_, Result<SourceRow, sqlx::Error>> {
+        sqlx::query(sqlx::AssertSqlSafe(self.statement.clone()))
+            .fetch(&self.pool)
+            .map_ok(|row| SourceRow {
+                raw: RawRow {
+                    asset_id: row.get(0),
+                    uri: row.get(1),
+                    additional: row.get(2),
+                },
+                text_keys: row.get::<bool, _>(3),
+            })
+            .boxed()
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
