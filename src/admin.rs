@@ -111,10 +111,10 @@ async fn check_with(config: &Config, client: &Client) -> Result<Exit, Failure> {
         }
         Ok(None) => {
             println!(
-                "Token:        {} (its scopes are set in Bynder and not reported)",
+                "Token:        {}",
                 match &config.auth {
-                    AuthSettings::OAuth1(_) => "OAuth 1.0a signature",
-                    _ => "permanent token",
+                    AuthSettings::OAuth1(_) => "OAuth 1.0a signature (no scopes to report)",
+                    _ => "permanent token (its scopes are set in Bynder and not reported)",
                 }
             );
             None
