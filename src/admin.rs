@@ -714,7 +714,11 @@ where
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => return Err(timed_out()),
             accepted = accept => {
-                let Some((mut stream, _)) = accepted else { continue };
+                let Some((mut stream, _)) = accepted else {
+                    // Out of file descriptors or similar: do not spin on a failing accept.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
                 let Some(target) = read_request_target(&mut stream).await else { continue };
                 let Ok(url) = Url::parse(&format!("http://loopback{target}")) else { continue };
                 if url.path() != path {

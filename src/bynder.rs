@@ -648,3 +648,6 @@ fn snippet(body: &str) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests;

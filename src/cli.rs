@@ -450,7 +450,21 @@ async fn status(config: Config, json: bool) -> Result<Exit, Failure> {
     let oldest = queue
         .oldest_pending_at
         .as_deref()
-        .map(|t| format!(", oldest queued since {t}"))
+        .map(|t| {
+            let age = chrono::DateTime::parse_from_rfc3339(t)
+                .ok()
+                .and_then(|at| {
+                    (chrono::Utc::now() - at.with_timezone(&chrono::Utc))
+                        .to_std()
+                        .ok()
+                })
+                .map(|d| {
+                    humantime::format_duration(std::time::Duration::from_secs(d.as_secs()))
+                        .to_string()
+                })
+                .unwrap_or_else(|| "?".to_owned());
+            format!(", the oldest waiting for {age} (since {t})")
+        })
         .unwrap_or_default();
     println!(
         "Queue:        {} pending, {} in flight, {} dead letter(s){oldest}",

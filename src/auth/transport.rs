@@ -141,8 +141,16 @@ impl<'c> AsyncHttpClient<'c> for Transport {
 
     fn call(&'c self, request: HttpRequest) -> Self::Future {
         Box::pin(async move {
-            let request = reqwest::Request::try_from(request)
+            let mut request = reqwest::Request::try_from(request)
                 .map_err(|e| TransportError::Build(e.to_string()))?;
+            // HTTP Basic client authentication carries the client secret: keep it out of any
+            // header dump, as the API client does for its bearer token.
+            if let Some(value) = request
+                .headers_mut()
+                .get_mut(reqwest::header::AUTHORIZATION)
+            {
+                value.set_sensitive(true);
+            }
             let url = request.url().clone();
             let answer = self.execute(request).await?;
             if answer.status != StatusCode::OK && !is_oauth2_error(&answer.body) {

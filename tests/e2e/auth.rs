@@ -196,8 +196,17 @@ async fn client_credentials_with_http_basic_client_auth_converge() {
     })
     .await;
     fill(&app, 5).await;
-    app.resync_expecting(0).await;
+    let out = app.run_env(&["resync"], &[("RUST_LOG", "trace")]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", all_output(&out));
     app.assert_converged().await;
+    use base64::Engine as _;
+    let basic =
+        base64::engine::general_purpose::STANDARD.encode(format!("{CLIENT_ID}:{CLIENT_SECRET}"));
+    let all = all_output(&out);
+    assert!(
+        !all.contains(CLIENT_SECRET) && !all.contains(&basic),
+        "the client secret leaked"
+    );
 }
 
 #[tokio::test]
@@ -547,33 +556,36 @@ async fn a_revoked_refresh_token_exits_4_and_says_to_log_in_again() {
 
 #[tokio::test]
 async fn a_token_endpoint_that_is_down_is_a_transient_failure_and_the_next_run_converges() {
-    let app = spawn_app_with(Setup {
-        portal: portal(vec![]),
-        auth: client_credentials(CLIENT_SECRET),
-        sync: "strategy = \"per_usage\"".to_owned(),
-        ..Setup::default()
-    })
-    .await;
-    fill(&app, 10).await;
-    app.portal.set_faults(Faults {
-        token_endpoint_down: true,
-        ..Faults::default()
-    });
-    let out = app.run(&["resync"]).await;
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "a transient failure: the changes stay queued (partial), no crash, no credentials error\n{}",
-        all_output(&out)
-    );
-    assert!(
-        count(&app, TOKEN_ROUTE) <= 3,
-        "failures are remembered, not retried by every request: {:?}",
-        app.portal.counters()
-    );
-    app.portal.set_faults(Faults::default());
-    app.resync_expecting(0).await;
-    app.assert_converged().await;
+    for strategy in ["per_usage", "sync_endpoint"] {
+        let app = spawn_app_with(Setup {
+            portal: portal(vec![]),
+            auth: client_credentials(CLIENT_SECRET),
+            sync: format!("strategy = \"{strategy}\""),
+            ..Setup::default()
+        })
+        .await;
+        fill(&app, 10).await;
+        app.portal.set_faults(Faults {
+            token_endpoint_down: true,
+            ..Faults::default()
+        });
+        let out = app.run(&["resync"]).await;
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "{strategy}: a transient failure, the changes stay queued (partial); no crash, no \
+             credentials error\n{}",
+            all_output(&out)
+        );
+        assert!(
+            count(&app, TOKEN_ROUTE) <= 3,
+            "{strategy}: failures are remembered, not retried by every request: {:?}",
+            app.portal.counters()
+        );
+        app.portal.set_faults(Faults::default());
+        app.resync_expecting(0).await;
+        app.assert_converged().await;
+    }
 }
 
 // ---- check ---------------------------------------------------------------------------------------

@@ -206,11 +206,24 @@ async fn verify_repairs_usages_removed_added_and_edited_by_hand() {
         // extra usage of ours, one duplicate; plus usages that are not ours to touch.
         app.portal.remove_usage(&ours[0].id);
         app.portal.remove_usage(&ours[1].id);
-        app.portal.seed_usage(INTEGRATION, &asset(1), &page(1), "edited by hand");
-        app.portal.seed_usage(INTEGRATION, &asset(2), "https://cms.example/extra", "added by hand");
-        app.portal.seed_usage(INTEGRATION, &asset(3), &page(3), "note");
-        app.portal.seed_usage(INTEGRATION, &asset(4), "https://elsewhere.example/p", "outside our prefixes");
-        app.portal.seed_usage(OTHER_INTEGRATION, &asset(5), &page(5), "theirs");
+        app.portal
+            .seed_usage(INTEGRATION, &asset(1), &page(1), "edited by hand");
+        app.portal.seed_usage(
+            INTEGRATION,
+            &asset(2),
+            "https://cms.example/extra",
+            "added by hand",
+        );
+        app.portal
+            .seed_usage(INTEGRATION, &asset(3), &page(3), "note");
+        app.portal.seed_usage(
+            INTEGRATION,
+            &asset(4),
+            "https://elsewhere.example/p",
+            "outside our prefixes",
+        );
+        app.portal
+            .seed_usage(OTHER_INTEGRATION, &asset(5), &page(5), "theirs");
 
         // A plain resync trusts its records and sees nothing.
         app.portal.reset_counters();
@@ -226,13 +239,19 @@ async fn verify_repairs_usages_removed_added_and_edited_by_hand() {
         let out = app.run(&["resync", "--verify"]).await;
         assert_eq!(out.status.code(), Some(0), "{strategy}: {}", stderr(&out));
         let mut expected = app.desired().await;
-        expected.push((asset(4), "https://elsewhere.example/p".to_owned(), "outside our prefixes".to_owned()));
+        expected.push((
+            asset(4),
+            "https://elsewhere.example/p".to_owned(),
+            "outside our prefixes".to_owned(),
+        ));
         expected.sort();
         assert_eq!(app.ours(), expected, "{strategy}");
         assert_eq!(app.others().len(), 1);
 
         // Once repaired, another verify finds no drift.
-        let out = app.run(&["resync", "--verify", "--detailed-exitcode"]).await;
+        let out = app
+            .run(&["resync", "--verify", "--detailed-exitcode"])
+            .await;
         assert_eq!(out.status.code(), Some(0), "{strategy}: {}", stdout(&out));
     }
 }
@@ -241,18 +260,28 @@ async fn verify_repairs_usages_removed_added_and_edited_by_hand() {
 async fn detailed_exitcode_tells_drift_from_no_drift() {
     let app = spawn_app().await;
     app.insert(&asset(1), &page(1), Some("x")).await;
-    let out = app.run(&["resync", "--dry-run", "--detailed-exitcode"]).await;
+    let out = app
+        .run(&["resync", "--dry-run", "--detailed-exitcode"])
+        .await;
     assert_eq!(out.status.code(), Some(10));
     let text = stdout(&out);
-    assert!(text.contains("Creates (1):") && text.contains(&asset(1)), "{text}");
+    assert!(
+        text.contains("Creates (1):") && text.contains(&asset(1)),
+        "{text}"
+    );
     app.resync_expecting(0).await;
-    let out = app.run(&["resync", "--dry-run", "--detailed-exitcode"]).await;
+    let out = app
+        .run(&["resync", "--dry-run", "--detailed-exitcode"])
+        .await;
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
     app.exec("DELETE FROM cms_asset_references").await;
     app.insert(&asset(2), &page(2), None).await;
     let out = app.run(&["resync", "--dry-run"]).await;
     let text = stdout(&out);
-    assert!(text.contains("Creates (1):") && text.contains("Deletes (1):"), "{text}");
+    assert!(
+        text.contains("Creates (1):") && text.contains("Deletes (1):"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -260,12 +289,19 @@ async fn a_custom_query_over_the_cms_database_is_read_only_and_validated() {
     let app = spawn_app().await;
     // The CMS's own database, with its own schema.
     let cms = app.dir.path().join("cms.sqlite");
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=rwc", cms.display())).await.unwrap();
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=rwc", cms.display()))
+        .await
+        .unwrap();
     sqlx::query("CREATE TABLE products (id INTEGER PRIMARY KEY, slug TEXT, bynder_id TEXT COLLATE NOCASE, title TEXT, published INT)")
         .execute(&pool)
         .await
         .unwrap();
-    for (id, asset_id, published) in [(1, asset(1), 1), (2, asset(2), 1), (3, asset(3), 0), (4, "bad id!".to_owned(), 1)] {
+    for (id, asset_id, published) in [
+        (1, asset(1), 1),
+        (2, asset(2), 1),
+        (3, asset(3), 0),
+        (4, "bad id!".to_owned(), 1),
+    ] {
         sqlx::query("INSERT INTO products VALUES (?, ?, ?, ?, ?)")
             .bind(id)
             .bind(format!("p{id}"))
@@ -280,35 +316,68 @@ async fn a_custom_query_over_the_cms_database_is_read_only_and_validated() {
     let before = std::fs::read(&cms).unwrap();
     let query = "SELECT bynder_id AS asset_id, 'https://shop.example/p/' || slug AS uri, title AS additional FROM products WHERE published = 1";
     let source = [
-        ("BYNDER_USAGE_SYNC_SOURCE__DATABASE", cms.display().to_string()),
+        (
+            "BYNDER_USAGE_SYNC_SOURCE__DATABASE",
+            cms.display().to_string(),
+        ),
         ("BYNDER_USAGE_SYNC_SOURCE__QUERY", query.to_owned()),
     ];
     let env: Vec<(&str, &str)> = source.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let out = app.run_env(&["resync"], &env).await;
-    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
     assert!(stdout(&out).contains("1 skipped"), "{}", stdout(&out));
     assert_eq!(
         app.ours(),
         vec![
-            (asset(1), "https://shop.example/p/p1".to_owned(), "Product 1".to_owned()),
-            (asset(2), "https://shop.example/p/p2".to_owned(), "Product 2".to_owned()),
+            (
+                asset(1),
+                "https://shop.example/p/p1".to_owned(),
+                "Product 1".to_owned()
+            ),
+            (
+                asset(2),
+                "https://shop.example/p/p2".to_owned(),
+                "Product 2".to_owned()
+            ),
         ]
     );
-    assert_eq!(std::fs::read(&cms).unwrap(), before, "the CMS database is never written");
+    assert_eq!(
+        std::fs::read(&cms).unwrap(),
+        before,
+        "the CMS database is never written"
+    );
 
     // A query that fails is a configuration error naming the key.
-    let broken = [("BYNDER_USAGE_SYNC_SOURCE__DATABASE", cms.display().to_string().as_str().to_owned())];
+    let broken = [(
+        "BYNDER_USAGE_SYNC_SOURCE__DATABASE",
+        cms.display().to_string().as_str().to_owned(),
+    )];
     let env: Vec<(&str, &str)> = broken
         .iter()
         .map(|(k, v)| (*k, v.as_str()))
-        .chain([("BYNDER_USAGE_SYNC_SOURCE__QUERY", "SELECT nope FROM products")])
+        .chain([(
+            "BYNDER_USAGE_SYNC_SOURCE__QUERY",
+            "SELECT nope FROM products",
+        )])
         .collect();
     let out = app.run_env(&["resync"], &env).await;
     assert_eq!(out.status.code(), Some(78));
     assert!(stderr(&out).contains("source.query"), "{}", stderr(&out));
     // A statement that is not a SELECT is refused before it runs.
     let out = app
-        .run_env(&["resync"], &[("BYNDER_USAGE_SYNC_SOURCE__QUERY", "DELETE FROM cms_asset_references")])
+        .run_env(
+            &["resync"],
+            &[(
+                "BYNDER_USAGE_SYNC_SOURCE__QUERY",
+                "DELETE FROM cms_asset_references",
+            )],
+        )
         .await;
     assert_eq!(out.status.code(), Some(78));
 }
