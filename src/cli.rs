@@ -69,6 +69,17 @@ pub enum Command {
     },
     /// Run a full demonstration against the bundled simulated portal (no Bynder account needed).
     Demo,
+    /// Run as a service: reconcile on sync.schedule, repair drift on sync.verify_schedule, drain
+    /// the queue in between; serve /healthz, /readyz, /metrics and a status page on server.listen.
+    /// Stops gracefully on SIGTERM or SIGINT.
+    Run,
+    /// Ask the running daemon's /healthz (or /readyz) on server.listen; exit 0 when it answers 200
+    /// (a container HEALTHCHECK that needs no other tool).
+    Healthcheck {
+        /// Check readiness (/readyz) instead of liveness (/healthz).
+        #[arg(long)]
+        ready: bool,
+    },
     /// Validate the config, reach the portal, authenticate, and show who the daemon acts as
     /// and which scopes it got.
     Check(crate::admin::CheckArgs),
@@ -225,6 +236,20 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
         Command::Check(args) => crate::admin::check(start(&source)?, args).await,
         Command::Raw(args) => crate::admin::raw(start(&source)?, args).await,
         Command::Auth { command } => crate::admin::auth(start(&source)?, command).await,
+        Command::Run => {
+            let config = start(&source)?;
+            let stop = crate::daemon::termination_signal().map_err(anyhow::Error::from)?;
+            let listener = crate::daemon::bind(&config.server).await?;
+            let ctx = build_context(config).await?;
+            crate::daemon::run_until_stopped(ctx, listener, stop).await?;
+            Ok(Exit::Ok)
+        }
+        Command::Healthcheck { ready } => {
+            let config = start(&source)?;
+            let path = if ready { "/readyz" } else { "/healthz" };
+            crate::http::probe(config.server.listen, path).await?;
+            Ok(Exit::Ok)
+        }
     }
 }
 
@@ -245,8 +270,21 @@ pub fn init_tracing(level: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // The scheduler logs every tick at INFO; keep it to warnings unless asked for by name.
+    let filter = if filter.to_string().contains("tokio_cron_scheduler") {
+        filter
+    } else {
+        filter.add_directive(
+            "tokio_cron_scheduler=warn"
+                .parse()
+                .expect("valid directive"),
+        )
+    };
+    // Colours only on a terminal: journald and container logs would keep the escape codes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),

@@ -60,6 +60,8 @@ pub struct Config {
     pub limits: LimitSettings,
     pub retry: RetrySettings,
     pub log: LogSettings,
+    pub server: ServerSettings,
+    pub daemon: DaemonSettings,
     /// Problems worth a warning that do not stop start-up; logged once tracing is set up.
     pub warnings: Vec<String>,
 }
@@ -173,6 +175,31 @@ pub struct SyncSettings {
     pub strategy: Strategy,
     /// Most usages listed in one sync-endpoint request (halved automatically on 413).
     pub batch_size: usize,
+    /// When `run` reconciles: a 6-field cron expression, seconds first, in UTC.
+    pub schedule: String,
+    /// When `run` repairs drift (reads Bynder back): same syntax.
+    pub verify_schedule: String,
+}
+
+/// Default `sync.schedule`: every 5 minutes.
+pub const DEFAULT_SCHEDULE: &str = "0 */5 * * * *";
+/// Default `sync.verify_schedule`: daily at 03:17 UTC.
+pub const DEFAULT_VERIFY_SCHEDULE: &str = "0 17 3 * * *";
+/// Default `server.listen`: loopback only; the status page is not meant for the internet.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+
+/// The daemon's HTTP endpoints (`/healthz`, `/readyz`, `/metrics`, the status page).
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub listen: std::net::SocketAddr,
+}
+
+/// How `run` behaves as a service.
+#[derive(Debug, Clone)]
+pub struct DaemonSettings {
+    /// After SIGTERM/SIGINT: how long in-flight requests may take before the process exits
+    /// anyway (their operations are read back at the next start).
+    pub shutdown_timeout: Duration,
 }
 
 /// How changes reach Bynder (`sync.strategy`).
@@ -249,6 +276,10 @@ struct RawConfig {
     retry: RawRetry,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    daemon: RawDaemon,
 }
 
 #[derive(Deserialize, Default)]
@@ -311,6 +342,21 @@ struct RawSync {
     max_deletes: Option<u64>,
     strategy: Option<Strategy>,
     batch_size: Option<usize>,
+    schedule: Option<String>,
+    verify_schedule: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    #[serde(default, with = "humantime_serde")]
+    shutdown_timeout: Option<Duration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -467,6 +513,19 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         max_deletes: raw.sync.max_deletes.unwrap_or(1000),
         strategy: raw.sync.strategy.unwrap_or(Strategy::Auto),
         batch_size: raw.sync.batch_size.unwrap_or(1000),
+        schedule: validate_cron("sync.schedule", raw.sync.schedule, DEFAULT_SCHEDULE)?,
+        verify_schedule: validate_cron(
+            "sync.verify_schedule",
+            raw.sync.verify_schedule,
+            DEFAULT_VERIFY_SCHEDULE,
+        )?,
+    };
+    let server = validate_server(raw.server)?;
+    let daemon = DaemonSettings {
+        shutdown_timeout: raw
+            .daemon
+            .shutdown_timeout
+            .unwrap_or(Duration::from_secs(30)),
     };
     if sync.batch_size == 0 {
         return Err(ConfigError::key(
@@ -531,8 +590,51 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         limits,
         retry,
         log,
+        server,
+        daemon,
         warnings: Vec::new(),
     })
+}
+
+/// A cron expression as tokio-cron-scheduler reads it (six fields, seconds first, UTC).
+fn validate_cron(key: &str, value: Option<String>, default: &str) -> Result<String, ConfigError> {
+    let Some(text) = value else {
+        return Ok(default.to_owned());
+    };
+    let text = text.trim().to_owned();
+    // The scheduler's own parser decides; the field count only makes the message precise.
+    let fields = text.split_whitespace().count();
+    if tokio_cron_scheduler::Job::new_async(text.as_str(), |_, _| Box::pin(async {})).is_ok() {
+        return Ok(text);
+    }
+    let problem = if fields == 6 {
+        format!("is not a valid cron expression ({text:?})")
+    } else {
+        format!("has {fields} field(s) ({text:?}), not 6")
+    };
+    Err(ConfigError::key(
+        key,
+        problem,
+        format_args!(
+            "write six fields, seconds first, in UTC: \"sec min hour day-of-month month \
+             day-of-week\", e.g. \"{default}\""
+        ),
+    ))
+}
+
+fn validate_server(raw: RawServer) -> Result<ServerSettings, ConfigError> {
+    let text = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+    let listen = text.trim().parse().map_err(|e| {
+        ConfigError::key(
+            "server.listen",
+            format_args!("is not an address with a port ({text:?}: {e})"),
+            format_args!(
+                "write ip:port, e.g. \"{DEFAULT_LISTEN}\" (loopback) or \"0.0.0.0:9464\" \
+                 (every interface, e.g. in a container)"
+            ),
+        )
+    })?;
+    Ok(ServerSettings { listen })
 }
 
 fn validate_source(raw: RawSource) -> Result<SourceSettings, ConfigError> {
@@ -1172,6 +1274,45 @@ path = "state.db"
     fn secrets_never_show_in_debug_output() {
         let c = load(GOOD, &[]).unwrap();
         assert!(!format!("{c:?}").contains("s3cret-token"));
+    }
+
+    #[test]
+    fn daemon_keys_have_defaults_and_bad_ones_name_the_key() {
+        let c = load(GOOD, &[]).unwrap();
+        assert_eq!(c.sync.schedule, DEFAULT_SCHEDULE);
+        assert_eq!(c.sync.verify_schedule, DEFAULT_VERIFY_SCHEDULE);
+        assert_eq!(c.server.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.daemon.shutdown_timeout, Duration::from_secs(30));
+
+        let c = load(
+            &format!("{GOOD}\n[sync]\nschedule = \"*/1 * * * * *\"\n[daemon]\nshutdown_timeout = \"2s\"\n"),
+            &[("BYNDER_USAGE_SYNC_SERVER__LISTEN", "0.0.0.0:0")],
+        )
+        .unwrap();
+        assert_eq!(c.sync.schedule, "*/1 * * * * *");
+        assert_eq!(c.server.listen.port(), 0);
+        assert_eq!(c.daemon.shutdown_timeout, Duration::from_secs(2));
+
+        // Five fields (the classic crontab) is the mistake people make.
+        let e = load(
+            &format!("{GOOD}\n[sync]\nschedule = \"*/5 * * * *\"\n"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.message.contains("`sync.schedule`"), "{e}");
+        assert!(e.message.contains("not 6"), "{e}");
+        let e = load(
+            &format!("{GOOD}\n[sync]\nverify_schedule = \"0 0 25 * * *\"\n"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            e.message
+                .contains("BYNDER_USAGE_SYNC_SYNC__VERIFY_SCHEDULE"),
+            "{e}"
+        );
+        let e = load(&format!("{GOOD}\n[server]\nlisten = \"localhost\"\n"), &[]).unwrap_err();
+        assert!(e.message.contains("`server.listen`"), "{e}");
     }
 
     #[test]

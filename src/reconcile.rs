@@ -169,6 +169,11 @@ pub trait Progress: Send + Sync {
     fn planned(&self, _total: u64) {}
     fn advanced(&self, _done: u64) {}
     fn finished(&self) {}
+    /// Polled before each claim: when true, the drain stops taking operations and returns once
+    /// those in flight are done (the daemon's graceful shutdown).
+    fn stop_requested(&self) -> bool {
+        false
+    }
 }
 
 struct NoProgress;
@@ -302,6 +307,72 @@ fn credentials_rejected(ctx: &Context) -> RunOutcome {
     ))
 }
 
+/// Sends what is already queued, without planning: the daemon calls it between reconciles so a
+/// retry does not wait for the next schedule. Takes the run lock like a reconcile and records a
+/// run named `drain`, but only when something is pending; `None` when nothing was.
+#[tracing::instrument(skip_all)]
+pub async fn drain_queue_once(
+    ctx: &Context,
+    progress: Arc<dyn Progress>,
+) -> anyhow::Result<Option<RunReport>> {
+    let _lock = RunLock::acquire(ctx.store.path()).await?;
+    let recovered = ctx.store.recover_in_flight().await?;
+    if recovered > 0 {
+        tracing::warn!(recovered, "operations were in flight when a previous run stopped; they are read back before anything is re-sent");
+    }
+    if ctx.store.queue_summary().await?.pending == 0 {
+        return Ok(None);
+    }
+    let run_id = ctx.store.start_run("drain").await?;
+    let requests_before = ctx.client.requests_sent();
+    let (stop, mut sent) = drain(ctx, run_id, progress.as_ref()).await?;
+    let summary = ctx.store.queue_summary().await?;
+    let outcome = match stop {
+        Some(RunEffect::StopCredentials) => credentials_rejected(ctx),
+        Some(_) => RunOutcome::Unreachable(format!(
+            "the portal at {} could not be reached; the changes stay queued. Fix: check \
+             bynder.base_url and the network",
+            ctx.config.bynder.base_url
+        )),
+        None if summary.pending > 0 || summary.dead > 0 || summary.in_flight > 0 => {
+            RunOutcome::Partial
+        }
+        None if sent.succeeded == 0 && sent.retried == 0 => RunOutcome::NothingToDo,
+        None => RunOutcome::Converged,
+    };
+    sent.left_pending = summary.pending as u64;
+    sent.requests = ctx.client.requests_sent() - requests_before;
+    let counts = RunCounts {
+        succeeded: sent.succeeded as i64,
+        failed: (sent.dead + sent.left_pending) as i64,
+        requests: sent.requests as i64,
+        ..RunCounts::default()
+    };
+    let message = match &outcome {
+        RunOutcome::Unreachable(m) | RunOutcome::CredentialsRejected(m) => Some(m.as_str()),
+        _ => None,
+    };
+    ctx.store
+        .finish_run(run_id, outcome.label(), &counts, message)
+        .await?;
+    metrics::counter!("sync_runs_total", "outcome" => outcome.label()).increment(1);
+    tracing::info!(
+        run_id,
+        outcome = outcome.label(),
+        succeeded = sent.succeeded,
+        requests = sent.requests,
+        "queue drained"
+    );
+    Ok(Some(RunReport {
+        run_id: Some(run_id),
+        outcome,
+        plan: PlanReport::default(),
+        sent,
+        dead_letters: summary.dead,
+        verify: None,
+    }))
+}
+
 // ---- planning -------------------------------------------------------------------------------
 
 type Key = (String, String);
@@ -317,6 +388,8 @@ struct DesiredStream<'a> {
     rows: BoxStream<'a, Result<SourceRow, sqlx::Error>>,
     last: Option<Key>,
     uri_prefixes: Vec<String>,
+    /// What reading the source means, for errors (`source.query` or the table, and the file).
+    reading: &'a str,
 }
 
 impl DesiredStream<'_> {
@@ -329,7 +402,7 @@ impl DesiredStream<'_> {
             .rows
             .try_next()
             .await
-            .context("reading cms_asset_references")?
+            .context(self.reading.to_owned())?
         {
             report.rows_read += 1;
             let skip = |reason: SkipReason, report: &mut PlanReport| {
@@ -417,6 +490,7 @@ async fn plan_run(
         rows: ctx.source.stream_rows(),
         last: None,
         uri_prefixes: prefixes.clone(),
+        reading: ctx.source.reading(),
     };
     let mut recorded = ctx.store.stream_recorded();
     let mut queued = ctx.store.stream_queued();
@@ -476,6 +550,14 @@ async fn plan_run(
         // Keys outside the prefixes are not ours, whatever the recorded state says (the prefixes
         // may have been narrowed since): never touch them.
         if !crate::model::is_managed_uri(&key.1, prefixes) {
+            // The drain sends whatever is queued: an operation queued before the prefixes were
+            // narrowed (a pending one, or a dead letter `queue retry` could revive) must go.
+            if q.is_some() {
+                report.cancelled += 1;
+                if let Some(tx) = tx.as_mut() {
+                    store::cancel(tx, &key.0, &key.1).await?;
+                }
+            }
             continue;
         }
         let desired_state = match &d {
@@ -680,7 +762,7 @@ async fn drain(
     let mut done = 0u64;
 
     loop {
-        while stop.is_none() && workers.len() < concurrency {
+        while stop.is_none() && !progress.stop_requested() && workers.len() < concurrency {
             let client = ctx.client.clone();
             let store = ctx.store.clone();
             let retry = ctx.config.retry.clone();
@@ -709,7 +791,7 @@ async fn drain(
             }
         }
         if workers.is_empty() {
-            if stop.is_some() {
+            if stop.is_some() || progress.stop_requested() {
                 break;
             }
             match ctx.store.next_retry_at(run_id, max_attempts).await? {
@@ -1034,17 +1116,23 @@ impl RunLock {
             .write(true)
             .open(&path)
             .with_context(|| format!("cannot open the run lock {}", path.display()))?;
-        match file.try_lock() {
-            Ok(()) => Ok(RunLock { _file: file }),
-            Err(std::fs::TryLockError::WouldBlock) => {
-                tracing::info!(lock = %path.display(), "another run is sending for this database; waiting for it to finish");
-                let file = tokio::task::spawn_blocking(move || file.lock().map(|()| file))
-                    .await?
-                    .with_context(|| format!("cannot take the run lock {}", path.display()))?;
-                Ok(RunLock { _file: file })
-            }
-            Err(std::fs::TryLockError::Error(e)) => {
-                Err(e).with_context(|| format!("cannot take the run lock {}", path.display()))
+        // Polled rather than a blocking `lock()`: a waiting task stays cancellable (the daemon's
+        // shutdown must not hang behind a manual resync).
+        let mut told = false;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(RunLock { _file: file }),
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    if !told {
+                        tracing::info!(lock = %path.display(), "another run is sending for this database; waiting for it to finish");
+                        told = true;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(e)
+                        .with_context(|| format!("cannot take the run lock {}", path.display()))
+                }
             }
         }
     }

@@ -1,7 +1,9 @@
 //! Where the desired state is read from: `cms_asset_references` in the state database (the
 //! default), the CMS's own SQLite file (`source.database`), or a custom `SELECT`
 //! (`source.query`). Always through a read-only connection: the daemon never writes the source.
-//! Rows come out sorted by (asset_id, uri) in byte order, which the plan's merge relies on.
+//! Rows come out sorted by (asset_id, uri) in byte order, which the plan's merge relies on, and
+//! rows sharing a key by `additional`, so that the one the plan keeps does not depend on the
+//! order the query happens to return them in.
 
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
@@ -20,6 +22,8 @@ pub struct Source {
     pool: SqlitePool,
     /// The full statement, the user's query wrapped to read bytes in key order.
     statement: String,
+    /// What reading it means, for errors: which key and file to look at.
+    reading: String,
 }
 
 /// Why the source cannot be used.
@@ -64,14 +68,29 @@ pub async fn open_source(config: &Config) -> Result<Source, SourceError> {
                 "point it at a database with a cms_asset_references table, or set source.query",
             )
         };
-        return Err(ConfigError::new(format!("`{key}` cannot be read: {e}. Fix: {fix}")).into());
+        return Err(ConfigError::new(format!(
+            "`{key}` cannot be read from {}: {e}. Fix: {fix}",
+            path.display()
+        ))
+        .into());
     }
+    // A NULL key counts as text: it is reported as empty, not as a BLOB or number. The last
+    // sort term only orders duplicates (a key can appear twice in a custom query's result);
+    // over cms_asset_references the primary key makes it free.
     let statement = format!(
         "SELECT CAST(asset_id AS BLOB), CAST(uri AS BLOB), CAST(additional AS BLOB), \
-                typeof(asset_id) = 'text' AND typeof(uri) = 'text' \
-         FROM ({query}) ORDER BY asset_id COLLATE BINARY, uri COLLATE BINARY"
+                typeof(asset_id) IN ('text', 'null') AND typeof(uri) IN ('text', 'null') \
+         FROM ({query}) ORDER BY asset_id COLLATE BINARY, uri COLLATE BINARY, additional COLLATE BINARY"
     );
-    Ok(Source { pool, statement })
+    let reading = match &config.source.query {
+        Some(_) => format!("running `source.query` over {}", path.display()),
+        None => format!("reading cms_asset_references from {}", path.display()),
+    };
+    Ok(Source {
+        pool,
+        statement,
+        reading,
+    })
 }
 
 impl Source {
@@ -89,6 +108,12 @@ impl Source {
                 text_keys: row.get::<bool, _>(3),
             })
             .boxed()
+    }
+
+    /// Names what a failure while streaming rows is about (`source.query` or the table, and
+    /// the file), for the error's context.
+    pub fn reading(&self) -> &str {
+        &self.reading
     }
 
     pub async fn close(&self) {

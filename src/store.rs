@@ -123,6 +123,21 @@ pub async fn open_store(settings: &DatabaseSettings, mode: OpenMode) -> Result<S
     if mode == OpenMode::Existing && !path.exists() {
         return Err(StoreError::Missing(path));
     }
+    // SQLite silently opens a file it may not write read-only, and the first write then fails
+    // deep inside a run with "attempt to write a readonly database". Every command that opens
+    // the store writes sooner or later, so say so up front, the way SQLite would decide it.
+    if path.exists() {
+        if let Err(e) = std::fs::OpenOptions::new().write(true).open(&path) {
+            let read_only = std::io::Error::new(
+                e.kind(),
+                format!("the file is read-only for this process ({e})"),
+            );
+            return Err(StoreError::Open {
+                path,
+                source: read_only.into(),
+            });
+        }
+    }
     if mode == OpenMode::Create {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| StoreError::Open {

@@ -53,7 +53,11 @@ pub async fn verify_assets(
     let prefixes = &ctx.config.sync.uri_prefixes;
     let mut assets: BTreeSet<String> = BTreeSet::new();
     let mut rows = ctx.source.stream_rows();
-    while let Some(row) = rows.try_next().await.context("reading the CMS rows")? {
+    while let Some(row) = rows
+        .try_next()
+        .await
+        .with_context(|| ctx.source.reading().to_owned())?
+    {
         if let Ok(r) = Reference::parse(&row.raw, prefixes) {
             assets.insert(r.asset_id.as_str().to_owned());
         }

@@ -2,7 +2,11 @@
 //! portal over loopback HTTP. One test binary; each test gets its own portal, database and config.
 
 mod auth;
+mod bad_input;
 mod common;
+mod concurrency;
+mod daemon;
+mod properties;
 mod reliability;
 mod resync;
 mod strategies;

@@ -8,6 +8,24 @@ use rand::{Rng, SeedableRng};
 use crate::common::*;
 use bynder_usage_sync::simulator::{Faults, Options, RateLimit};
 
+/// `RELIABILITY_ROUNDS` when set (the long variant, see RELIABILITY.md), else `default`: the
+/// kill rounds here and the resyncs run against a writing CMS in `concurrency.rs`.
+pub(crate) fn rounds_or(default: usize) -> usize {
+    scaled("RELIABILITY_ROUNDS", default)
+}
+
+/// `RELIABILITY_ROWS` when set (the long variant), else `default`: the rows the fault tests sync.
+fn rows_or(default: u32) -> u32 {
+    scaled("RELIABILITY_ROWS", default as usize) as u32
+}
+
+fn scaled(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Resyncs until one run exits 0 (faults may leave operations queued for the next run).
 async fn resync_until_converged(app: &App, max_runs: usize) {
     for _ in 0..max_runs {
@@ -177,7 +195,8 @@ async fn converges_through_faults(strategy: &str) {
     .await;
     app.portal
         .seed_usage(OTHER_INTEGRATION, &asset(1), &page(1), "theirs");
-    for n in 0..80 {
+    let rows = rows_or(80);
+    for n in 0..rows {
         app.insert(&asset(n), &page(n % 20), Some("first")).await;
     }
     app.portal.set_faults(Faults {
@@ -194,16 +213,17 @@ async fn converges_through_faults(strategy: &str) {
         .await;
     app.exec("DELETE FROM cms_asset_references WHERE rowid % 5 = 0")
         .await;
-    for n in 100..110 {
+    for n in rows + 100..rows + 110 {
         app.insert(&asset(n), &page(n), None).await;
     }
     resync_until_converged(&app, 6).await;
     app.assert_converged().await;
-    assert!(
-        app.portal.counters().faults_injected > 3,
-        "faults were really injected"
-    );
+    let faults = app.portal.counters().faults_injected;
+    assert!(faults > 3, "faults were really injected");
     assert_eq!(app.others().len(), 1);
+    println!(
+        "figures: strategy={strategy} rows={rows} faults_injected={faults} duplicates_found=0 losses_found=0"
+    );
 }
 
 #[tokio::test]
@@ -268,17 +288,23 @@ async fn above_the_portal_rate_limit_the_daemon_pauses_and_still_converges() {
         "the pause is logged: {}",
         stderr(&out)
     );
+    println!(
+        "figures: rate_limited_answers={} duplicates_found=0 losses_found=0",
+        c.rate_limited
+    );
 }
 
 #[tokio::test]
 async fn a_resync_killed_at_random_points_always_converges_without_duplicates_per_usage() {
-    survives_kills("per_usage", 24, 60).await;
+    survives_kills("per_usage", rounds_or(24), 60).await;
 }
 
 #[tokio::test]
 async fn a_resync_killed_at_random_points_always_converges_without_duplicates_with_the_sync_endpoint(
 ) {
-    survives_kills("sync_endpoint", 20, 12).await;
+    // A round makes about 10 requests (40 usages on 10 uris, one uri per batch of 4): a kill
+    // point drawn below that lands mid-run, so the guard on killed runs holds over long runs.
+    survives_kills("sync_endpoint", rounds_or(20), 10).await;
 }
 
 /// SIGKILLs `rounds` resyncs, each after a random number (below `max_requests`) of requests
@@ -360,4 +386,7 @@ async fn survives_kills(strategy: &str, rounds: usize, max_requests: u64) {
     app.portal.reset_counters();
     app.resync_expecting(0).await;
     assert_eq!(app.portal.counters().total, 0);
+    println!(
+        "figures: strategy={strategy} kill_rounds={rounds} kills_mid_run={kills} duplicates_found=0 losses_found=0"
+    );
 }

@@ -1,0 +1,658 @@
+//! `run`: the daemon. Owns the schedule (a reconcile on `sync.schedule`, drift repair on
+//! `sync.verify_schedule`, the queue drained in between), the one worker that runs those jobs one
+//! at a time, the graceful shutdown, the health the endpoints report, and the systemd
+//! notifications (READY, STATUS, WATCHDOG, STOPPING).
+//!
+//! It decides nothing about usages: every run is `reconcile`'s, the endpoints are `http`'s.
+//!
+//! Runs never overlap: the cron jobs only wake the worker (a tick that arrives while a run is
+//! going is kept, once, for when it ends), and every run takes the run lock beside the database,
+//! so a manual `resync` waits for the daemon's run and the daemon for it. The lock is released
+//! between runs.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use sd_notify::NotifyState;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+use tokio_cron_scheduler::{Job, JobScheduler};
+
+use crate::bynder::Reaction;
+use crate::config::{env_var, ConfigError, ServerSettings, SyncSettings};
+use crate::reconcile::{self, Context, Progress, RunOptions, RunOutcome, RunReport};
+use crate::store;
+
+/// How often the worker looks for queued operations whose retry is due (one indexed query).
+pub const QUEUE_POLL: Duration = Duration::from_secs(1);
+
+/// The options of the scheduled drift repair (`sync.verify_schedule`): a reconcile that first
+/// reads Bynder back for every managed asset, as `resync --verify` does.
+fn verify_options() -> RunOptions {
+    RunOptions {
+        command: "verify",
+        verify: true,
+        ..RunOptions::default()
+    }
+}
+
+/// The options of the scheduled reconcile (`sync.schedule`) and of the one at start-up.
+fn reconcile_options() -> RunOptions {
+    RunOptions {
+        command: "reconcile",
+        ..RunOptions::default()
+    }
+}
+
+// ---- health ---------------------------------------------------------------------------------
+
+/// What the daemon last learned about its credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialState {
+    /// No request has answered yet (the portal was unreachable since start).
+    Unchecked,
+    /// Bynder accepted them on the last request that said anything about them.
+    Accepted,
+    /// Bynder answered 401, with the fix to show.
+    Rejected(String),
+}
+
+/// The last run the daemon finished.
+#[derive(Debug, Clone)]
+pub struct LastRun {
+    pub command: &'static str,
+    /// A [`RunOutcome::label`], or `error`.
+    pub outcome: String,
+    pub message: Option<String>,
+    pub finished_at: DateTime<Utc>,
+}
+
+/// The daemon's view of its own health: written by the worker, read by `/readyz`, `/metrics`
+/// and the status page.
+#[derive(Debug)]
+pub struct Health {
+    // A std mutex: held for a copy, never across an await.
+    state: Mutex<HealthState>,
+}
+
+#[derive(Debug)]
+struct HealthState {
+    credentials: CredentialState,
+    last_run: Option<LastRun>,
+    started_at: DateTime<Utc>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            state: Mutex::new(HealthState {
+                credentials: CredentialState::Unchecked,
+                last_run: None,
+                started_at: Utc::now(),
+            }),
+        }
+    }
+}
+
+impl Health {
+    pub fn credentials(&self) -> CredentialState {
+        self.lock().credentials.clone()
+    }
+
+    pub fn last_run(&self) -> Option<LastRun> {
+        self.lock().last_run.clone()
+    }
+
+    pub fn started_at(&self) -> DateTime<Utc> {
+        self.lock().started_at
+    }
+
+    /// Records what a run's outcome says about the credentials: a 401 rejects them; any other
+    /// outcome that made requests shows they were accepted.
+    pub fn record_run(&self, command: &'static str, report: &RunReport) {
+        let mut state = self.lock();
+        match &report.outcome {
+            RunOutcome::CredentialsRejected(m) => {
+                state.credentials = CredentialState::Rejected(m.clone())
+            }
+            RunOutcome::Unreachable(_) => {}
+            _ if report.sent.requests > 0 => state.credentials = CredentialState::Accepted,
+            _ => {}
+        }
+        let message = match &report.outcome {
+            RunOutcome::MassDeleteRefused(m)
+            | RunOutcome::Unreachable(m)
+            | RunOutcome::CredentialsRejected(m) => Some(m.clone()),
+            _ => None,
+        };
+        state.last_run = Some(LastRun {
+            command,
+            outcome: report.outcome.label().to_owned(),
+            message,
+            finished_at: Utc::now(),
+        });
+    }
+
+    fn record_error(&self, command: &'static str, error: &anyhow::Error) {
+        self.lock().last_run = Some(LastRun {
+            command,
+            outcome: "error".to_owned(),
+            message: Some(format!("{error:#}")),
+            finished_at: Utc::now(),
+        });
+    }
+
+    fn set_credentials(&self, credentials: CredentialState) {
+        self.lock().credentials = credentials;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+// ---- start-up -------------------------------------------------------------------------------
+
+/// Binds `server.listen`. Failing to is a configuration problem (exit 78): a port another
+/// process holds, an address this host does not have, or a port below 1024.
+pub async fn bind(settings: &ServerSettings) -> Result<TcpListener, ConfigError> {
+    TcpListener::bind(settings.listen).await.map_err(|e| {
+        ConfigError::new(format!(
+            "cannot listen on {} (`server.listen`, env {}): {e}. Fix: choose a free port and an \
+             address of this host, e.g. \"127.0.0.1:9464\"",
+            settings.listen,
+            env_var("server.listen")
+        ))
+    })
+}
+
+/// A future that resolves at the first SIGTERM or SIGINT. The handlers are installed when this
+/// is called, so a signal that arrives during start-up is not lost.
+pub fn termination_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!("{name} received: stopping");
+    })
+}
+
+/// Runs the daemon until `shutdown` resolves, then stops gracefully: no new work, requests in
+/// flight get `daemon.shutdown_timeout` to finish, and operations still in flight after that are
+/// read back at the next start. Returns an error only when a part of the daemon died on its own.
+pub async fn run_until_stopped(
+    ctx: Context,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let ctx = Arc::new(ctx);
+    let metrics = crate::metrics::install()?;
+    if let Err(e) = crate::metrics::seed_last_success(&ctx.store).await {
+        tracing::warn!("cannot read the run history for the metrics: {e:#}");
+    }
+    let health = Arc::new(Health::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let triggers = Arc::new(Triggers::default());
+    let mut scheduler = start_scheduler(&ctx.config.sync, triggers.clone()).await?;
+
+    let address = listener
+        .local_addr()
+        .context("reading the listening address")?;
+    let state = crate::http::AppState {
+        ctx: ctx.clone(),
+        health: health.clone(),
+        metrics,
+        stopping: stop_rx.clone(),
+    };
+    let mut server = Some(tokio::spawn(crate::http::serve(
+        listener,
+        state,
+        stopped(stop_rx.clone()),
+    )));
+    tracing::info!(%address, "listening on {address}: status page at http://{address}/, /healthz, /readyz, /metrics");
+
+    let worker = Worker {
+        ctx: ctx.clone(),
+        health: health.clone(),
+        triggers,
+        stop: stop_rx.clone(),
+        drain_suspended: false,
+        queue_unreadable: false,
+    };
+    let mut worker = Some(tokio::spawn(worker.run()));
+    let watchdog = sd_notify::watchdog_enabled()
+        .map(|period| tokio::spawn(feed_watchdog(ctx.store.clone(), period, stop_rx.clone())));
+    notify(&[
+        NotifyState::Ready,
+        NotifyState::Status("running; first reconcile started"),
+    ]);
+
+    let mut failure = None;
+    tokio::select! {
+        () = shutdown => {}
+        joined = async { worker.as_mut().expect("spawned").await } => {
+            worker = None;
+            failure = Some(anyhow::anyhow!("the worker stopped unexpectedly: {joined:?}"));
+        }
+        joined = async { server.as_mut().expect("spawned").await } => {
+            server = None;
+            failure = Some(match joined {
+                Ok(Ok(())) => anyhow::anyhow!("the HTTP server stopped unexpectedly"),
+                Ok(Err(e)) => anyhow::Error::new(e).context("the HTTP server failed"),
+                Err(e) => anyhow::Error::new(e).context("the HTTP server panicked"),
+            });
+        }
+    }
+
+    let grace = ctx.config.daemon.shutdown_timeout;
+    tracing::info!(
+        ?grace,
+        "shutting down: no new work; requests in flight may finish"
+    );
+    notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+    stop_tx.send_replace(true);
+    if let Err(e) = scheduler.shutdown().await {
+        tracing::warn!("stopping the scheduler: {e}");
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    if let Some(worker) = worker {
+        if !join_by(worker, deadline).await {
+            tracing::warn!(
+                ?grace,
+                "requests still in flight after daemon.shutdown_timeout were abandoned; their \
+                 operations are read back from Bynder at the next start, never sent twice"
+            );
+        }
+    }
+    if let Some(server) = server {
+        join_by(server, deadline).await;
+    }
+    if let Some(watchdog) = watchdog {
+        join_by(watchdog, deadline).await;
+    }
+    let close = async {
+        ctx.source.close().await;
+        ctx.store.close().await;
+    };
+    if tokio::time::timeout(Duration::from_secs(2), close)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the databases did not close within 2s");
+    }
+    tracing::info!("stopped");
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Waits for a task until `deadline`, then aborts it. Returns whether it ended on its own.
+async fn join_by<T>(mut task: JoinHandle<T>, deadline: tokio::time::Instant) -> bool {
+    match tokio::time::timeout_at(deadline, &mut task).await {
+        Ok(_) => true,
+        Err(_) => {
+            task.abort();
+            let _ = task.await;
+            false
+        }
+    }
+}
+
+/// Resolves once the stop signal is raised (or its sender is gone).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Tells systemd (`Type=notify`); does nothing when not started by it.
+fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!("sd_notify failed: {e}");
+    }
+}
+
+/// Pings systemd's watchdog at half its period while the database answers, so a daemon whose
+/// runtime or database is stuck gets restarted.
+async fn feed_watchdog(store: store::Store, period: Duration, mut stop: watch::Receiver<bool>) {
+    let every = period / 2;
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        let alive = tokio::time::timeout(every, sqlx::query("SELECT 1").execute(store.pool()))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if alive {
+            notify(&[NotifyState::Watchdog]);
+        } else {
+            tracing::warn!("the state database did not answer; the systemd watchdog is not fed");
+        }
+    }
+}
+
+// ---- schedule -------------------------------------------------------------------------------
+
+/// Wake-ups from the cron jobs. A `Notify` keeps one permit, so ticks that arrive during a run
+/// collapse into one run after it.
+#[derive(Default)]
+struct Triggers {
+    reconcile: Notify,
+    verify: Notify,
+}
+
+async fn start_scheduler(
+    sync: &SyncSettings,
+    triggers: Arc<Triggers>,
+) -> anyhow::Result<JobScheduler> {
+    let scheduler = JobScheduler::new()
+        .await
+        .context("starting the scheduler")?;
+    let add = |schedule: &str, key: &str, pick: fn(&Triggers) -> &Notify| {
+        let triggers = triggers.clone();
+        Job::new_async(schedule, move |_, _| {
+            let triggers = triggers.clone();
+            Box::pin(async move { pick(&triggers).notify_one() })
+        })
+        .with_context(|| format!("`{key}` = {schedule:?} is not a schedule"))
+    };
+    scheduler
+        .add(add(&sync.schedule, "sync.schedule", |t| &t.reconcile)?)
+        .await
+        .context("scheduling the reconcile")?;
+    scheduler
+        .add(add(&sync.verify_schedule, "sync.verify_schedule", |t| {
+            &t.verify
+        })?)
+        .await
+        .context("scheduling the drift repair")?;
+    scheduler.start().await.context("starting the scheduler")?;
+    tracing::info!(
+        schedule = %sync.schedule,
+        verify_schedule = %sync.verify_schedule,
+        "scheduled (cron, seconds first, UTC)"
+    );
+    Ok(scheduler)
+}
+
+// ---- the worker -----------------------------------------------------------------------------
+
+/// One job of the worker.
+#[derive(Debug, Clone, Copy)]
+enum Work {
+    Reconcile,
+    Verify,
+    /// Send queued operations whose retry is due, if any.
+    Drain,
+}
+
+/// Runs the jobs one at a time.
+struct Worker {
+    ctx: Arc<Context>,
+    health: Arc<Health>,
+    triggers: Arc<Triggers>,
+    stop: watch::Receiver<bool>,
+    /// After a run that could not reach the portal or had its credentials rejected, queued
+    /// operations wait for the next scheduled reconcile rather than being retried every poll.
+    drain_suspended: bool,
+    /// Whether the last look at the queue failed (logged once, not every poll).
+    queue_unreadable: bool,
+}
+
+/// Lets the drain know the daemon is stopping.
+struct StopFlag(watch::Receiver<bool>);
+
+impl Progress for StopFlag {
+    fn stop_requested(&self) -> bool {
+        *self.0.borrow()
+    }
+}
+
+impl Worker {
+    async fn run(mut self) {
+        // A reconcile at start catches up with what changed while the daemon was down and resumes
+        // whatever the queue holds.
+        let mut next = Some(Work::Reconcile);
+        loop {
+            let work = match next.take() {
+                Some(work) => work,
+                None => {
+                    let stop = self.stop.clone();
+                    tokio::select! {
+                        biased;
+                        () = stopped(stop) => return,
+                        () = self.triggers.verify.notified() => Work::Verify,
+                        () = self.triggers.reconcile.notified() => Work::Reconcile,
+                        () = tokio::time::sleep(QUEUE_POLL) => Work::Drain,
+                    }
+                }
+            };
+            if *self.stop.borrow() {
+                return;
+            }
+            self.perform(work).await;
+        }
+    }
+
+    async fn perform(&mut self, work: Work) {
+        let progress: Arc<dyn Progress> = Arc::new(StopFlag(self.stop.clone()));
+        let ctx = self.ctx.clone();
+        match work {
+            Work::Drain => {
+                if self.drain_suspended {
+                    return;
+                }
+                let due = due_operations(&ctx.store).await;
+                if let Err(e) = &due {
+                    if !self.queue_unreadable {
+                        tracing::warn!("cannot read the queue: {e:#}");
+                    }
+                }
+                self.queue_unreadable = due.is_err();
+                if !due.unwrap_or(false) {
+                    return;
+                }
+                match self
+                    .until_stopped(reconcile::drain_queue_once(&ctx, progress))
+                    .await
+                {
+                    None | Some(Ok(None)) => {}
+                    Some(Ok(Some(report))) => self.observe("drain", &report).await,
+                    Some(Err(e)) => self.observe_error("drain", e).await,
+                }
+            }
+            Work::Reconcile | Work::Verify => {
+                let options = match work {
+                    Work::Verify => verify_options(),
+                    _ => reconcile_options(),
+                };
+                match self.until_stopped(self.credentials_usable()).await {
+                    Some(true) => {}
+                    Some(false) => {
+                        self.drain_suspended = true;
+                        return;
+                    }
+                    None => return,
+                }
+                let run = reconcile::reconcile_with_progress(&ctx, &options, progress);
+                match self.until_stopped(run).await {
+                    None => {}
+                    Some(Ok(report)) => self.observe(options.command, &report).await,
+                    Some(Err(e)) => self.observe_error(options.command, e).await,
+                }
+            }
+        }
+    }
+
+    /// Runs a job; once the stop signal is raised, waits only while operations are in flight
+    /// (the drain no longer claims new ones), not while the run merely sleeps until a retry is
+    /// due. `None`: the run was left behind at shutdown.
+    async fn until_stopped<T>(&self, run: impl Future<Output = T>) -> Option<T> {
+        tokio::pin!(run);
+        tokio::select! {
+            out = &mut run => return Some(out),
+            () = stopped(self.stop.clone()) => {}
+        }
+        loop {
+            tokio::select! {
+                out = &mut run => return Some(out),
+                () = tokio::time::sleep(Duration::from_millis(50)) => {
+                    if let Ok(queue) = self.ctx.store.queue_summary().await {
+                        if queue.in_flight == 0 {
+                            return None;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether a run may send: asks Bynder who we are (`GET /api/v4/currentUser/`, one cheap
+    /// request) unless the credentials were accepted already. A 401 skips the run, so a revoked
+    /// token costs one request per scheduled tick instead of one per queued operation.
+    async fn credentials_usable(&self) -> bool {
+        if self.health.credentials() == CredentialState::Accepted {
+            return true;
+        }
+        match self.ctx.client.current_user().await {
+            Ok(_) => {
+                self.health.set_credentials(CredentialState::Accepted);
+                true
+            }
+            Err(e) if matches!(e.reaction(), Reaction::CredentialsRejected) => {
+                let message = format!(
+                    "Bynder rejected the credentials (401). Fix: {}",
+                    self.ctx.client.credentials().rejection_fix()
+                );
+                tracing::error!("{message}; the daemon keeps running and checks again at the next scheduled reconcile");
+                self.health
+                    .set_credentials(CredentialState::Rejected(message));
+                false
+            }
+            // Authenticated, but without the current.user:read scope: the credentials work.
+            Err(e) if e.status().is_some_and(|s| s.as_u16() == 403) => {
+                self.health.set_credentials(CredentialState::Accepted);
+                true
+            }
+            // Unreachable, or any other trouble: the run finds out and reports it.
+            Err(e) => {
+                tracing::debug!("checking the credentials: {e}");
+                true
+            }
+        }
+    }
+
+    async fn observe(&mut self, command: &'static str, report: &RunReport) {
+        self.health.record_run(command, report);
+        self.drain_suspended = matches!(
+            report.outcome,
+            RunOutcome::Unreachable(_) | RunOutcome::CredentialsRejected(_)
+        );
+        if let RunOutcome::CredentialsRejected(m) | RunOutcome::Unreachable(m) = &report.outcome {
+            tracing::error!(command, "{m}");
+        }
+        self.publish_status(command, report.outcome.label()).await;
+    }
+
+    async fn observe_error(&mut self, command: &'static str, error: anyhow::Error) {
+        tracing::error!(command, "run failed: {error:#}");
+        metrics::counter!("sync_runs_total", "outcome" => "error").increment(1);
+        self.health.record_error(command, &error);
+        self.publish_status(command, "error").await;
+    }
+
+    /// systemd's STATUS line (`systemctl status` shows it).
+    async fn publish_status(&self, command: &str, outcome: &str) {
+        let queue = match self.ctx.store.queue_summary().await {
+            Ok(q) => format!("{} queued, {} dead letter(s)", q.pending, q.dead),
+            Err(_) => "queue unreadable".to_owned(),
+        };
+        let status = format!(
+            "last {command}: {outcome} at {}; {queue}",
+            Utc::now().format("%Y-%m-%d %H:%M:%SZ")
+        );
+        notify(&[NotifyState::Status(&status)]);
+    }
+}
+
+/// Whether any queued operation's retry is due. Read without the run lock: it only decides
+/// whether to take it.
+// One read-only query kept beside its only caller; `store` would be its natural home.
+async fn due_operations(store: &store::Store) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM operations WHERE state = 'pending' AND next_attempt_at <= ?)",
+    )
+    .bind(store::now_text())
+    .fetch_one(store.pool())
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::{PlanReport, SendReport};
+
+    fn report(outcome: RunOutcome, requests: u64) -> RunReport {
+        RunReport {
+            run_id: Some(1),
+            outcome,
+            plan: PlanReport::default(),
+            sent: SendReport {
+                requests,
+                ..SendReport::default()
+            },
+            dead_letters: 0,
+            verify: None,
+        }
+    }
+
+    #[test]
+    fn a_rejected_run_rejects_the_credentials_and_a_later_run_that_sent_accepts_them() {
+        let health = Health::default();
+        assert_eq!(health.credentials(), CredentialState::Unchecked);
+        health.record_run(
+            "reconcile",
+            &report(RunOutcome::CredentialsRejected("401. Fix: x".into()), 1),
+        );
+        assert!(matches!(health.credentials(), CredentialState::Rejected(m) if m.contains("Fix")));
+        // A run that sent nothing says nothing about the credentials.
+        health.record_run("reconcile", &report(RunOutcome::NothingToDo, 0));
+        assert!(matches!(health.credentials(), CredentialState::Rejected(_)));
+        health.record_run("drain", &report(RunOutcome::Converged, 3));
+        assert_eq!(health.credentials(), CredentialState::Accepted);
+        let last = health.last_run().unwrap();
+        assert_eq!(
+            (last.command, last.outcome.as_str()),
+            ("drain", "converged")
+        );
+    }
+
+    #[test]
+    fn an_unreachable_portal_says_nothing_about_the_credentials() {
+        let health = Health::default();
+        health.record_run("reconcile", &report(RunOutcome::Converged, 2));
+        health.record_run(
+            "reconcile",
+            &report(RunOutcome::Unreachable("down".into()), 6),
+        );
+        assert_eq!(health.credentials(), CredentialState::Accepted);
+        assert_eq!(health.last_run().unwrap().message.as_deref(), Some("down"));
+    }
+
+    #[test]
+    fn the_scheduled_jobs_are_recorded_under_their_own_names() {
+        assert_eq!(reconcile_options().command, "reconcile");
+        assert_eq!(verify_options().command, "verify");
+        assert!(verify_options().verify && !reconcile_options().verify);
+        assert!(!verify_options().dry_run && !reconcile_options().dry_run);
+    }
+}
