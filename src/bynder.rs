@@ -523,7 +523,21 @@ impl Client {
         );
         *request.body_mut() = Some(body.to_string().into());
         let (_, body) = self.send(request).await?;
-        serde_json::from_str(&body)
+        // Missing arrays count as empty, but an answer with none of the four is not a sync
+        // result (a gateway page, say): treat it as unknown, so the batch is sent again.
+        let value: serde_json::Value = serde_json::from_str(&body)
+            .map_err(|e| Error::Decode(format!("sync result: {e}: {}", snippet(&body))))?;
+        let known = ["accepted", "new", "rejected", "removed"];
+        if !value
+            .as_object()
+            .is_some_and(|o| known.iter().any(|k| o.contains_key(*k)))
+        {
+            return Err(Error::Decode(format!(
+                "sync result has none of accepted/new/rejected/removed: {}",
+                snippet(&body)
+            )));
+        }
+        serde_json::from_value(value)
             .map_err(|e| Error::Decode(format!("sync result: {e}: {}", snippet(&body))))
     }
 

@@ -468,7 +468,12 @@ fn describe_figment_error(error: figment::Error) -> ConfigError {
             };
             match &e.kind {
                 figment::error::Kind::UnknownField(field, _) => {
-                    let full = if key.is_empty() { field.clone() } else { format!("{key}.{field}") };
+                    // figment's path may already end with the unknown field itself.
+                    let full = if key.is_empty() || key == *field || key.ends_with(&format!(".{field}")) {
+                        if key.is_empty() { field.clone() } else { key.clone() }
+                    } else {
+                        format!("{key}.{field}")
+                    };
                     format!(
                         "unknown key `{full}`{place}. Fix: remove it or correct its spelling; \
                          config/example.toml lists every key"

@@ -218,6 +218,31 @@ pub async fn reconcile_with_progress(
         tracing::warn!(recovered, "operations were in flight when a previous run stopped; they are read back before anything is re-sent");
     }
     let run_id = ctx.store.start_run(options.command).await?;
+    match run_started(ctx, options, progress, run_id).await {
+        Ok(report) => Ok(report),
+        Err(error) => {
+            // Leave an outcome in the run history, so `status` does not show it as running.
+            let message = format!("{error:#}");
+            if let Err(e) = ctx
+                .store
+                .finish_run(run_id, "failed", &RunCounts::default(), Some(&message))
+                .await
+            {
+                tracing::warn!(error = %e, "could not record the failed run");
+            }
+            metrics::counter!("sync_runs_total", "outcome" => "failed").increment(1);
+            Err(error)
+        }
+    }
+}
+
+/// The part of a run after its record was started: verify, plan, send, record the outcome.
+async fn run_started(
+    ctx: &Context,
+    options: &RunOptions,
+    progress: Arc<dyn Progress>,
+    run_id: i64,
+) -> anyhow::Result<RunReport> {
     let requests_before = ctx.client.requests_sent();
 
     let mut verify = None;
