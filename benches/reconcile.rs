@@ -15,8 +15,10 @@ const TOKEN: &str = "bench-token";
 const INTEGRATION: &str = "0191a303-9d99-433e-ada4-d244f37e1d7d";
 const BINARY: &str = env!("CARGO_BIN_EXE_bynder-usage-sync");
 
+/// Reference `i`'s asset: seven references per asset (the pairs stay unique as long as the uri
+/// count is at least seven).
 fn asset(i: u64) -> String {
-    format!("{:08X}-C13A-4DA5-86EC{:012X}", i / 7, i)
+    format!("{:08X}-C13A-4DA5-86EC{:012X}", i / 7, i / 7)
 }
 
 fn main() {

@@ -210,13 +210,51 @@ impl Store {
 
     // ---- recorded state ---------------------------------------------------------------------
 
-    /// Every recorded usage `(asset_id, uri, additional)` in key order.
-    pub fn stream_recorded(&self) -> BoxStream<'_, Result<(String, String, String), sqlx::Error>> {
-        sqlx::query_as(
-            "SELECT asset_id, uri, additional FROM recorded_usages ORDER BY asset_id, uri",
-        )
-        .fetch(&self.pool)
-        .boxed()
+    /// Every recorded usage `(asset_id, uri, additional)` in key order, a page at a time (see
+    /// [`prefetched_pages`]). Recorded values were validated before they were stored, so they
+    /// hold no ASCII control character but tab, and the unit and record separators can join them.
+    pub fn stream_recorded(
+        &self,
+    ) -> BoxStream<'static, Result<(String, String, String), sqlx::Error>> {
+        const FIRST: &str = "SELECT count(*), group_concat(asset_id || char(31) || uri || char(31) || additional, \
+                 char(30) ORDER BY asset_id, uri) \
+             FROM (SELECT asset_id, uri, additional FROM recorded_usages ORDER BY asset_id, uri LIMIT ?1)";
+        const NEXT: &str = "SELECT count(*), group_concat(asset_id || char(31) || uri || char(31) || additional, \
+                 char(30) ORDER BY asset_id, uri) \
+             FROM (SELECT asset_id, uri, additional FROM recorded_usages WHERE (asset_id, uri) > (?2, ?3) \
+                   ORDER BY asset_id, uri LIMIT ?1)";
+        let pool = self.pool.clone();
+        prefetched_pages(move |cursor: Option<(String, String)>| {
+            let pool = pool.clone();
+            Box::pin(async move {
+                let query = match &cursor {
+                    None => sqlx::query_as::<_, (i64, Option<String>)>(FIRST).bind(PAGE_ROWS),
+                    Some((asset, uri)) => sqlx::query_as(NEXT)
+                        .bind(PAGE_ROWS)
+                        .bind(asset.clone())
+                        .bind(uri.clone()),
+                };
+                let (count, joined) = query.fetch_one(&pool).await?;
+                let joined = joined.unwrap_or_default();
+                let rows: Vec<(String, String, String)> = joined
+                    .split('\u{1e}')
+                    .take(count as usize)
+                    .map(|r| {
+                        let mut f = r.splitn(3, '\u{1f}');
+                        let a = f.next().unwrap_or_default().to_owned();
+                        let u = f.next().unwrap_or_default().to_owned();
+                        let n = f.next().unwrap_or_default().to_owned();
+                        (a, u, n)
+                    })
+                    .collect();
+                let next = if count < PAGE_ROWS {
+                    None
+                } else {
+                    rows.last().map(|(a, u, _)| (a.clone(), u.clone()))
+                };
+                Ok((rows, next))
+            })
+        })
     }
 
     pub async fn recorded_count(&self) -> Result<i64, sqlx::Error> {
@@ -734,6 +772,53 @@ pub struct SyncBatch {
     pub ops: Vec<Operation>,
     /// Every usage Bynder must hold on those uris afterwards.
     pub listing: Vec<SyncUsage>,
+}
+
+/// Rows per page of a paged scan.
+pub(crate) const PAGE_ROWS: i64 = 5000;
+
+/// One page of rows and the cursor of the next page (`None`: this was the last).
+pub(crate) type Page<T, C> = Result<(Vec<T>, Option<C>), sqlx::Error>;
+
+/// The rows of a keyset-paged scan, one SQL round trip per page instead of one per row (sqlx's
+/// per-row cost dominates a scan of a million rows), fetched by a task one page ahead of the
+/// consumer so SQLite works while the plan merges. The task ends with the scan, on an error, or
+/// as soon as the stream is dropped.
+pub(crate) fn prefetched_pages<T, C, F>(
+    mut next_page: F,
+) -> BoxStream<'static, Result<T, sqlx::Error>>
+where
+    T: Send + 'static,
+    C: Send + 'static,
+    F: FnMut(Option<C>) -> futures::future::BoxFuture<'static, Page<T, C>> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<T>, sqlx::Error>>(2);
+    tokio::spawn(async move {
+        let mut cursor = None;
+        loop {
+            match next_page(cursor.take()).await {
+                Ok((rows, next)) => {
+                    if tx.send(Ok(rows)).await.is_err() {
+                        return;
+                    }
+                    match next {
+                        Some(c) => cursor = Some(c),
+                        None => return,
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            }
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|page| (page, rx))
+    })
+    .map_ok(|rows| futures::stream::iter(rows.into_iter().map(Ok)))
+    .try_flatten()
+    .boxed()
 }
 
 /// A source row plus whether its key columns are TEXT (only those take part in the key merge).

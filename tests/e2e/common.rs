@@ -177,7 +177,7 @@ impl App {
 
     /// The CMS table as (asset, uri, additional) sorted.
     pub async fn desired(&self) -> Vec<(String, String, String)> {
-        sqlx::query_as("SELECT asset_id, uri, coalesce(additional, '') FROM cms_asset_references ORDER BY 1, 2")
+        sqlx::query_as("SELECT asset_id, uri, coalesce(additional, '') FROM cms_asset_references WHERE typeof(asset_id) = 'text' AND typeof(uri) = 'text' ORDER BY 1, 2")
             .fetch_all(&self.pool)
             .await
             .unwrap()
