@@ -1187,6 +1187,13 @@ path = "state.db"
     }
 
     #[test]
+    fn the_http_endpoint_binds_to_loopback_by_default() {
+        let c = load(GOOD, &[]).unwrap();
+        assert!(c.server.listen.ip().is_loopback(), "{}", c.server.listen);
+        assert_eq!(c.server.listen.port(), 9464);
+    }
+
+    #[test]
     fn a_good_file_loads_with_defaults_filled_in() {
         let c = load(GOOD, &[]).unwrap();
         assert_eq!(c.bynder.base_url.as_str(), "https://acme.bynder.com/");

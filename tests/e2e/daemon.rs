@@ -1002,3 +1002,85 @@ async fn the_search_reads_a_custom_source_too() {
     let (status, _, log) = daemon.terminate(Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(0), "{log}");
 }
+
+#[tokio::test]
+async fn run_killed_at_random_points_and_restarted_converges_without_duplicates() {
+    use rand::{Rng, SeedableRng};
+    let app = spawn_app_with(Setup {
+        portal: Options {
+            permanent_tokens: vec![TOKEN.to_owned()],
+            latency: Duration::from_millis(2),
+            ..Options::default()
+        },
+        ..per_usage_daemon_setup()
+    })
+    .await;
+    app.portal
+        .seed_usage(OTHER_INTEGRATION, &asset(2), &page(2), "theirs");
+    for n in 0..30 {
+        app.insert(&asset(n), &page(n % 6), Some("v0")).await;
+    }
+    let seed: u64 = rand::random();
+    println!("run kill test seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let rounds = 20;
+    let mut killed_mid_work = 0;
+    for round in 0..rounds {
+        // Every note changes, so each start has work to do (an update is a delete and a create).
+        app.exec(&format!(
+            "UPDATE cms_asset_references SET additional = 'round {round}'"
+        ))
+        .await;
+        let before = app.portal.counters().total;
+        let kill_after = rng.random_range(1..50u64);
+        let mut daemon = Daemon::start(&app).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if app.portal.counters().total >= before + kill_after {
+                killed_mid_work += 1;
+                break;
+            }
+            if converged(&app).await || tokio::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        daemon.child.start_kill().unwrap();
+        daemon.child.wait().await.unwrap();
+        let n = rng.random_range(0..40u32);
+        if round % 2 == 0 {
+            app.exec(&format!(
+                "DELETE FROM cms_asset_references WHERE asset_id = '{}'",
+                asset(n)
+            ))
+            .await;
+        } else {
+            app.exec(&format!(
+                "INSERT OR REPLACE INTO cms_asset_references (asset_id, uri, additional) VALUES ('{}', '{}', 'added {round}')",
+                asset(n),
+                page(n % 6)
+            ))
+            .await;
+        }
+    }
+    assert!(
+        killed_mid_work * 4 >= rounds * 3,
+        "only {killed_mid_work} of {rounds} runs were killed mid-work"
+    );
+    println!("figures: run_sigkills_mid_work={killed_mid_work} of {rounds}");
+    let daemon = Daemon::start(&app).await;
+    eventually(
+        &daemon,
+        "the restarted daemon converges",
+        Duration::from_secs(30),
+        || async { converged(&app).await && queue_counts(&app).await == (0, 0) },
+    )
+    .await;
+    let (status, _, log) = daemon.terminate(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert_eq!(
+        app.others().len(),
+        1,
+        "the other integration's usage survives"
+    );
+}
