@@ -22,31 +22,43 @@ struct Cursor {
     uri_is_blob: bool,
 }
 
-/// One `flags:hex(asset_id):hex(uri):hex(additional)` record of a page.
-fn decode_record(record: &str) -> Option<(SourceRow, Cursor)> {
-    let mut fields = record.split(':');
-    let flags = fields.next()?.as_bytes();
-    let asset_id = hex::decode(fields.next()?).ok()?;
-    let uri = hex::decode(fields.next()?).ok()?;
-    let additional = hex::decode(fields.next()?).ok()?;
-    let (asset_is_blob, uri_is_blob) = (*flags.first()? == b'1', *flags.get(1)? == b'1');
-    let row = SourceRow {
-        raw: RawRow {
-            asset_id: Some(asset_id.clone()),
-            uri: Some(uri.clone()),
-            additional: Some(additional),
-        },
-        text_keys: !asset_is_blob && !uri_is_blob,
-    };
-    Some((
-        row,
-        Cursor {
-            asset_id,
-            asset_is_blob,
-            uri,
-            uri_is_blob,
-        },
-    ))
+/// Reads the page records `<asset is blob><uri is blob><len>:<asset bytes><len>:<uri bytes><len>:
+/// <additional bytes>…`, one after the other: lengths delimit the raw values, so any bytes
+/// survive without an encoding to undo.
+fn decode_page(mut bytes: &[u8], count: usize) -> Option<(Vec<SourceRow>, Option<Cursor>)> {
+    fn field<'a>(bytes: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let colon = bytes.iter().position(|b| *b == b':')?;
+        let len: usize = std::str::from_utf8(&bytes[..colon]).ok()?.parse().ok()?;
+        let value = bytes.get(colon + 1..colon + 1 + len)?;
+        *bytes = &bytes[colon + 1 + len..];
+        Some(value)
+    }
+    let mut rows = Vec::with_capacity(count);
+    let mut last = None;
+    for _ in 0..count {
+        let (flags, rest) = bytes.split_at_checked(2)?;
+        bytes = rest;
+        let (asset_is_blob, uri_is_blob) = (flags[0] == b'1', flags[1] == b'1');
+        let asset_id = field(&mut bytes)?;
+        let uri = field(&mut bytes)?;
+        let additional = field(&mut bytes)?;
+        rows.push(SourceRow {
+            raw: RawRow {
+                asset_id: Some(asset_id.to_vec()),
+                uri: Some(uri.to_vec()),
+                additional: Some(additional.to_vec()),
+            },
+            text_keys: !asset_is_blob && !uri_is_blob,
+        });
+        last = Some((asset_id, asset_is_blob, uri, uri_is_blob));
+    }
+    let cursor = last.map(|(a, ab, u, ub)| Cursor {
+        asset_id: a.to_vec(),
+        asset_is_blob: ab,
+        uri: u.to_vec(),
+        uri_is_blob: ub,
+    });
+    bytes.is_empty().then_some((rows, cursor))
 }
 
 /// The query used when `source.query` is not set.
@@ -115,6 +127,10 @@ pub async fn open_source(config: &Config) -> Result<Source, SourceError> {
     // A NULL key counts as text: it is reported as empty, not as a BLOB or number. The last
     // sort term only orders duplicates (a key can appear twice in a custom query's result);
     // over cms_asset_references the primary key makes it free.
+    let encoding: String = sqlx::query_scalar("PRAGMA encoding")
+        .fetch_one(&pool)
+        .await
+        .unwrap_or_default();
     let statement = format!(
         "SELECT CAST(asset_id AS BLOB), CAST(uri AS BLOB), CAST(additional AS BLOB), \
                 typeof(asset_id) IN ('text', 'null') AND typeof(uri) IN ('text', 'null') \
@@ -128,7 +144,8 @@ pub async fn open_source(config: &Config) -> Result<Source, SourceError> {
         pool,
         statement,
         reading,
-        paged: config.source.query.is_none(),
+        // Raw bytes travel through SQLite text concatenation, which is byte-exact in UTF-8 only.
+        paged: config.source.query.is_none() && encoding.eq_ignore_ascii_case("UTF-8"),
     })
 }
 
@@ -152,25 +169,28 @@ impl Source {
             .boxed()
     }
 
-    /// `cms_asset_references` a page at a time along its primary key. Values travel hex-encoded
-    /// (any bytes survive) with flags for BLOB keys; the next page starts after the last key, bound
-    /// with the same type so that SQLite's ordering (TEXT before BLOB) carries on exactly. Rows
+    /// `cms_asset_references` a page at a time along its primary key. Values travel raw behind
+    /// their byte length (any bytes survive), with flags for BLOB keys; the next page starts after
+    /// the last key, bound with the same type so that SQLite's ordering (TEXT before BLOB) carries
+    /// on exactly. The rows of a page are concatenated in the subquery's order; the plan's merge
+    /// checks that order and stops the run if it were ever broken. Rows
     /// with a NULL key (impossible under the documented schema, possible in a CMS's own copy) sort
     /// first and are read apart: a NULL cannot be a page cursor.
     fn table_rows(&self) -> BoxStream<'_, Result<SourceRow, sqlx::Error>> {
         const NULL_KEYS: &str =
             "SELECT CAST(asset_id AS BLOB), CAST(uri AS BLOB), CAST(additional AS BLOB) \
              FROM cms_asset_references WHERE asset_id IS NULL OR uri IS NULL";
-        const ROW: &str =
-            "(typeof(asset_id) = 'blob') || (typeof(uri) = 'blob') || ':' || hex(asset_id) || ':' \
-             || hex(uri) || ':' || ifnull(hex(additional), '')";
+        const ROW: &str = "(typeof(asset_id) = 'blob') || (typeof(uri) = 'blob') \
+             || length(CAST(asset_id AS BLOB)) || ':' || CAST(asset_id AS BLOB) \
+             || length(CAST(uri AS BLOB)) || ':' || CAST(uri AS BLOB) \
+             || length(ifnull(CAST(additional AS BLOB), X'')) || ':' || ifnull(CAST(additional AS BLOB), X'')";
         let first = format!(
-            "SELECT count(*), group_concat({ROW}, ';' ORDER BY asset_id, uri) FROM (SELECT asset_id, uri, additional \
+            "SELECT count(*), CAST(group_concat({ROW}, '') AS BLOB) FROM (SELECT asset_id, uri, additional \
              FROM cms_asset_references WHERE asset_id IS NOT NULL AND uri IS NOT NULL \
              ORDER BY asset_id, uri LIMIT ?1)"
         );
         let next = format!(
-            "SELECT count(*), group_concat({ROW}, ';' ORDER BY asset_id, uri) FROM (SELECT asset_id, uri, additional \
+            "SELECT count(*), CAST(group_concat({ROW}, '') AS BLOB) FROM (SELECT asset_id, uri, additional \
              FROM cms_asset_references WHERE asset_id IS NOT NULL AND uri IS NOT NULL \
              AND (asset_id, uri) > (CASE WHEN ?3 THEN ?2 ELSE CAST(?2 AS TEXT) END, \
                                     CASE WHEN ?5 THEN ?4 ELSE CAST(?4 AS TEXT) END) \
@@ -191,7 +211,7 @@ impl Source {
             let pool = pool.clone();
             let (first, next) = (first.clone(), next.clone());
             Box::pin(async move {
-                let (count, joined): (i64, Option<String>) = match cursor {
+                let (count, joined): (i64, Option<Vec<u8>>) = match cursor {
                     None => {
                         sqlx::query_as(sqlx::AssertSqlSafe(first))
                             .bind(PAGE_ROWS)
@@ -210,15 +230,12 @@ impl Source {
                     }
                 };
                 let joined = joined.unwrap_or_default();
-                let mut rows = Vec::with_capacity(count.max(0) as usize);
-                let mut last = None;
-                for record in joined.split(';').take(count.max(0) as usize) {
-                    let (row, cursor) = decode_record(record).ok_or_else(|| {
-                        sqlx::Error::Protocol(format!("undecodable page record {record:?}"))
+                let (rows, last) =
+                    decode_page(&joined, count.max(0) as usize).ok_or_else(|| {
+                        sqlx::Error::Protocol(
+                            "a page of cms_asset_references could not be decoded".into(),
+                        )
                     })?;
-                    rows.push(row);
-                    last = Some(cursor);
-                }
                 Ok((rows, if count < PAGE_ROWS { None } else { last }))
             })
         });

@@ -217,10 +217,10 @@ impl Store {
         &self,
     ) -> BoxStream<'static, Result<(String, String, String), sqlx::Error>> {
         const FIRST: &str = "SELECT count(*), group_concat(asset_id || char(31) || uri || char(31) || additional, \
-                 char(30) ORDER BY asset_id, uri) \
+                 char(30)) \
              FROM (SELECT asset_id, uri, additional FROM recorded_usages ORDER BY asset_id, uri LIMIT ?1)";
         const NEXT: &str = "SELECT count(*), group_concat(asset_id || char(31) || uri || char(31) || additional, \
-                 char(30) ORDER BY asset_id, uri) \
+                 char(30)) \
              FROM (SELECT asset_id, uri, additional FROM recorded_usages WHERE (asset_id, uri) > (?2, ?3) \
                    ORDER BY asset_id, uri LIMIT ?1)";
         let pool = self.pool.clone();
@@ -247,6 +247,15 @@ impl Store {
                         (a, u, n)
                     })
                     .collect();
+                // Rows are concatenated in the subquery's key order; check it rather than trust it.
+                if rows
+                    .windows(2)
+                    .any(|w| (&w[0].0, &w[0].1) >= (&w[1].0, &w[1].1))
+                {
+                    return Err(sqlx::Error::Protocol(
+                        "a page of recorded_usages came out of key order".into(),
+                    ));
+                }
                 let next = if count < PAGE_ROWS {
                     None
                 } else {
