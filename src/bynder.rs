@@ -106,7 +106,7 @@ pub enum Error {
     Decode(String),
     #[error(transparent)]
     Auth(#[from] AuthError),
-    #[error("TLS setup failed: {0}")]
+    #[error("TLS failed: {0}")]
     Tls(String),
 }
 
@@ -121,6 +121,9 @@ pub enum Reaction {
     CredentialsRejected,
     /// Sending the same request again cannot succeed.
     GiveUp,
+    /// No request can succeed until the setup is fixed (an untrusted TLS certificate): stop the
+    /// run, keep every operation queued.
+    Fatal,
 }
 
 impl Error {
@@ -152,7 +155,8 @@ impl Error {
                 AuthFailure::RateLimited => Reaction::PauseAll,
                 AuthFailure::Rejected => Reaction::CredentialsRejected,
             },
-            Error::Redirect { .. } | Error::Tls(_) => Reaction::GiveUp,
+            Error::Redirect { .. } => Reaction::GiveUp,
+            Error::Tls(_) => Reaction::Fatal,
         }
     }
 
@@ -414,6 +418,14 @@ impl Client {
             let mut shown = url.clone();
             shown.set_query(None);
             shown.set_path("");
+            if detail.to_ascii_lowercase().contains("certificate") {
+                // Retrying cannot help and the network is fine: say what to fix.
+                return Error::Tls(format!(
+                    "the portal's certificate is not trusted ({detail}). Fix: if the portal, or a \
+                     TLS-inspecting proxy in between, uses a private CA, set bynder.ca_file to that \
+                     CA's PEM certificate"
+                ));
+            }
             Error::Connect {
                 url: shown.to_string(),
                 detail,

@@ -33,6 +33,8 @@ pub enum RunEffect {
     StopCredentials,
     /// The portal could not be reached even after the run's retries: stop sending.
     StopUnreachable,
+    /// Nothing can succeed until the setup is fixed (the message says what): stop sending.
+    StopFatal(String),
 }
 
 /// The full reaction to one failed attempt.
@@ -84,6 +86,14 @@ pub fn verdict(
                 counts: false,
             },
             effect: RunEffect::Paused { until: pause_until },
+        },
+        Reaction::Fatal => Verdict {
+            next: Next::Retry {
+                at: now,
+                uncertain,
+                counts: false,
+            },
+            effect: RunEffect::StopFatal(error.to_string()),
         },
         Reaction::CredentialsRejected => Verdict {
             next: Next::Retry {
@@ -210,6 +220,11 @@ mod tests {
                 },
                 true,
                 RunEffect::Continue,
+            ),
+            (
+                Error::Tls("untrusted".into()),
+                false,
+                RunEffect::StopFatal("TLS failed: untrusted".into()),
             ),
         ];
         for (error, dead, effect) in cases {

@@ -265,6 +265,9 @@ async fn run_started(
         let summary = ctx.store.queue_summary().await?;
         let outcome = match stop {
             Some(RunEffect::StopCredentials) => credentials_rejected(ctx),
+            Some(RunEffect::StopFatal(m)) => RunOutcome::Unreachable(format!(
+                "{m}; the changes stay queued for the next run"
+            )),
             Some(_) => RunOutcome::Unreachable(format!(
                 "the portal at {} could not be reached after {} attempts; the changes stay queued for the next run. \
                  Fix: check bynder.base_url and the network",
@@ -354,6 +357,9 @@ pub async fn drain_queue_once(
     let summary = ctx.store.queue_summary().await?;
     let outcome = match stop {
         Some(RunEffect::StopCredentials) => credentials_rejected(ctx),
+        Some(RunEffect::StopFatal(m)) => {
+            RunOutcome::Unreachable(format!("{m}; the changes stay queued"))
+        }
         Some(_) => RunOutcome::Unreachable(format!(
             "the portal at {} could not be reached; the changes stay queued. Fix: check \
              bynder.base_url and the network",

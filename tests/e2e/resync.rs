@@ -389,3 +389,181 @@ async fn secrets_never_appear_in_output_or_logs() {
     let out = app.run(&["status", "--json"]).await;
     assert!(!stdout(&out).contains(TOKEN));
 }
+
+/// Runs an `openssl` command, failing the test with install instructions if it is missing.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("this test needs the openssl command: apt-get install openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn tls_certificate_errors_are_fatal_unless_the_ca_is_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A private CA and a server certificate for 127.0.0.1 signed by it.
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test-ca",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "leaf.key",
+            "-out",
+            "leaf.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(
+        d.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "leaf.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // A TLS server answering every GET with 200 and a page (enough to show the handshake passed).
+    let _server = tokio::process::Command::new("openssl")
+        .current_dir(d)
+        .args([
+            "s_server",
+            "-accept",
+            &format!("127.0.0.1:{port}"),
+            "-cert",
+            "leaf.pem",
+            "-key",
+            "leaf.key",
+            "-www",
+            "-quiet",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start openssl s_server");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "openssl s_server did not start"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let config = d.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[bynder]\nbase_url = \"https://127.0.0.1:{port}\"\nintegration_id = \"{INTEGRATION}\"\n\
+             [auth]\npermanent_token = \"{TOKEN}\"\n[database]\npath = \"state.db\"\n\
+             [retry]\ninitial_backoff = \"10ms\"\nmax_backoff = \"50ms\"\nmax_attempts = 3\n"
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str], env: &[(&str, String)]| {
+        let mut cmd = binary();
+        cmd.arg("--config").arg(&config).args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output()
+    };
+    assert_eq!(run(&["migrate"], &[]).await.unwrap().status.code(), Some(0));
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", d.join("state.db").display()))
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO cms_asset_references (asset_id, uri) VALUES (?, ?)")
+        .bind(asset(1))
+        .bind(page(1))
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    // Without the CA: the run stops at once, says which key fixes it, and loses nothing.
+    let out = run(&["resync"], &[]).await.unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("certificate") && err.contains("bynder.ca_file"),
+        "{err}"
+    );
+    let queued = run(&["queue", "list"], &[]).await.unwrap();
+    assert!(
+        stdout(&queued).contains(&asset(1)),
+        "the change stays queued: {}",
+        stdout(&queued)
+    );
+    let out = run(&["raw", "GET", "/api/v4/currentUser/"], &[])
+        .await
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+
+    // With the CA configured the same server is trusted.
+    let ca = [(
+        "BYNDER_USAGE_SYNC_BYNDER__CA_FILE",
+        d.join("ca.pem").display().to_string(),
+    )];
+    let out = run(&["raw", "GET", "/api/v4/currentUser/"], &ca)
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(stdout(&out).contains("200"), "{}", stdout(&out));
+}
