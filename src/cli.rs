@@ -390,6 +390,7 @@ pub fn print_report(report: &RunReport) {
             let note = item
                 .additional
                 .as_deref()
+                .filter(|a| !a.is_empty())
                 .map(|a| format!(" ({a})"))
                 .unwrap_or_default();
             println!("  {} {}{}", item.asset_id, item.uri, note);

@@ -31,8 +31,8 @@ pub enum RunEffect {
     },
     /// The credentials were rejected: stop sending.
     StopCredentials,
-    /// The portal could not be reached even after the run's retries: stop sending.
-    StopUnreachable,
+    /// The portal could not be reached even after the run's retries (the last error): stop sending.
+    StopUnreachable(String),
     /// Nothing can succeed until the setup is fixed (the message says what): stop sending.
     StopFatal(String),
 }
@@ -65,7 +65,7 @@ pub fn verdict(
             let delay = backoff(retry, run_attempts, jitter);
             let exhausted = run_attempts + 1 >= retry.max_attempts;
             let effect = if exhausted && matches!(error, Error::Connect { .. }) {
-                RunEffect::StopUnreachable
+                RunEffect::StopUnreachable(error.to_string())
             } else {
                 RunEffect::Continue
             };
@@ -267,7 +267,9 @@ mod tests {
     #[test]
     fn an_unreachable_portal_stops_the_run_once_the_retries_are_used_up() {
         assert_eq!(run(&connect(), 2, false).effect, RunEffect::Continue);
-        assert_eq!(run(&connect(), 3, false).effect, RunEffect::StopUnreachable);
+        assert!(
+            matches!(run(&connect(), 3, false).effect, RunEffect::StopUnreachable(m) if m.contains("refused"))
+        );
         // A server error is not "unreachable": the run goes on with other operations.
         assert_eq!(run(&status(503), 3, false).effect, RunEffect::Continue);
     }

@@ -265,16 +265,18 @@ async fn run_started(
         let summary = ctx.store.queue_summary().await?;
         let outcome = match stop {
             Some(RunEffect::StopCredentials) => credentials_rejected(ctx),
-            Some(RunEffect::StopFatal(m)) => RunOutcome::Unreachable(format!(
-                "{m}; the changes stay queued for the next run"
-            )),
-            Some(_) => RunOutcome::Unreachable(format!(
-                "the portal at {} could not be reached after {} attempts; the changes stay queued for the next run. \
-                 Fix: check bynder.base_url and the network",
-                ctx.config.bynder.base_url,
+            Some(RunEffect::StopFatal(m)) => {
+                RunOutcome::Unreachable(format!("{m}; the changes stay queued for the next run"))
+            }
+            Some(RunEffect::StopUnreachable(last)) => RunOutcome::Unreachable(format!(
+                "{last} (tried {} times; the changes stay queued for the next run)",
                 ctx.config.retry.max_attempts
             )),
-            None if summary.pending > 0 || summary.dead > 0 || summary.in_flight > 0 => RunOutcome::Partial,
+            // Not stopping effects: drain never keeps them, but a run that had them is partial at most.
+            Some(RunEffect::Continue | RunEffect::Paused { .. }) => RunOutcome::Partial,
+            None if summary.pending > 0 || summary.dead > 0 || summary.in_flight > 0 => {
+                RunOutcome::Partial
+            }
             None if sent.succeeded == 0 && sent.retried == 0 => RunOutcome::NothingToDo,
             None => RunOutcome::Converged,
         };
@@ -360,11 +362,11 @@ pub async fn drain_queue_once(
         Some(RunEffect::StopFatal(m)) => {
             RunOutcome::Unreachable(format!("{m}; the changes stay queued"))
         }
-        Some(_) => RunOutcome::Unreachable(format!(
-            "the portal at {} could not be reached; the changes stay queued. Fix: check \
-             bynder.base_url and the network",
-            ctx.config.bynder.base_url
-        )),
+        Some(RunEffect::StopUnreachable(last)) => {
+            RunOutcome::Unreachable(format!("{last} (the changes stay queued)"))
+        }
+        // Not stopping effects: drain never keeps them, but a run that had them is partial at most.
+        Some(RunEffect::Continue | RunEffect::Paused { .. }) => RunOutcome::Partial,
         None if summary.pending > 0 || summary.dead > 0 || summary.in_flight > 0 => {
             RunOutcome::Partial
         }

@@ -342,7 +342,8 @@ async fn an_unreachable_portal_exits_1_and_keeps_the_changes_queued() {
         .await;
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("could not be reached"),
+        stderr(&out).contains("cannot connect to the portal")
+            && stderr(&out).contains("stay queued"),
         "{}",
         stderr(&out)
     );
