@@ -253,7 +253,7 @@ async fn run_started(
         verify_stopped = stop.is_some();
     }
     let (plan, refused) = plan_run(ctx, options, true).await?;
-    let (outcome, mut sent) = if verify_stopped {
+    let (outcome, sent) = if verify_stopped {
         (credentials_rejected(ctx), SendReport::default())
     } else if let Some(why) = refused {
         (RunOutcome::MassDeleteRefused(why), SendReport::default())
@@ -262,30 +262,64 @@ async fn run_started(
         progress.planned(queued as u64);
         let (stop, sent) = drain(ctx, run_id, progress.as_ref()).await?;
         progress.finished();
-        let summary = ctx.store.queue_summary().await?;
-        let outcome = match stop {
-            Some(RunEffect::StopCredentials) => credentials_rejected(ctx),
-            Some(RunEffect::StopFatal(m)) => {
-                RunOutcome::Unreachable(format!("{m}; the changes stay queued for the next run"))
-            }
-            Some(RunEffect::StopUnreachable(last)) => RunOutcome::Unreachable(format!(
-                "{last} (tried {} times; the changes stay queued for the next run)",
-                ctx.config.retry.max_attempts
-            )),
-            // Not stopping effects: drain never keeps them, but a run that had them is partial at most.
-            Some(RunEffect::Continue | RunEffect::Paused { .. }) => RunOutcome::Partial,
-            None if summary.pending > 0 || summary.dead > 0 || summary.in_flight > 0 => {
-                RunOutcome::Partial
-            }
-            None if sent.succeeded == 0 && sent.retried == 0 => RunOutcome::NothingToDo,
-            None => RunOutcome::Converged,
-        };
+        let outcome = drain_outcome(ctx, stop, &sent).await?;
         (outcome, sent)
     };
+    record_run(
+        ctx,
+        run_id,
+        true,
+        requests_before,
+        outcome,
+        plan,
+        sent,
+        verify,
+    )
+    .await
+}
+
+/// How a drain that stopped with `stop` (or ran out of work) ends the run.
+async fn drain_outcome(
+    ctx: &Context,
+    stop: Option<RunEffect>,
+    sent: &SendReport,
+) -> anyhow::Result<RunOutcome> {
+    let summary = ctx.store.queue_summary().await?;
+    Ok(match stop {
+        Some(RunEffect::StopCredentials) => credentials_rejected(ctx),
+        Some(RunEffect::StopFatal(m)) => {
+            RunOutcome::Unreachable(format!("{m}; the changes stay queued for the next run"))
+        }
+        Some(RunEffect::StopUnreachable(last)) => RunOutcome::Unreachable(format!(
+            "{last} (tried {} times; the changes stay queued for the next run)",
+            ctx.config.retry.max_attempts
+        )),
+        // Not stopping effects: drain never keeps them, but a run that had them is partial at most.
+        Some(RunEffect::Continue | RunEffect::Paused { .. }) => RunOutcome::Partial,
+        None if summary.pending > 0 || summary.dead > 0 || summary.in_flight > 0 => {
+            RunOutcome::Partial
+        }
+        None if sent.succeeded == 0 && sent.retried == 0 => RunOutcome::NothingToDo,
+        None => RunOutcome::Converged,
+    })
+}
+
+/// Completes the run's record, metrics and log line, and builds its report. `reconciled`: the
+/// run planned from the CMS rows (a plain drain of the queue did not).
+#[allow(clippy::too_many_arguments)]
+async fn record_run(
+    ctx: &Context,
+    run_id: i64,
+    reconciled: bool,
+    requests_before: u64,
+    outcome: RunOutcome,
+    plan: PlanReport,
+    mut sent: SendReport,
+    verify: Option<VerifyReport>,
+) -> anyhow::Result<RunReport> {
     let summary = ctx.store.queue_summary().await?;
     sent.left_pending = summary.pending as u64;
     sent.requests = ctx.client.requests_sent() - requests_before;
-
     let counts = RunCounts {
         creates: plan.creates as i64,
         updates: plan.updates as i64,
@@ -305,7 +339,8 @@ async fn run_started(
         .finish_run(run_id, outcome.label(), &counts, message)
         .await?;
     metrics::counter!("sync_runs_total", "outcome" => outcome.label()).increment(1);
-    if matches!(outcome, RunOutcome::Converged | RunOutcome::NothingToDo) {
+    // Only a run that read the CMS (not a plain drain of the queue) can say Bynder matches it.
+    if reconciled && matches!(outcome, RunOutcome::Converged | RunOutcome::NothingToDo) {
         metrics::gauge!("sync_last_success_timestamp_seconds")
             .set(chrono::Utc::now().timestamp() as f64);
     }
@@ -318,7 +353,7 @@ async fn run_started(
         skipped = plan.skipped,
         succeeded = sent.succeeded,
         requests = sent.requests,
-        "reconcile finished"
+        "run finished"
     );
     Ok(RunReport {
         run_id: Some(run_id),
@@ -355,55 +390,20 @@ pub async fn drain_queue_once(
     }
     let run_id = ctx.store.start_run("drain").await?;
     let requests_before = ctx.client.requests_sent();
-    let (stop, mut sent) = drain(ctx, run_id, progress.as_ref()).await?;
-    let summary = ctx.store.queue_summary().await?;
-    let outcome = match stop {
-        Some(RunEffect::StopCredentials) => credentials_rejected(ctx),
-        Some(RunEffect::StopFatal(m)) => {
-            RunOutcome::Unreachable(format!("{m}; the changes stay queued"))
-        }
-        Some(RunEffect::StopUnreachable(last)) => {
-            RunOutcome::Unreachable(format!("{last} (the changes stay queued)"))
-        }
-        // Not stopping effects: drain never keeps them, but a run that had them is partial at most.
-        Some(RunEffect::Continue | RunEffect::Paused { .. }) => RunOutcome::Partial,
-        None if summary.pending > 0 || summary.dead > 0 || summary.in_flight > 0 => {
-            RunOutcome::Partial
-        }
-        None if sent.succeeded == 0 && sent.retried == 0 => RunOutcome::NothingToDo,
-        None => RunOutcome::Converged,
-    };
-    sent.left_pending = summary.pending as u64;
-    sent.requests = ctx.client.requests_sent() - requests_before;
-    let counts = RunCounts {
-        succeeded: sent.succeeded as i64,
-        failed: (sent.dead + sent.left_pending) as i64,
-        requests: sent.requests as i64,
-        ..RunCounts::default()
-    };
-    let message = match &outcome {
-        RunOutcome::Unreachable(m) | RunOutcome::CredentialsRejected(m) => Some(m.as_str()),
-        _ => None,
-    };
-    ctx.store
-        .finish_run(run_id, outcome.label(), &counts, message)
-        .await?;
-    metrics::counter!("sync_runs_total", "outcome" => outcome.label()).increment(1);
-    tracing::info!(
+    let (stop, sent) = drain(ctx, run_id, progress.as_ref()).await?;
+    let outcome = drain_outcome(ctx, stop, &sent).await?;
+    let report = record_run(
+        ctx,
         run_id,
-        outcome = outcome.label(),
-        succeeded = sent.succeeded,
-        requests = sent.requests,
-        "queue drained"
-    );
-    Ok(Some(RunReport {
-        run_id: Some(run_id),
+        false,
+        requests_before,
         outcome,
-        plan: PlanReport::default(),
+        PlanReport::default(),
         sent,
-        dead_letters: summary.dead,
-        verify: None,
-    }))
+        None,
+    )
+    .await?;
+    Ok(Some(report))
 }
 
 // ---- planning -------------------------------------------------------------------------------
