@@ -125,15 +125,19 @@ async fn check_with(config: &Config, client: &Client) -> Result<Exit, Failure> {
         }
     };
 
-    match client.current_user().await {
+    match current_user_on_its_own(config, client).await {
         Ok(user) => println!("Acting as:    {}", describe_user(&user)),
+        Err(bynder::Error::Auth(e)) if e.is_invalid_scope() => println!(
+            "Acting as:    unknown: the OAuth app does not allow the {CURRENT_USER_SCOPE} scope, which \
+             the daemon does not need (usage access is checked below)"
+        ),
         Err(e) if e.status() == Some(StatusCode::FORBIDDEN) => println!(
             "Acting as:    unknown: Bynder refused /api/v4/currentUser/ (403); the credentials lack \
              the current.user:read scope (the daemon does not need it)"
         ),
         Err(e) => {
             println!("Acting as:    FAILED");
-            return Err(api_failure(e, credentials, "current.user:read"));
+            return Err(api_failure(e, credentials, CURRENT_USER_SCOPE));
         }
     }
 
@@ -193,6 +197,30 @@ async fn check_with(config: &Config, client: &Client) -> Result<Exit, Failure> {
         ),
     }
     Ok(Exit::Ok)
+}
+
+/// The scope `GET /api/v4/currentUser/` needs; only `check` uses it, to say who the daemon acts as.
+const CURRENT_USER_SCOPE: &str = "current.user:read";
+
+/// `GET /api/v4/currentUser/`. With client credentials whose scopes lack `current.user:read`,
+/// a token is asked for with it on its own, so that an app registered with the usage scopes
+/// only (as Bynder's setup guide does it) still checks out: its `invalid_scope` is a note.
+async fn current_user_on_its_own(
+    config: &Config,
+    client: &Client,
+) -> Result<serde_json::Value, bynder::Error> {
+    if let AuthSettings::ClientCredentials(settings) = &config.auth {
+        if !settings.scopes.iter().any(|s| s == CURRENT_USER_SCOPE) {
+            let mut widened = config.clone();
+            if let AuthSettings::ClientCredentials(s) = &mut widened.auth {
+                s.scopes.push(CURRENT_USER_SCOPE.to_owned());
+            }
+            let credentials = Credentials::load(&widened, None, client.gate().clone()).await?;
+            let asking = Client::new(&widened, credentials, client.gate().clone())?;
+            return asking.current_user().await;
+        }
+    }
+    client.current_user().await
 }
 
 fn token_url(config: &Config) -> String {

@@ -53,6 +53,46 @@ pub struct SyncResult {
     pub removed: Vec<SyncKey>,
 }
 
+/// What a successful (2xx) sync request answered.
+#[derive(Debug, Clone)]
+pub enum SyncAnswer {
+    /// The documented answer: what was created, accepted, rejected and removed.
+    Full(SyncResult),
+    /// Nothing that confirms anything (204, `{}`, `[]`, a gateway's page…): what it was. The
+    /// changes may or may not have been applied; only a read-back can tell.
+    Unconfirmed(String),
+}
+
+/// Reads a 2xx sync answer. Missing arrays count as empty, but an answer with none of the four
+/// is no sync result: Bynder's answer shape is documented only in its OpenAPI spec, and a portal
+/// (or a gateway in front of it) may answer 204, `{}` or `[]`.
+fn read_sync_answer(status: StatusCode, body: &str) -> SyncAnswer {
+    if body.trim().is_empty() {
+        return SyncAnswer::Unconfirmed(format!("{status} with no body"));
+    }
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(body) else {
+        return SyncAnswer::Unconfirmed(format!("{status} with a body that is not JSON"));
+    };
+    let known = ["accepted", "new", "rejected", "removed"];
+    if !value
+        .as_object()
+        .is_some_and(|o| known.iter().any(|k| o.contains_key(*k)))
+    {
+        return SyncAnswer::Unconfirmed(format!(
+            "{status} with {}",
+            match &value {
+                serde_json::Value::Object(o) if o.is_empty() => "an empty object".to_owned(),
+                serde_json::Value::Array(a) if a.is_empty() => "an empty array".to_owned(),
+                _ => format!("an unknown answer: {}", snippet(body)),
+            }
+        ));
+    }
+    match serde_json::from_value(value) {
+        Ok(result) => SyncAnswer::Full(result),
+        Err(e) => SyncAnswer::Unconfirmed(format!("{status} with an unreadable sync result ({e})")),
+    }
+}
+
 /// An (asset, uri) pair in a sync answer.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
@@ -439,10 +479,28 @@ impl Client {
     /// integration (Bynder needs the asset id; it cannot list a whole integration).
     #[tracing::instrument(skip_all, fields(asset_id), err(level = "debug"))]
     pub async fn list_usages(&self, asset_id: &str) -> Result<Vec<Usage>, Error> {
+        self.list_usages_where(Some(asset_id), None).await
+    }
+
+    /// `GET /api/media/usage/` narrowed by any of asset id and uri, always by our integration.
+    /// Whether Bynder answers without `asset_id` is unknown (`probe` finds out); the daemon
+    /// itself always names the asset.
+    pub async fn list_usages_where(
+        &self,
+        asset_id: Option<&str>,
+        uri: Option<&str>,
+    ) -> Result<Vec<Usage>, Error> {
         let mut url = self.url(USAGE_PATH);
-        url.query_pairs_mut()
-            .append_pair("asset_id", asset_id)
-            .append_pair("integration_id", &self.integration_id);
+        {
+            let mut query = url.query_pairs_mut();
+            if let Some(asset_id) = asset_id {
+                query.append_pair("asset_id", asset_id);
+            }
+            query.append_pair("integration_id", &self.integration_id);
+            if let Some(uri) = uri {
+                query.append_pair("uri", uri);
+            }
+        }
         let (_, body) = self.send(reqwest::Request::new(Method::GET, url)).await?;
         let wire: Vec<WireUsage> = serde_json::from_str(&body)
             .map_err(|e| Error::Decode(format!("usage list: {e}: {}", snippet(&body))))?;
@@ -522,7 +580,7 @@ impl Client {
         &self,
         uris: &[String],
         usages: &[SyncUsage],
-    ) -> Result<SyncResult, Error> {
+    ) -> Result<SyncAnswer, Error> {
         let body = serde_json::json!({
             "integration_id": self.integration_id,
             "uris": uris,
@@ -534,23 +592,8 @@ impl Client {
             reqwest::header::HeaderValue::from_static("application/json; charset=utf-8"),
         );
         *request.body_mut() = Some(body.to_string().into());
-        let (_, body) = self.send(request).await?;
-        // Missing arrays count as empty, but an answer with none of the four is not a sync
-        // result (a gateway page, say): treat it as unknown, so the batch is sent again.
-        let value: serde_json::Value = serde_json::from_str(&body)
-            .map_err(|e| Error::Decode(format!("sync result: {e}: {}", snippet(&body))))?;
-        let known = ["accepted", "new", "rejected", "removed"];
-        if !value
-            .as_object()
-            .is_some_and(|o| known.iter().any(|k| o.contains_key(*k)))
-        {
-            return Err(Error::Decode(format!(
-                "sync result has none of accepted/new/rejected/removed: {}",
-                snippet(&body)
-            )));
-        }
-        serde_json::from_value(value)
-            .map_err(|e| Error::Decode(format!("sync result: {e}: {}", snippet(&body))))
+        let (status, body) = self.send(request).await?;
+        Ok(read_sync_answer(status, &body))
     }
 
     /// `GET /api/v4/currentUser/`: who the credentials act as.

@@ -305,11 +305,15 @@ pub async fn build_context(config: Config) -> Result<Context, Failure> {
     let source = crate::source::open_source(&config)
         .await
         .map_err(|crate::source::SourceError::Config(e)| e)?;
+    let profile = crate::profile::PortalProfile::load(&store, config.bynder.base_url.as_str())
+        .await
+        .map_err(Failure::from)?;
     Ok(Context {
         config,
         store,
         source,
         client: Arc::new(client),
+        profile: Arc::new(profile),
     })
 }
 

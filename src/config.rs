@@ -92,8 +92,10 @@ pub enum AuthSettings {
     OAuth1(OAuth1Settings),
 }
 
-/// Default `auth.scopes` (Bynder's scope names; `offline` is added by `auth login`).
-pub const DEFAULT_SCOPES: &str = "asset.usage:read asset.usage:write current.user:read";
+/// Default `auth.scopes` (Bynder's scope names; `offline` is added by `auth login`): the usage
+/// scopes only. Bynder's own setup guide registers apps without `current.user:read`, and a token
+/// request for a scope the app lacks is refused outright (`invalid_scope`).
+pub const DEFAULT_SCOPES: &str = "asset.usage:read asset.usage:write";
 /// Default `auth.redirect_uri`: a loopback address `auth login` listens on. Register it with the
 /// OAuth app in Bynder, or set your own.
 pub const DEFAULT_REDIRECT_URI: &str = "http://127.0.0.1:8765/callback";
@@ -720,6 +722,21 @@ fn validate_bynder(raw: RawBynder) -> Result<BynderSettings, ConfigError> {
             "use e.g. https://acme.bynder.com",
         ));
     }
+    // Webdam, Bynder's other DAM, has no asset-usage API at all: nothing could ever sync.
+    if url.host_str().is_some_and(|h| {
+        let h = h.trim_end_matches('.').to_ascii_lowercase();
+        h == "webdamdb.com" || h.ends_with(".webdamdb.com") || h.ends_with(".webdam.com")
+    }) {
+        return Err(ConfigError::key(
+            "bynder.base_url",
+            format_args!(
+                "points at a Webdam portal ({}), Bynder's other DAM, which has no asset-usage API",
+                url.host_str().unwrap_or_default()
+            ),
+            "asset usages (the Asset Tracker) exist only in Bynder DAM portals: set it to a Bynder \
+             portal's URL such as https://acme.bynder.com",
+        ));
+    }
     if !(url.path() == "/" || url.path().is_empty()) || url.query().is_some() {
         return Err(ConfigError::key(
             "bynder.base_url",
@@ -1333,6 +1350,17 @@ path = "state.db"
         assert!(e.message.contains("/nonexistent/x.toml"), "{e}");
     }
 
+    #[test]
+    fn a_webdam_portal_is_refused_because_it_has_no_usage_api() {
+        for url in ["https://apiv2.webdamdb.com", "https://acme.webdamdb.com/"] {
+            let text = GOOD.replace("https://acme.bynder.com", url);
+            assert!(text.contains(url), "the fixture names the portal once");
+            let e = load(&text, &[]).unwrap_err();
+            assert!(e.message.contains("Webdam"), "{e}");
+            assert!(e.message.contains("bynder.base_url"), "{e}");
+        }
+    }
+
     // ---- [auth] -------------------------------------------------------------------------------
 
     fn with_auth(auth: &str) -> String {
@@ -1353,10 +1381,7 @@ path = "state.db"
         };
         assert_eq!(s.client_id, "app");
         assert_eq!(s.client_secret.expose_secret(), "cs-s3cret");
-        assert_eq!(
-            s.scopes,
-            ["asset.usage:read", "asset.usage:write", "current.user:read"]
-        );
+        assert_eq!(s.scopes, ["asset.usage:read", "asset.usage:write"]);
         assert_eq!(
             s.token_url.as_str(),
             "https://acme.bynder.com/v6/authentication/oauth2/token"

@@ -38,12 +38,18 @@ pub enum SkipReason {
     EmptyAssetId,
     EmptyUri,
     NotUtf8(&'static str),
-    TooLong { field: &'static str, max: usize },
+    TooLong {
+        field: &'static str,
+        max: usize,
+    },
     ControlCharacter(&'static str),
     SurroundingWhitespace(&'static str),
     InvalidAssetId,
     OutsideUriPrefixes,
     Duplicate,
+    /// Same uri and the same asset id but for letter case as an earlier row (named here): Bynder
+    /// compares ids ignoring case, so both rows are one usage.
+    CaseVariant(String),
     NotText,
 }
 
@@ -74,6 +80,12 @@ impl fmt::Display for SkipReason {
                 )
             }
             SkipReason::Duplicate => write!(f, "another row has the same asset_id and uri"),
+            SkipReason::CaseVariant(first) => write!(
+                f,
+                "another row has the same uri and asset_id {first}, which differs only in letter \
+                 case: Bynder treats asset ids without regard to case, so both are one usage and \
+                 the first is kept"
+            ),
             SkipReason::NotText => {
                 write!(f, "asset_id or uri is stored as a BLOB or number, not TEXT")
             }
@@ -211,6 +223,31 @@ impl Reference {
 }
 
 /// Whether a uri is ours to manage: every uri when no prefix is configured.
+/// The order of usage keys everywhere the plan merges them: asset id ignoring ASCII case (as
+/// SQLite's NOCASE collation compares), then uri byte for byte. Bynder may answer asset ids in
+/// another case than the CMS wrote them, so ids that differ only in case are one key.
+pub fn key_order(a: (&str, &str), b: (&str, &str)) -> std::cmp::Ordering {
+    cmp_asset_ids(a.0, b.0).then_with(|| a.1.cmp(b.1))
+}
+
+/// Compares asset ids ignoring ASCII case, byte for byte otherwise (SQLite's NOCASE).
+pub fn cmp_asset_ids(a: &str, b: &str) -> std::cmp::Ordering {
+    a.bytes()
+        .map(|c| c.to_ascii_lowercase())
+        .cmp(b.bytes().map(|c| c.to_ascii_lowercase()))
+}
+
+/// Whether two asset ids name the same asset (equal ignoring ASCII case).
+pub fn same_asset(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
+/// A usage key for maps that must treat ids differing only in case as one: the asset id
+/// lower-cased (ASCII), the uri as is.
+pub fn folded_key(asset_id: &str, uri: &str) -> (String, String) {
+    (asset_id.to_ascii_lowercase(), uri.to_owned())
+}
+
 pub fn is_managed_uri(uri: &str, uri_prefixes: &[String]) -> bool {
     uri_prefixes.is_empty() || uri_prefixes.iter().any(|p| uri.starts_with(p.as_str()))
 }
@@ -218,6 +255,17 @@ pub fn is_managed_uri(uri: &str, uri_prefixes: &[String]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_order_ignores_the_case_of_asset_ids_like_sqlite_nocase() {
+        use std::cmp::Ordering::*;
+        assert_eq!(key_order(("abc-1", "u"), ("ABC-1", "u")), Equal);
+        // Binary order would put "B0" before "a0".
+        assert_eq!(key_order(("a0", "u"), ("B0", "u")), Less);
+        assert_eq!(key_order(("ABC", "u/1"), ("abc", "u/2")), Less);
+        assert!(same_asset("C078e8ee-1", "c078E8EE-1"));
+        assert_eq!(folded_key("AbC", "U"), ("abc".to_owned(), "U".to_owned()));
+    }
 
     fn row(asset: &[u8], uri: &[u8], additional: Option<&[u8]>) -> RawRow {
         RawRow {

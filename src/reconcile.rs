@@ -14,16 +14,17 @@ use futures::stream::BoxStream;
 use futures::TryStreamExt;
 use tokio::task::JoinSet;
 
-use crate::bynder::{self, Client};
-use std::collections::HashMap;
+use crate::bynder::{self, Client, SyncAnswer};
+use crate::profile::{Fact, PortalProfile};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::config::{Config, RetrySettings, Strategy};
-use crate::model::{AssetId, Reference, SkipReason, UsageUri};
+use crate::model::{folded_key, key_order, same_asset, AssetId, Reference, SkipReason, UsageUri};
 use crate::plan::{decide, Change, Decision, Desired, Queued, Target};
 use crate::queue::{self, Next, RunEffect};
 use crate::source::Source;
-use crate::store::{self, Operation, RunCounts, SourceRow, Store, SyncBatch};
+use crate::store::{self, Operation, RunCounts, SourceRow, Store, SyncBatch, SyncOpOutcome};
 use crate::verify::{verify_assets, VerifyReport, VerifyStop};
 
 /// How many rows of each kind a report keeps when not asked for everything.
@@ -60,6 +61,8 @@ pub struct Context {
     pub store: Store,
     pub source: Source,
     pub client: Arc<Client>,
+    /// What the daemon learned about this portal; the sending side reads and extends it.
+    pub profile: Arc<PortalProfile>,
 }
 
 /// How a run ended. Callers branch on it (exit codes, daemon health).
@@ -478,14 +481,20 @@ impl DesiredStream<'_> {
                 }
             };
             if let Some(last) = &self.last {
-                if key == *last {
-                    skip(SkipReason::Duplicate, report);
-                    continue;
+                match key_order((&key.0, &key.1), (&last.0, &last.1)) {
+                    std::cmp::Ordering::Equal if key.0 == last.0 => {
+                        skip(SkipReason::Duplicate, report);
+                        continue;
+                    }
+                    std::cmp::Ordering::Equal => {
+                        skip(SkipReason::CaseVariant(last.0.clone()), report);
+                        continue;
+                    }
+                    std::cmp::Ordering::Less => {
+                        anyhow::bail!("internal error: source rows are not in key order")
+                    }
+                    std::cmp::Ordering::Greater => {}
                 }
-                anyhow::ensure!(
-                    key > *last,
-                    "internal error: source rows are not in key order"
-                );
             }
             self.last = Some(key.clone());
             return Ok(Some(DesiredRow { key, additional }));
@@ -548,31 +557,26 @@ async fn plan_run(
         ]
         .into_iter()
         .flatten()
-        .min()
+        .min_by(|a, b| key_order(*a, *b))
         .map(|(a, u)| (a.to_owned(), u.to_owned()));
         let Some(key) = keys else { break };
+        let is_key = |a: &str, u: &str| key_order((a, u), (&key.0, &key.1)).is_eq();
 
-        let d = if d_head.as_ref().is_some_and(|d| d.key == key) {
+        let d = if d_head.as_ref().is_some_and(|d| is_key(&d.key.0, &d.key.1)) {
             let taken = d_head.take();
             d_head = desired.next(&mut report, keep_all).await?;
             taken
         } else {
             None
         };
-        let r = if r_head
-            .as_ref()
-            .is_some_and(|(a, u, _)| *a == key.0 && *u == key.1)
-        {
+        let r = if r_head.as_ref().is_some_and(|(a, u, _)| is_key(a, u)) {
             let taken = r_head.take().map(|(_, _, additional)| additional);
             r_head = recorded.try_next().await?;
             taken
         } else {
             None
         };
-        let q: Option<Queued> = if q_head
-            .as_ref()
-            .is_some_and(|(a, u, _)| *a == key.0 && *u == key.1)
-        {
+        let q: Option<Queued> = if q_head.as_ref().is_some_and(|(a, u, _)| is_key(a, u)) {
             let taken = q_head.take().map(|(_, _, q)| q);
             q_head = queued.try_next().await?;
             taken
@@ -724,10 +728,26 @@ struct Mode {
 }
 
 impl Mode {
-    fn new(config: &Config) -> Self {
+    /// The configured strategy, narrowed by what the portal profile says: in `auto`, a portal
+    /// known to lack the sync endpoint, or whose sync answers confirm nothing, gets per-usage
+    /// calls (their answers are certain, so nothing needs a read-back).
+    fn new(config: &Config, profile: &PortalProfile) -> Self {
+        let auto = config.sync.strategy == Strategy::Auto;
+        let mut sync = config.sync.strategy != Strategy::PerUsage;
+        if auto && profile.sync_endpoint_missing() {
+            tracing::debug!(
+                "the portal profile says the sync endpoint is missing: per-usage calls"
+            );
+            sync = false;
+        } else if auto && profile.sync_answer_empty() {
+            tracing::debug!(
+                "the portal profile says sync answers confirm nothing: per-usage calls"
+            );
+            sync = false;
+        }
         Mode {
-            sync: AtomicBool::new(config.sync.strategy != Strategy::PerUsage),
-            auto: config.sync.strategy == Strategy::Auto,
+            sync: AtomicBool::new(sync),
+            auto,
             batch_size: AtomicUsize::new(config.sync.batch_size),
         }
     }
@@ -788,7 +808,7 @@ async fn drain(
 ) -> anyhow::Result<(Option<RunEffect>, SendReport)> {
     let concurrency = ctx.config.limits.concurrency;
     let max_attempts = ctx.config.retry.max_attempts;
-    let mode = Arc::new(Mode::new(&ctx.config));
+    let mode = Arc::new(Mode::new(&ctx.config, &ctx.profile));
     let mut workers: JoinSet<anyhow::Result<Tally>> = JoinSet::new();
     let mut sent = SendReport::default();
     let mut stop: Option<RunEffect> = None;
@@ -808,8 +828,9 @@ async fn drain(
                 {
                     Some(batch) => {
                         let mode = mode.clone();
+                        let profile = ctx.profile.clone();
                         workers.spawn(async move {
-                            attempt_batch(&client, &store, &retry, &mode, batch).await
+                            attempt_batch(&client, &store, &retry, &mode, &profile, batch).await
                         });
                     }
                     None => break,
@@ -901,7 +922,7 @@ async fn attempt(
             Err(e) => Err(e),
         },
         Target::Upsert(additional) => {
-            upsert(client, store, &op, additional, &mut uncertain).await?
+            upsert(client, store, &op, additional, &mut uncertain, None).await?
         }
     };
     let mut tally = Tally::default();
@@ -983,90 +1004,359 @@ async fn release(store: &Store, ops: &[Operation], why: &str) -> anyhow::Result<
     Ok(())
 }
 
-/// One sync-endpoint request for a batch of uris; persists its outcome.
+/// One sync-endpoint request for a batch of uris; persists its outcome. A change counts as done
+/// only when the answer confirms it; the rest is settled by reading Bynder back ([`settle`]).
 #[tracing::instrument(skip_all, fields(uris = batch.uris.len(), usages = batch.listing.len()))]
 async fn attempt_batch(
     client: &Client,
     store: &Store,
     retry: &RetrySettings,
     mode: &Mode,
+    profile: &PortalProfile,
     batch: SyncBatch,
 ) -> anyhow::Result<Tally> {
     let mut tally = Tally::default();
-    match client.sync_usages(&batch.uris, &batch.listing).await {
-        Ok(result) => {
-            let rejected: HashMap<Key, String> = result
-                .rejected
-                .into_iter()
-                .map(|r| ((r.asset_id, r.uri), r.reason))
-                .collect();
-            let usage_ids: HashMap<Key, String> = result
-                .created
-                .into_iter()
-                .filter_map(|c| {
-                    let id = match c.id? {
-                        serde_json::Value::String(s) => s,
-                        other => other.to_string(),
-                    };
-                    Some(((c.asset_id, c.uri), id))
-                })
-                .collect();
-            store
-                .complete_sync_batch(&batch, &usage_ids, &rejected)
+    let answer = match client.sync_usages(&batch.uris, &batch.listing).await {
+        Ok(answer) => answer,
+        Err(error) => {
+            fail_batch(
+                client, store, retry, mode, profile, batch, error, &mut tally,
+            )
+            .await?;
+            return Ok(tally);
+        }
+    };
+    profile
+        .learn(Fact::SyncEndpoint, "yes", "a sync request was answered")
+        .await?;
+    // Keys are compared ignoring the asset id's case: a portal may answer ids re-cased.
+    let kept_uris: HashSet<&str> = batch.listing.iter().map(|u| u.uri.as_str()).collect();
+    let mut outcomes = vec![SyncOpOutcome::Unsettled; batch.ops.len()];
+    let mut rejected_listed = Vec::new();
+    match &answer {
+        SyncAnswer::Full(result) => {
+            profile
+                .learn(Fact::SyncAnswer, "full", "a sync answer listed its outcome")
                 .await?;
-            for op in &batch.ops {
-                let refused = matches!(op.target, Target::Upsert(_))
-                    && rejected.contains_key(&(op.asset_id.clone(), op.uri.clone()));
-                let result = if refused { "dead" } else { "done" };
-                metrics::counter!("sync_operations_total", "action" => action_label(&op.target), "result" => result)
-                    .increment(1);
-                if refused {
-                    tracing::warn!(asset_id = %op.asset_id, uri = %op.uri, "Bynder rejected the usage; moved to the dead letters");
-                    tally.dead += 1;
-                } else {
-                    tally.done += 1;
+            learn_id_case(profile, &batch, result).await?;
+            let mut upserted: HashMap<(String, String), Option<String>> = HashMap::new();
+            for a in &result.accepted {
+                upserted.entry(folded_key(&a.asset_id, &a.uri)).or_default();
+            }
+            for c in &result.created {
+                let id = c.id.as_ref().map(|id| match id {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                });
+                upserted.insert(folded_key(&c.asset_id, &c.uri), id);
+            }
+            let removed: HashSet<(String, String)> = result
+                .removed
+                .iter()
+                .map(|r| folded_key(&r.asset_id, &r.uri))
+                .collect();
+            let rejected: HashMap<(String, String), &str> = result
+                .rejected
+                .iter()
+                .map(|r| (folded_key(&r.asset_id, &r.uri), r.reason.as_str()))
+                .collect();
+            let op_keys: HashSet<(String, String)> = batch
+                .ops
+                .iter()
+                .map(|op| folded_key(&op.asset_id, &op.uri))
+                .collect();
+            rejected_listed = batch
+                .listing
+                .iter()
+                .filter(|u| {
+                    let key = folded_key(&u.asset_id, &u.uri);
+                    rejected.contains_key(&key) && !op_keys.contains(&key)
+                })
+                .map(|u| (u.asset_id.clone(), u.uri.clone()))
+                .collect();
+            for (op, outcome) in batch.ops.iter().zip(outcomes.iter_mut()) {
+                let key = folded_key(&op.asset_id, &op.uri);
+                // An uncertain key may hold duplicates the answer would not show: read it back.
+                if op.uncertain {
+                    continue;
                 }
+                *outcome = match &op.target {
+                    Target::Upsert(_) if rejected.contains_key(&key) => {
+                        SyncOpOutcome::Rejected(rejected[&key].to_owned())
+                    }
+                    Target::Upsert(additional) => match upserted.get(&key) {
+                        Some(usage_id) => SyncOpOutcome::Upserted {
+                            additional: additional.clone(),
+                            usage_id: usage_id.clone(),
+                        },
+                        None => SyncOpOutcome::Unsettled,
+                    },
+                    Target::Delete if removed.contains(&key) => {
+                        if kept_uris.contains(op.uri.as_str()) {
+                            profile
+                                .learn(
+                                    Fact::SyncRemovesOmitted,
+                                    "yes",
+                                    "a sync answer listed an omitted asset as removed",
+                                )
+                                .await?;
+                        }
+                        SyncOpOutcome::Removed
+                    }
+                    Target::Delete => SyncOpOutcome::Unsettled,
+                };
             }
         }
-        Err(error) => match error.status().map(|s| s.as_u16()) {
-            Some(404 | 405 | 501) if mode.auto => {
-                mode.fall_back(&format!("the portal has no sync endpoint ({error})"));
-                release(store, &batch.ops, "the sync endpoint is not available").await?;
+        SyncAnswer::Unconfirmed(what) => {
+            tracing::info!(answer = %what, "the sync answer confirms nothing; the batch is read back");
+            profile
+                .learn(
+                    Fact::SyncAnswer,
+                    "empty",
+                    &format!("a sync request was answered {what}"),
+                )
+                .await?;
+            if mode.auto {
+                mode.fall_back(&format!(
+                    "the portal's sync answers confirm nothing ({what}), and per-usage answers do"
+                ));
             }
-            Some(413) if mode.halve() => {
-                release(store, &batch.ops, "the sync batch was too large").await?;
+        }
+    }
+    store
+        .complete_sync_batch(&batch, &outcomes, &rejected_listed)
+        .await?;
+    let mut unsettled = Vec::new();
+    for (op, outcome) in batch.ops.into_iter().zip(outcomes) {
+        match outcome {
+            SyncOpOutcome::Unsettled => {
+                let omitted =
+                    matches!(op.target, Target::Delete) && kept_uris.contains(op.uri.as_str());
+                unsettled.push((op, omitted));
             }
-            Some(400) if mode.auto => {
-                mode.fall_back(&format!("the portal refused a sync batch ({error})"));
-                release(store, &batch.ops, "the sync batch was refused").await?;
+            SyncOpOutcome::Rejected(_) => {
+                metrics::counter!("sync_operations_total", "action" => action_label(&op.target), "result" => "dead")
+                    .increment(1);
+                tracing::warn!(asset_id = %op.asset_id, uri = %op.uri, "Bynder rejected the usage; moved to the dead letters");
+                tally.dead += 1;
             }
             _ => {
-                let maybe_applied = matches!(
-                    error.reaction(),
-                    bynder::Reaction::Retry {
-                        maybe_applied: true
-                    }
-                );
-                for op in &batch.ops {
-                    // The batch may have been applied: a later per-usage create must read back first.
-                    let uncertain =
-                        op.uncertain || (maybe_applied && matches!(op.target, Target::Upsert(_)));
-                    let (dead, effect) = fail(client, store, retry, op, &error, uncertain).await?;
-                    tally.add(dead, effect);
-                }
+                metrics::counter!("sync_operations_total", "action" => action_label(&op.target), "result" => "done")
+                    .increment(1);
+                tally.done += 1;
             }
-        },
+        }
     }
+    settle(client, store, retry, profile, unsettled, &mut tally).await?;
     Ok(tally)
 }
 
-/// Makes Bynder hold exactly one usage of ours for the key, with `additional`.
+/// A sync request that failed: the endpoint may be missing, the batch too large, or the failure
+/// transient; the batch's operations are released or fail accordingly.
+#[allow(clippy::too_many_arguments)]
+async fn fail_batch(
+    client: &Client,
+    store: &Store,
+    retry: &RetrySettings,
+    mode: &Mode,
+    profile: &PortalProfile,
+    batch: SyncBatch,
+    error: bynder::Error,
+    tally: &mut Tally,
+) -> anyhow::Result<()> {
+    match error.status().map(|s| s.as_u16()) {
+        Some(status @ (404 | 405 | 501)) if mode.auto => {
+            profile
+                .learn(
+                    Fact::SyncEndpoint,
+                    "no",
+                    &format!("the sync endpoint answered {status}"),
+                )
+                .await?;
+            mode.fall_back(&format!("the portal has no sync endpoint ({error})"));
+            release(store, &batch.ops, "the sync endpoint is not available").await?;
+        }
+        Some(413) if mode.halve() => {
+            release(store, &batch.ops, "the sync batch was too large").await?;
+        }
+        Some(400) if mode.auto => {
+            mode.fall_back(&format!("the portal refused a sync batch ({error})"));
+            release(store, &batch.ops, "the sync batch was refused").await?;
+        }
+        _ => {
+            let maybe_applied = matches!(
+                error.reaction(),
+                bynder::Reaction::Retry {
+                    maybe_applied: true
+                }
+            );
+            for op in &batch.ops {
+                // The batch may have been applied: the next attempt reads back first.
+                let uncertain = op.uncertain || maybe_applied;
+                let (dead, effect) = fail(client, store, retry, op, &error, uncertain).await?;
+                tally.add(dead, effect);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Learns whether the portal answers asset ids as they were sent or re-cased.
+async fn learn_id_case(
+    profile: &PortalProfile,
+    batch: &SyncBatch,
+    result: &bynder::SyncResult,
+) -> anyhow::Result<()> {
+    let sent: HashMap<(String, String), &str> = batch
+        .listing
+        .iter()
+        .map(|u| (folded_key(&u.asset_id, &u.uri), u.asset_id.as_str()))
+        .collect();
+    let answered = result
+        .accepted
+        .iter()
+        .map(|a| (&a.asset_id, &a.uri))
+        .chain(result.created.iter().map(|c| (&c.asset_id, &c.uri)));
+    for (asset_id, uri) in answered {
+        if let Some(ours) = sent.get(&folded_key(asset_id, uri)) {
+            if *ours != asset_id.as_str() {
+                profile
+                    .learn(
+                        Fact::AssetIdCase,
+                        "recased",
+                        &format!("sent {ours}, answered {asset_id}"),
+                    )
+                    .await?;
+                return Ok(());
+            }
+            if ours.bytes().any(|b| b.is_ascii_alphabetic()) {
+                profile
+                    .learn(
+                        Fact::AssetIdCase,
+                        "preserved",
+                        "a sync answer repeated an asset id as sent",
+                    )
+                    .await?;
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Settles operations a sync answer did not confirm, by the means that is certain: one read-back
+/// per asset (`GET ?asset_id&integration_id`), then a create, or an explicit `DELETE` naming the
+/// uri, where Bynder does not hold what the operation asks for. `omitted`: a delete of an asset
+/// left out of a uri that keeps other usages, which the portal's sync may or may not remove;
+/// where the profile says it does not, the delete is sent at once without a read-back.
+async fn settle(
+    client: &Client,
+    store: &Store,
+    retry: &RetrySettings,
+    profile: &PortalProfile,
+    ops: Vec<(Operation, bool)>,
+    tally: &mut Tally,
+) -> anyhow::Result<()> {
+    let mut by_asset: BTreeMap<String, Vec<(Operation, bool)>> = BTreeMap::new();
+    for (op, omitted) in ops {
+        by_asset
+            .entry(op.asset_id.to_ascii_lowercase())
+            .or_default()
+            .push((op, omitted));
+    }
+    for (_, ops) in by_asset {
+        let known_kept = |(op, omitted): &(Operation, bool)| {
+            *omitted && !op.uncertain && profile.sync_keeps_omitted()
+        };
+        let found = if ops.iter().all(known_kept) {
+            None
+        } else {
+            match client.list_usages(&ops[0].0.asset_id).await {
+                Ok(found) => Some(found),
+                Err(error) => {
+                    for (op, _) in &ops {
+                        let uncertain = op.uncertain || matches!(op.target, Target::Upsert(_));
+                        let (dead, effect) =
+                            fail(client, store, retry, op, &error, uncertain).await?;
+                        tally.add(dead, effect);
+                    }
+                    continue;
+                }
+            }
+        };
+        for (op, omitted) in ops {
+            let on_uri: Option<Vec<bynder::Usage>> = found.as_ref().map(|found| {
+                found
+                    .iter()
+                    .filter(|u| {
+                        u.uri == op.uri
+                            && (u.asset_id.is_empty() || same_asset(&u.asset_id, &op.asset_id))
+                    })
+                    .cloned()
+                    .collect()
+            });
+            let mut uncertain = op.uncertain;
+            let result = match (&op.target, on_uri) {
+                (Target::Delete, on_uri) => {
+                    if let (Some(on_uri), true, false) = (&on_uri, omitted, op.uncertain) {
+                        let (value, evidence) = if on_uri.is_empty() {
+                            (
+                                "yes",
+                                "a read-back found an omitted asset removed by the sync",
+                            )
+                        } else {
+                            (
+                                "no",
+                                "a read-back found an omitted asset still held after the sync",
+                            )
+                        };
+                        profile
+                            .learn(Fact::SyncRemovesOmitted, value, evidence)
+                            .await?;
+                    }
+                    if on_uri.is_some_and(|u| u.is_empty()) {
+                        store.complete_delete(&op).await?;
+                        Ok(())
+                    } else {
+                        match client.delete_usage(&op.asset_id, &op.uri).await {
+                            Ok(()) => {
+                                store.complete_delete(&op).await?;
+                                Ok(())
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
+                }
+                (Target::Upsert(additional), on_uri) => {
+                    uncertain = true;
+                    upsert(client, store, &op, additional, &mut uncertain, on_uri).await?
+                }
+            };
+            match result {
+                Ok(()) => {
+                    metrics::counter!("sync_operations_total", "action" => action_label(&op.target), "result" => "done")
+                        .increment(1);
+                    tally.done += 1;
+                }
+                Err(error) => {
+                    let (dead, effect) = fail(client, store, retry, &op, &error, uncertain).await?;
+                    tally.add(dead, effect);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes Bynder hold exactly one usage of ours for the key, with `additional`. When `uncertain`,
+/// Bynder is read back first (or `found`, the usages already read back for the key, is used).
 async fn upsert(
     client: &Client,
     store: &Store,
     op: &Operation,
     additional: &str,
     uncertain: &mut bool,
+    found: Option<Vec<bynder::Usage>>,
 ) -> anyhow::Result<Result<(), bynder::Error>> {
     macro_rules! bynder {
         ($e:expr) => {
@@ -1077,11 +1367,17 @@ async fn upsert(
         };
     }
     if *uncertain {
-        // An earlier create may have reached Bynder: look before sending anything.
-        let found: Vec<_> = bynder!(client.list_usages(&op.asset_id).await)
-            .into_iter()
-            .filter(|u| u.uri == op.uri)
-            .collect();
+        // An earlier request may have reached Bynder: look before sending anything.
+        let found: Vec<_> = match found {
+            Some(found) => found,
+            None => bynder!(client.list_usages(&op.asset_id).await)
+                .into_iter()
+                .filter(|u| {
+                    u.uri == op.uri
+                        && (u.asset_id.is_empty() || same_asset(&u.asset_id, &op.asset_id))
+                })
+                .collect(),
+        };
         if let [only] = found.as_slice() {
             if only.additional == additional {
                 store

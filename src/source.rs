@@ -1,9 +1,10 @@
 //! Where the desired state is read from: `cms_asset_references` in the state database (the
 //! default), the CMS's own SQLite file (`source.database`), or a custom `SELECT`
 //! (`source.query`). Always through a read-only connection: the daemon never writes the source.
-//! Rows come out sorted by (asset_id, uri) in byte order, which the plan's merge relies on, and
-//! rows sharing a key by `additional`, so that the one the plan keeps does not depend on the
-//! order the query happens to return them in.
+//! Rows come out sorted by (asset_id ignoring ASCII case, uri), the order the plan's merge relies
+//! on ([`crate::model::key_order`]); then by the asset id's bytes and by `additional`, so that of
+//! rows sharing a key the one the plan keeps does not depend on the order the query happens to
+//! return them in.
 
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
@@ -72,7 +73,7 @@ pub struct Source {
     /// What reading it means, for errors: which key and file to look at.
     reading: String,
     /// The source is the product's own table (no `source.query`): it is read a page at a time
-    /// along its primary key, which is much faster than row by row.
+    /// along its key index, which is much faster than row by row.
     paged: bool,
 }
 
@@ -126,7 +127,7 @@ pub async fn open_source(config: &Config) -> Result<Source, SourceError> {
     }
     // A NULL key counts as text: it is reported as empty, not as a BLOB or number. The last
     // sort term only orders duplicates (a key can appear twice in a custom query's result);
-    // over cms_asset_references the primary key makes it free.
+    // over cms_asset_references the key index makes it free.
     let encoding: String = sqlx::query_scalar("PRAGMA encoding")
         .fetch_one(&pool)
         .await
@@ -134,8 +135,18 @@ pub async fn open_source(config: &Config) -> Result<Source, SourceError> {
     let statement = format!(
         "SELECT CAST(asset_id AS BLOB), CAST(uri AS BLOB), CAST(additional AS BLOB), \
                 typeof(asset_id) IN ('text', 'null') AND typeof(uri) IN ('text', 'null') \
-         FROM ({query}) ORDER BY asset_id COLLATE BINARY, uri COLLATE BINARY, additional COLLATE BINARY"
+         FROM ({query}) ORDER BY asset_id COLLATE NOCASE, uri COLLATE BINARY, asset_id COLLATE BINARY, \
+                additional COLLATE BINARY"
     );
+    // The table is read a page at a time along the index `migrate` creates; a CMS's own copy of
+    // the table without it is read in one sorted pass instead (a page-wise read would sort the
+    // whole table once per page).
+    let indexed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = 'cms_asset_references_by_key_nocase'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap_or(0);
     let reading = match &config.source.query {
         Some(_) => format!("running `source.query` over {}", path.display()),
         None => format!("reading cms_asset_references from {}", path.display()),
@@ -145,7 +156,9 @@ pub async fn open_source(config: &Config) -> Result<Source, SourceError> {
         statement,
         reading,
         // Raw bytes travel through SQLite text concatenation, which is byte-exact in UTF-8 only.
-        paged: config.source.query.is_none() && encoding.eq_ignore_ascii_case("UTF-8"),
+        paged: config.source.query.is_none()
+            && encoding.eq_ignore_ascii_case("UTF-8")
+            && indexed > 0,
     })
 }
 
@@ -169,7 +182,8 @@ impl Source {
             .boxed()
     }
 
-    /// `cms_asset_references` a page at a time along its primary key. Values travel raw behind
+    /// `cms_asset_references` a page at a time along its key index (asset id ignoring case, uri,
+    /// asset id). Values travel raw behind
     /// their byte length (any bytes survive), with flags for BLOB keys; the next page starts after
     /// the last key, bound with the same type so that SQLite's ordering (TEXT before BLOB) carries
     /// on exactly. The rows of a page are concatenated in the subquery's order; the plan's merge
@@ -187,14 +201,15 @@ impl Source {
         let first = format!(
             "SELECT count(*), CAST(group_concat({ROW}, '') AS BLOB) FROM (SELECT asset_id, uri, additional \
              FROM cms_asset_references WHERE asset_id IS NOT NULL AND uri IS NOT NULL \
-             ORDER BY asset_id, uri LIMIT ?1)"
+             ORDER BY asset_id COLLATE NOCASE, uri, asset_id LIMIT ?1)"
         );
         let next = format!(
             "SELECT count(*), CAST(group_concat({ROW}, '') AS BLOB) FROM (SELECT asset_id, uri, additional \
              FROM cms_asset_references WHERE asset_id IS NOT NULL AND uri IS NOT NULL \
-             AND (asset_id, uri) > (CASE WHEN ?3 THEN ?2 ELSE CAST(?2 AS TEXT) END, \
-                                    CASE WHEN ?5 THEN ?4 ELSE CAST(?4 AS TEXT) END) \
-             ORDER BY asset_id, uri LIMIT ?1)"
+             AND (asset_id COLLATE NOCASE, uri, asset_id) > (CASE WHEN ?3 THEN ?2 ELSE CAST(?2 AS TEXT) END, \
+                                    CASE WHEN ?5 THEN ?4 ELSE CAST(?4 AS TEXT) END, \
+                                    CASE WHEN ?3 THEN ?2 ELSE CAST(?2 AS TEXT) END) \
+             ORDER BY asset_id COLLATE NOCASE, uri, asset_id LIMIT ?1)"
         );
         let nulls = sqlx::query(NULL_KEYS)
             .fetch(&self.pool)

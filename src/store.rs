@@ -248,10 +248,9 @@ impl Store {
                     })
                     .collect();
                 // Rows are concatenated in the subquery's key order; check it rather than trust it.
-                if rows
-                    .windows(2)
-                    .any(|w| (&w[0].0, &w[0].1) >= (&w[1].0, &w[1].1))
-                {
+                if rows.windows(2).any(|w| {
+                    crate::model::key_order((&w[0].0, &w[0].1), (&w[1].0, &w[1].1)).is_ge()
+                }) {
                     return Err(sqlx::Error::Protocol(
                         "a page of recorded_usages came out of key order".into(),
                     ));
@@ -374,18 +373,7 @@ impl Store {
         usage_id: Option<&str>,
     ) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO recorded_usages (asset_id, uri, additional, usage_id, synced_at) VALUES (?, ?, ?, ?, ?) \
-             ON CONFLICT (asset_id, uri) DO UPDATE SET additional = excluded.additional, \
-                 usage_id = excluded.usage_id, synced_at = excluded.synced_at",
-        )
-        .bind(&op.asset_id)
-        .bind(&op.uri)
-        .bind(additional)
-        .bind(usage_id)
-        .bind(now_text())
-        .execute(&mut *tx)
-        .await?;
+        record_usage(&mut tx, &op.asset_id, &op.uri, additional, usage_id).await?;
         finish_operation(&mut tx, op.id).await?;
         tx.commit().await
     }
@@ -512,12 +500,17 @@ impl Store {
         .await?;
         let mut batch = SyncBatch::default();
         for uri in candidates {
-            let mut wanted: std::collections::BTreeMap<String, String> =
+            // Keyed by the asset id ignoring case (one usage), holding the id to send: a queued
+            // target's (as the CMS wrote it last) over the recorded one.
+            let mut wanted: std::collections::BTreeMap<String, (String, String)> =
                 sqlx::query_as("SELECT asset_id, additional FROM recorded_usages WHERE uri = ?")
                     .bind(&uri)
                     .fetch_all(&mut *tx)
                     .await?
                     .into_iter()
+                    .map(|(asset_id, additional): (String, String)| {
+                        (asset_id.to_ascii_lowercase(), (asset_id, additional))
+                    })
                     .collect();
             let queued: Vec<(String, String, Option<String>)> = sqlx::query_as(
                 "SELECT asset_id, action, additional FROM operations WHERE uri = ? AND state = 'pending'",
@@ -526,9 +519,10 @@ impl Store {
             .fetch_all(&mut *tx)
             .await?;
             for (asset_id, action, additional) in queued {
+                let folded = asset_id.to_ascii_lowercase();
                 match target_from(action, additional) {
-                    Target::Upsert(a) => wanted.insert(asset_id, a),
-                    Target::Delete => wanted.remove(&asset_id),
+                    Target::Upsert(a) => wanted.insert(folded, (asset_id, a)),
+                    Target::Delete => wanted.remove(&folded),
                 };
             }
             if !batch.uris.is_empty() && batch.listing.len() + wanted.len() > batch_size {
@@ -549,13 +543,15 @@ impl Store {
             .fetch_all(&mut *tx)
             .await?;
             batch.ops.extend(claimed);
-            batch
-                .listing
-                .extend(wanted.into_iter().map(|(asset_id, additional)| SyncUsage {
-                    asset_id,
-                    uri: uri.clone(),
-                    additional,
-                }));
+            batch.listing.extend(
+                wanted
+                    .into_values()
+                    .map(|(asset_id, additional)| SyncUsage {
+                        asset_id,
+                        uri: uri.clone(),
+                        additional,
+                    }),
+            );
             batch.uris.push(uri);
         }
         if batch.uris.is_empty() {
@@ -566,58 +562,45 @@ impl Store {
         Ok(Some(batch))
     }
 
-    /// Bynder applied a sync batch: the recorded state of its uris becomes the listing (less the
-    /// rejected entries, whose recorded usage is forgotten), its operations are finished, and
-    /// those whose entry was rejected become dead letters with Bynder's reason.
+    /// Records what a sync answer confirmed, in one transaction: each operation of the batch by
+    /// its [`SyncOpOutcome`] (`outcomes[i]` is `batch.ops[i]`'s); an unsettled one stays in flight
+    /// for the caller to settle by a read-back. `rejected_listed` are listed usages that were no
+    /// operation of the batch but that Bynder refused: their recorded usage is forgotten.
     pub async fn complete_sync_batch(
         &self,
         batch: &SyncBatch,
-        usage_ids: &std::collections::HashMap<(String, String), String>,
-        rejected: &std::collections::HashMap<(String, String), String>,
+        outcomes: &[SyncOpOutcome],
+        rejected_listed: &[(String, String)],
     ) -> Result<(), sqlx::Error> {
         let now = now_text();
-        // IMMEDIATE: this transaction reads before it writes; a deferred one could not upgrade
-        // to a write lock once another connection committed (SQLITE_BUSY, no busy wait).
+        // IMMEDIATE: this transaction may read before it writes; a deferred one could not
+        // upgrade to a write lock once another connection committed (SQLITE_BUSY, no busy wait).
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        for uri in &batch.uris {
-            let keep: std::collections::HashSet<&str> = batch
-                .listing
-                .iter()
-                .filter(|u| {
-                    u.uri == *uri && !rejected.contains_key(&(u.asset_id.clone(), u.uri.clone()))
-                })
-                .map(|u| u.asset_id.as_str())
-                .collect();
-            let recorded: Vec<String> =
-                sqlx::query_scalar("SELECT asset_id FROM recorded_usages WHERE uri = ?")
-                    .bind(uri)
-                    .fetch_all(&mut *tx)
+        for (asset_id, uri) in rejected_listed {
+            forget_recorded(&mut tx, asset_id, uri).await?;
+        }
+        for (op, outcome) in batch.ops.iter().zip(outcomes) {
+            match outcome {
+                SyncOpOutcome::Upserted {
+                    additional,
+                    usage_id,
+                } => {
+                    record_usage(
+                        &mut tx,
+                        &op.asset_id,
+                        &op.uri,
+                        additional,
+                        usage_id.as_deref(),
+                    )
                     .await?;
-            for asset_id in recorded.iter().filter(|a| !keep.contains(a.as_str())) {
-                forget_recorded(&mut tx, asset_id, uri).await?;
-            }
-        }
-        for usage in &batch.listing {
-            let key = (usage.asset_id.clone(), usage.uri.clone());
-            if rejected.contains_key(&key) {
-                continue;
-            }
-            sqlx::query(
-                "INSERT INTO recorded_usages (asset_id, uri, additional, usage_id, synced_at) VALUES (?, ?, ?, ?, ?) \
-                 ON CONFLICT (asset_id, uri) DO UPDATE SET additional = excluded.additional, \
-                     usage_id = coalesce(excluded.usage_id, recorded_usages.usage_id), synced_at = excluded.synced_at",
-            )
-            .bind(&usage.asset_id)
-            .bind(&usage.uri)
-            .bind(&usage.additional)
-            .bind(usage_ids.get(&key))
-            .bind(&now)
-            .execute(&mut *tx)
-            .await?;
-        }
-        for op in &batch.ops {
-            match rejected.get(&(op.asset_id.clone(), op.uri.clone())) {
-                Some(reason) if matches!(op.target, Target::Upsert(_)) => {
+                    finish_operation(&mut tx, op.id).await?;
+                }
+                SyncOpOutcome::Removed => {
+                    forget_recorded(&mut tx, &op.asset_id, &op.uri).await?;
+                    finish_operation(&mut tx, op.id).await?;
+                }
+                SyncOpOutcome::Rejected(reason) => {
+                    forget_recorded(&mut tx, &op.asset_id, &op.uri).await?;
                     sqlx::query(
                         "UPDATE operations SET state = 'dead', uncertain = 0, attempts = attempts + 1, \
                              last_error = ?, updated_at = ? WHERE id = ?",
@@ -628,7 +611,7 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
                 }
-                _ => finish_operation(&mut tx, op.id).await?,
+                SyncOpOutcome::Unsettled => {}
             }
         }
         tx.commit().await
@@ -748,6 +731,45 @@ impl Store {
         .await
     }
 
+    // ---- portal profile ---------------------------------------------------------------------
+
+    /// What was learned about one portal: `(fact, value, learned_at, evidence)` rows.
+    pub async fn portal_facts(
+        &self,
+        portal: &str,
+    ) -> Result<Vec<(String, String, String, String)>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT fact, value, learned_at, evidence FROM portal_profile WHERE portal = ? ORDER BY fact",
+        )
+        .bind(portal)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Stores one learned fact about a portal, replacing what was known of it.
+    pub async fn save_portal_fact(
+        &self,
+        portal: &str,
+        fact: &str,
+        value: &str,
+        learned_at: &str,
+        evidence: &str,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO portal_profile (portal, fact, value, learned_at, evidence) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT (portal, fact) DO UPDATE SET value = excluded.value, learned_at = excluded.learned_at, \
+                 evidence = excluded.evidence",
+        )
+        .bind(portal)
+        .bind(fact)
+        .bind(value)
+        .bind(learned_at)
+        .bind(evidence)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     // ---- settings ---------------------------------------------------------------------------
 
     pub async fn set_setting(&self, key: &str, value: Option<&str>) -> Result<(), sqlx::Error> {
@@ -770,6 +792,22 @@ impl Store {
             .fetch_optional(&self.pool)
             .await
     }
+}
+
+/// What a sync answer said about one operation of the batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncOpOutcome {
+    /// Listed in `new` or `accepted`: Bynder holds the usage with this note.
+    Upserted {
+        additional: String,
+        usage_id: Option<String>,
+    },
+    /// Listed in `removed`: Bynder holds no usage of ours for the key.
+    Removed,
+    /// Listed in `rejected`, with Bynder's reason: a dead letter.
+    Rejected(String),
+    /// The answer does not say: settled by reading Bynder back.
+    Unsettled,
 }
 
 /// Operations claimed together for one sync-endpoint request.
@@ -853,8 +891,8 @@ pub async fn enqueue(
     sqlx::query(
         "INSERT INTO operations (asset_id, uri, action, additional, state, next_attempt_at, created_at, updated_at) \
          VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?5) \
-         ON CONFLICT (asset_id, uri) DO UPDATE SET action = excluded.action, additional = excluded.additional, \
-             state = 'pending', attempts = 0, run_attempts = 0, run_id = NULL, next_attempt_at = excluded.next_attempt_at, \
+         ON CONFLICT (asset_id, uri) DO UPDATE SET asset_id = excluded.asset_id, action = excluded.action, \
+             additional = excluded.additional, state = 'pending', attempts = 0, run_attempts = 0, run_id = NULL, next_attempt_at = excluded.next_attempt_at, \
              last_error = NULL, updated_at = excluded.updated_at",
     )
     .bind(asset_id)
@@ -886,6 +924,28 @@ async fn finish_operation(conn: &mut SqliteConnection, id: i64) -> Result<(), sq
         .bind(id)
         .execute(conn)
         .await?;
+    Ok(())
+}
+
+async fn record_usage(
+    conn: &mut SqliteConnection,
+    asset_id: &str,
+    uri: &str,
+    additional: &str,
+    usage_id: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO recorded_usages (asset_id, uri, additional, usage_id, synced_at) VALUES (?, ?, ?, ?, ?) \
+         ON CONFLICT (asset_id, uri) DO UPDATE SET asset_id = excluded.asset_id, additional = excluded.additional, \
+             usage_id = coalesce(excluded.usage_id, recorded_usages.usage_id), synced_at = excluded.synced_at",
+    )
+    .bind(asset_id)
+    .bind(uri)
+    .bind(additional)
+    .bind(usage_id)
+    .bind(now_text())
+    .execute(conn)
+    .await?;
     Ok(())
 }
 

@@ -72,6 +72,11 @@ pub enum AuthFailure {
 }
 
 impl AuthError {
+    /// Whether the token endpoint refused a scope that was asked for (`invalid_scope`).
+    pub fn is_invalid_scope(&self) -> bool {
+        matches!(self, AuthError::Rejected { problem, .. } if problem.contains("(invalid_scope"))
+    }
+
     pub fn failure(&self) -> AuthFailure {
         match self {
             AuthError::Unavailable(_) | AuthError::Store(_) => AuthFailure::Transient,

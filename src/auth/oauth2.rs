@@ -321,6 +321,34 @@ fn scopes_of(response: &BasicTokenResponse) -> Option<Vec<String>> {
         .map(|scopes| scopes.iter().map(|s| s.to_string()).collect())
 }
 
+/// The fix for an `invalid_scope` answer: the OAuth app lacks a scope that was asked for. Names
+/// the scopes beyond the two the daemon needs, the likeliest culprits.
+fn invalid_scope_fix(settings: &OAuth2Settings) -> String {
+    let requested = settings.scopes.join(" ");
+    let extra: Vec<&str> = settings
+        .scopes
+        .iter()
+        .map(String::as_str)
+        .filter(|s| !REQUIRED_SCOPES.contains(s) && *s != OFFLINE_SCOPE)
+        .collect();
+    if extra.is_empty() {
+        format!(
+            "the OAuth app does not allow every scope asked for ({requested}): allow {} for it in \
+             Bynder (Settings > Advanced Settings > Portal Settings > OAuth Apps)",
+            REQUIRED_SCOPES.join(" and ")
+        )
+    } else {
+        format!(
+            "the OAuth app does not allow every scope in auth.scopes ({requested}); the daemon needs \
+             only {}. Remove {} from auth.scopes (or remove auth.scopes to use the default), or \
+             allow {} for the OAuth app in Bynder",
+            REQUIRED_SCOPES.join(" and "),
+            extra.join(", "),
+            if extra.len() == 1 { "it" } else { "them" }
+        )
+    }
+}
+
 fn warn_about_missing_scopes(granted: Option<&[String]>) {
     let Some(granted) = granted else { return };
     let missing: Vec<&str> = REQUIRED_SCOPES
@@ -386,9 +414,7 @@ fn classify(error: TokenError, settings: &OAuth2Settings, grant: GrantKind) -> A
                      redirect URI differs from auth.redirect_uri)"
                         .to_owned()
                 }
-                (BasicErrorResponseType::InvalidScope, _) => {
-                    "check auth.scopes: request only scopes the OAuth app allows".to_owned()
-                }
+                (BasicErrorResponseType::InvalidScope, _) => invalid_scope_fix(settings),
                 _ => format!("{client_fix}; and auth.token_url"),
             };
             AuthError::Rejected { problem, fix }

@@ -142,8 +142,38 @@ async fn sync_posts_json_without_a_trailing_slash() {
         .sync_usages(&["/p1".into(), "/p2".into()], &listing)
         .await
         .unwrap();
+    let SyncAnswer::Full(result) = result else {
+        panic!("the documented answer is read in full: {result:?}")
+    };
     assert_eq!(result.created.len(), 1);
     assert_eq!(result.removed.len(), 1);
+}
+
+#[tokio::test]
+async fn a_sync_answer_that_confirms_nothing_is_unconfirmed_not_an_error() {
+    for (status, body) in [
+        (204, ""),
+        (200, "{}"),
+        (200, "[]"),
+        (200, "<html>ok</html>"),
+    ] {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/api/media/usage/sync"))
+            .respond_with(ResponseTemplate::new(status).set_body_string(body))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let answer = client(&server)
+            .await
+            .sync_usages(&["/p1".into()], &[])
+            .await
+            .unwrap();
+        assert!(
+            matches!(answer, SyncAnswer::Unconfirmed(_)),
+            "{status} {body:?}: {answer:?}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -5,9 +5,25 @@
 //! so that a million of them stay fast), OAuth 2 and legacy OAuth 1.0a credentials, the
 //! per-IP rate limit, injected faults and request counters. It follows the shared API
 //! reference (`bynder-api-reference.md`); where Bynder's behaviour is unknown it takes
-//! the strict reading (a repeated create makes a second record, GET needs `asset_id`, a
-//! refresh does not rotate the refresh token, client credentials get no refresh token)
-//! so that a client which only works against a lenient server fails here first.
+//! the strict reading (a repeated create makes a second record, a refresh does not
+//! rotate the refresh token, client credentials get no refresh token) so that a client
+//! which only works against a lenient server fails here first.
+//!
+//! Where the unknown has more than one plausible answer and a client must survive each,
+//! [`Options`] picks one per portal (fixed at start; defaults in brackets):
+//!
+//! - [`SyncSemantics`] [`Exact`](SyncSemantics::Exact): whether a sync makes each listed
+//!   uri hold exactly the request's entries, or only keeps the spec's literal promise
+//!   (a listed uri with no entry at all is emptied; nothing else is removed).
+//! - [`SyncAnswer`] [`Full`](SyncAnswer::Full): the documented `{accepted, new, rejected,
+//!   removed}`, or a 204, `{}` or `[]` that confirms nothing.
+//! - [`IdCase`] [`Preserve`](IdCase::Preserve): asset ids kept as sent, or matched
+//!   ignoring ASCII case and answered lowercased.
+//! - `list_without_asset_id` [false]: whether GET lists an integration's usages (narrowed
+//!   by `uri`) without an `asset_id`, as Contentful's app relies on, or answers 400.
+//! - [`ScopePolicy`] [`Refuse`](ScopePolicy::Refuse): whether a token request for a scope
+//!   the app lacks is refused with `invalid_scope` (Bynder's observed behaviour) or
+//!   quietly narrowed to the app's scopes.
 //!
 //! It does not own any client code: nothing here signs requests or speaks to Bynder,
 //! and the daemon never imports from this module outside tests, benchmarks and `demo`.
@@ -71,6 +87,77 @@ pub struct Options {
     pub statistics_role: bool,
     /// Added to every response.
     pub latency: Duration,
+    /// What a sync removes on the uris it lists.
+    pub sync_semantics: SyncSemantics,
+    /// What a successful sync answers; the changes are the same in every variant.
+    pub sync_answer: SyncAnswer,
+    /// Whether asset ids are matched exactly or ignoring ASCII case.
+    pub id_case: IdCase,
+    /// When false (the default), `GET /api/media/usage/` without `asset_id` answers 400;
+    /// when true, `integration_id` (optionally with `uri`) alone lists that
+    /// integration's usages.
+    pub list_without_asset_id: bool,
+    /// What the token endpoint does with a requested scope the app does not have.
+    pub scope_policy: ScopePolicy,
+}
+
+/// What `POST /api/media/usage/sync` removes on each uri listed in `uris`. Bynder's
+/// only promise is that a listed uri no entry uses loses its usages; whether an asset
+/// left out of a uri that keeps other entries is removed is unknown.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SyncSemantics {
+    /// The integration's usages on each listed uri become exactly the request's entries
+    /// with that uri: listed assets are created or updated, unlisted assets and duplicate
+    /// records are removed.
+    #[default]
+    Exact,
+    /// The spec's words only: a listed uri that no entry in the request uses loses every
+    /// usage of this integration; on any other listed uri the entries are created or
+    /// updated and every other stored usage (unlisted assets, duplicates) stays.
+    Literal,
+}
+
+/// The answer to a successful sync. Only the answer differs; the changes are applied,
+/// and rejected entries left out, the same way in every variant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SyncAnswer {
+    /// 200 `{"accepted": [...], "new": [...], "rejected": [...], "removed": [...]}`, as
+    /// the spec documents.
+    #[default]
+    Full,
+    /// 204 with no body.
+    NoContent,
+    /// 200 `{}`.
+    EmptyObject,
+    /// 200 `[]`.
+    EmptyArray,
+}
+
+/// How the portal compares asset ids. Bynder's examples are upper case; whether it
+/// matches them case-insensitively, and in which case it answers them, is unknown.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IdCase {
+    /// Asset ids are compared, stored and answered exactly as sent.
+    #[default]
+    Preserve,
+    /// Asset ids are matched ignoring ASCII case, stored lowercased and answered
+    /// lowercased everywhere (GET, create, every list of the sync answer); the
+    /// `missing_assets` option and [`Simulator::seed_usage`] follow the same rule.
+    Lower,
+}
+
+/// What the token endpoint does when a request asks for a scope the app lacks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ScopePolicy {
+    /// Bynder's observed behaviour (its OAuth server is Ory Hydra): the token request
+    /// answers 400 `invalid_scope` naming the first such scope, and the authorization
+    /// step redirects back with `error=invalid_scope`. `offline` is a scope like any
+    /// other and must be registered for the app. A request without `scope` gets all of
+    /// the app's scopes.
+    #[default]
+    Refuse,
+    /// The request gets the intersection of what it asks for and the app's scopes.
+    Narrow,
 }
 
 impl Default for Options {
@@ -87,6 +174,11 @@ impl Default for Options {
             max_sync_usages: None,
             statistics_role: true,
             latency: Duration::ZERO,
+            sync_semantics: SyncSemantics::default(),
+            sync_answer: SyncAnswer::default(),
+            id_case: IdCase::default(),
+            list_without_asset_id: false,
+            scope_policy: ScopePolicy::default(),
         }
     }
 }
@@ -98,8 +190,9 @@ pub struct Client {
     pub client_id: String,
     /// The app's client secret.
     pub client_secret: String,
-    /// The scopes this app may be granted; a token request gets the intersection of what
-    /// it asks for and these.
+    /// The scopes this app may be granted (`offline` included, for a refresh token). A
+    /// token request asking for any other is refused or narrowed, as
+    /// [`Options::scope_policy`] says.
     pub scopes: Vec<String>,
     /// Redirect URIs accepted by the authorization-code flow, compared exactly.
     pub redirect_uris: Vec<String>,
@@ -245,7 +338,8 @@ impl Simulator {
     }
 
     /// Records a usage as if someone else (or a person in the UI) had created it. It
-    /// bypasses `missing_assets`, faults and the rate limit.
+    /// bypasses `missing_assets`, faults and the rate limit; with [`IdCase::Lower`] the
+    /// asset id is stored lowercased, as the portal would.
     pub fn seed_usage(
         &self,
         integration_id: &str,
@@ -253,10 +347,11 @@ impl Simulator {
         uri: &str,
         additional: &str,
     ) -> Usage {
+        let asset_id = self.shared.policy.asset_id(asset_id);
         let mut store = self.shared.store();
         let id = store.insert(
             integration_id,
-            asset_id,
+            &asset_id,
             uri,
             additional,
             chrono::Utc::now(),
@@ -353,6 +448,27 @@ struct Policy {
     max_sync_usages: Option<usize>,
     statistics_role: bool,
     latency: Duration,
+    sync_semantics: SyncSemantics,
+    sync_answer: SyncAnswer,
+    id_case: IdCase,
+    list_without_asset_id: bool,
+    scope_policy: ScopePolicy,
+}
+
+impl Policy {
+    /// An asset id as this portal stores and compares it.
+    fn asset_id<'a>(&self, asset_id: &'a str) -> std::borrow::Cow<'a, str> {
+        match self.id_case {
+            IdCase::Preserve => std::borrow::Cow::Borrowed(asset_id),
+            IdCase::Lower => std::borrow::Cow::Owned(asset_id.to_ascii_lowercase()),
+        }
+    }
+
+    /// Whether the portal has no asset with this id; `asset_id` must already be in the
+    /// portal's case (see [`Policy::asset_id`]).
+    fn is_missing(&self, asset_id: &str) -> bool {
+        self.missing_assets.contains(asset_id)
+    }
 }
 
 /// State shared by the server task and the [`Simulator`] handle.
@@ -384,7 +500,19 @@ impl Shared {
             max_sync_usages,
             statistics_role,
             latency,
+            sync_semantics,
+            sync_answer,
+            id_case,
+            list_without_asset_id,
+            scope_policy,
         } = options;
+        let missing_assets = match id_case {
+            IdCase::Preserve => missing_assets,
+            IdCase::Lower => missing_assets
+                .iter()
+                .map(|id| id.to_ascii_lowercase())
+                .collect(),
+        };
         Shared {
             policy: Policy {
                 token_lifetime,
@@ -394,6 +522,11 @@ impl Shared {
                 max_sync_usages,
                 statistics_role,
                 latency,
+                sync_semantics,
+                sync_answer,
+                id_case,
+                list_without_asset_id,
+                scope_policy,
             },
             store: Mutex::new(store::Store::default()),
             credentials: Mutex::new(auth::Credentials::new(permanent_tokens, clients, oauth1)),

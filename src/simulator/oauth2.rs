@@ -3,7 +3,8 @@
 //! `POST /v6/authentication/oauth2/token` (client credentials, authorization code with
 //! PKCE, refresh token).
 //!
-//! Owns the grant rules; the tokens themselves are stored by [`super::auth`]. Errors use
+//! Owns the grant rules, including what a request for a scope the app lacks gets
+//! ([`ScopePolicy`]); the tokens themselves are stored by [`super::auth`]. Errors use
 //! the OAuth 2 JSON shape `{"error", "error_description"}`: 401 for `invalid_client`,
 //! 400 for everything else.
 
@@ -18,7 +19,7 @@ use tokio::time::Instant;
 
 use super::auth::{random_secret, AuthCode, Credentials};
 use super::http::{self, Call, Rejection};
-use super::{faults, lock, Client, Shared};
+use super::{faults, lock, Client, ScopePolicy, Shared};
 
 /// How long an authorization code may wait before it is exchanged.
 const CODE_LIFETIME: Duration = Duration::from_secs(600);
@@ -61,25 +62,29 @@ pub(super) fn authorize(shared: &Shared, call: &Call) -> Response {
     };
     let state = param("state");
     let challenge = param("code_challenge");
+    let refused = refused_scope(&client, param("scope"), shared.policy.scope_policy);
     let problem = if param("response_type") != Some("code") {
         Some((
             "unsupported_response_type",
-            "Only response_type=code is supported.",
+            "Only response_type=code is supported.".to_owned(),
         ))
     } else if state.is_none() {
-        Some(("invalid_request", "The state parameter is required."))
+        Some((
+            "invalid_request",
+            "The state parameter is required.".to_owned(),
+        ))
     } else if challenge.is_some() && param("code_challenge_method") != Some("S256") {
         Some((
             "invalid_request",
-            "Only code_challenge_method=S256 is supported.",
+            "Only code_challenge_method=S256 is supported.".to_owned(),
         ))
     } else if challenge.is_none() && param("code_challenge_method").is_some() {
         Some((
             "invalid_request",
-            "code_challenge_method was sent without a code_challenge.",
+            "code_challenge_method was sent without a code_challenge.".to_owned(),
         ))
     } else {
-        None
+        refused.map(|scope| ("invalid_scope", invalid_scope_description(scope)))
     };
     {
         let mut pairs = target.query_pairs_mut();
@@ -87,7 +92,7 @@ pub(super) fn authorize(shared: &Shared, call: &Call) -> Response {
             Some((error, description)) => {
                 pairs
                     .append_pair("error", error)
-                    .append_pair("error_description", description);
+                    .append_pair("error_description", &description);
             }
             None => {
                 let code = random_secret();
@@ -133,24 +138,30 @@ pub(super) fn token(shared: &Shared, call: &Call) -> Response {
         Ok(client) => client,
         Err(rejection) => return rejection.into_response(),
     };
-    let outcome = match http::field(&form, "grant_type") {
-        Some("client_credentials") => Ok(Grant {
-            scopes: grant_scopes(&client, http::field(&form, "scope")),
+    let requested = http::field(&form, "scope");
+    let refused = refused_scope(&client, requested, shared.policy.scope_policy);
+    let outcome = match (http::field(&form, "grant_type"), refused) {
+        // Checked before the grant itself, so a refused request uses up no code.
+        (Some("client_credentials" | "authorization_code" | "refresh_token"), Some(scope)) => {
+            Err(Rejection::from(invalid_scope(scope)))
+        }
+        (Some("client_credentials"), _) => Ok(Grant {
+            scopes: grant_scopes(&client, requested),
             refresh_token: None,
         }),
-        Some("authorization_code") => exchange_code(&mut credentials, &client, &form),
-        Some("refresh_token") => refresh(
+        (Some("authorization_code"), _) => exchange_code(&mut credentials, &client, &form),
+        (Some("refresh_token"), _) => refresh(
             &mut credentials,
             &client,
             &form,
             shared.policy.rotate_refresh_tokens,
         ),
-        Some(_) => Err(Rejection::from(oauth_error(
+        (Some(_), _) => Err(Rejection::from(oauth_error(
             StatusCode::BAD_REQUEST,
             "unsupported_grant_type",
             "The grant_type is not supported.",
         ))),
-        None => Err(Rejection::from(oauth_error(
+        (None, _) => Err(Rejection::from(oauth_error(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             "The grant_type parameter is required.",
@@ -339,9 +350,42 @@ fn refresh(
     })
 }
 
+/// Under [`ScopePolicy::Refuse`], the first requested scope (space-separated) that the
+/// app may not have; `None` when every one is allowed, when `scope` is absent, or under
+/// [`ScopePolicy::Narrow`].
+fn refused_scope<'a>(
+    client: &Client,
+    requested: Option<&'a str>,
+    policy: ScopePolicy,
+) -> Option<&'a str> {
+    match policy {
+        ScopePolicy::Narrow => None,
+        ScopePolicy::Refuse => requested?
+            .split_whitespace()
+            .find(|scope| !client.scopes.iter().any(|known| known == scope)),
+    }
+}
+
+/// Hydra's wording for a scope the client may not request.
+fn invalid_scope_description(scope: &str) -> String {
+    format!(
+        "The requested scope is invalid, unknown, or malformed. The OAuth 2.0 Client is not \
+         allowed to request scope '{scope}'."
+    )
+}
+
+fn invalid_scope(scope: &str) -> Response {
+    oauth_error(
+        StatusCode::BAD_REQUEST,
+        "invalid_scope",
+        &invalid_scope_description(scope),
+    )
+}
+
 /// The app's scopes that were asked for (space-separated), or all of them when `scope`
-/// is absent. Scopes the app may not have are silently left out, as Bynder grants only
-/// what the user is allowed.
+/// is absent. Scopes the app may not have are left out, which under
+/// [`ScopePolicy::Refuse`] only happens after [`refused_scope`] let them through, i.e.
+/// never.
 fn grant_scopes(client: &Client, requested: Option<&str>) -> Vec<String> {
     narrow_scopes(client.scopes.clone(), requested)
 }
@@ -413,6 +457,27 @@ mod tests {
             vec!["offline".to_owned()]
         );
         assert_eq!(narrow_scopes(available.clone(), None), available);
+    }
+
+    #[test]
+    fn refuse_names_the_first_scope_the_app_may_not_have() {
+        let client = Client {
+            client_id: "app".to_owned(),
+            client_secret: "secret".to_owned(),
+            scopes: vec!["asset.usage:read".to_owned()],
+            redirect_uris: Vec::new(),
+        };
+        let asked = Some("asset.usage:read offline asset.usage:write");
+        assert_eq!(
+            refused_scope(&client, asked, ScopePolicy::Refuse),
+            Some("offline")
+        );
+        assert_eq!(refused_scope(&client, asked, ScopePolicy::Narrow), None);
+        assert_eq!(refused_scope(&client, None, ScopePolicy::Refuse), None);
+        assert_eq!(
+            refused_scope(&client, Some("asset.usage:read"), ScopePolicy::Refuse),
+            None
+        );
     }
 
     #[test]

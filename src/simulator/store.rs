@@ -175,6 +175,21 @@ impl Store {
         found.into_iter().map(|(_, id)| id).collect()
     }
 
+    /// The ids of every usage of one integration, on any uri, oldest first. Reads only
+    /// that integration's part of the page index.
+    pub fn integration(&self, integration_id: &str) -> Vec<Uuid> {
+        let mut found: Vec<(u64, Uuid)> = self
+            .by_page
+            .get(integration_id)
+            .into_iter()
+            .flat_map(HashMap::values)
+            .flatten()
+            .filter_map(|id| self.records.get(id).map(|record| (record.seq, *id)))
+            .collect();
+        found.sort_unstable();
+        found.into_iter().map(|(_, id)| id).collect()
+    }
+
     fn page_ids(&self, integration_id: &str, uri: &str) -> &HashSet<Uuid> {
         static EMPTY: std::sync::LazyLock<HashSet<Uuid>> = std::sync::LazyLock::new(HashSet::new);
         self.by_page
@@ -254,7 +269,7 @@ mod tests {
         let mut store = Store::default();
         let now = Utc::now();
         let first = store.insert("int-a", "asset-1", "https://cms/1", "", now);
-        let _other_page = store.insert("int-a", "asset-1", "https://cms/2", "", now);
+        let other_page = store.insert("int-a", "asset-1", "https://cms/2", "", now);
         let _other_integration = store.insert("int-b", "asset-1", "https://cms/1", "", now);
         let second = store.insert("int-a", "asset-1", "https://cms/1", "", now);
 
@@ -264,6 +279,8 @@ mod tests {
             vec![first, second]
         );
         assert_eq!(store.page("int-a", "https://cms/1"), vec![first, second]);
+        assert_eq!(store.integration("int-a"), vec![first, other_page, second]);
+        assert!(store.integration("int-c").is_empty());
         assert!(store.find("asset-2", None, None).is_empty());
     }
 

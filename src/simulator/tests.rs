@@ -556,8 +556,7 @@ async fn slashless_usage_path_redirects_instead_of_serving() {
 async fn client_credentials_work_in_the_body_and_with_basic_auth_without_a_refresh_token() {
     let (simulator, http) = start(options()).await;
 
-    let in_body =
-        client_credentials_token(&simulator, &http, "asset.usage:read admin:everything").await;
+    let in_body = client_credentials_token(&simulator, &http, "asset.usage:read").await;
     assert_eq!(in_body["token_type"], "bearer");
     assert_eq!(in_body["expires_in"], 3600);
     assert_eq!(in_body["scope"], "asset.usage:read");
@@ -1383,4 +1382,555 @@ async fn after_shutdown_the_portal_refuses_connections() {
     simulator.shutdown().await;
 
     assert!(http.get(&url).send().await.is_err());
+}
+
+/// The (asset, uri, additional) of one integration's usages, in the listing's order.
+fn page_contents(simulator: &Simulator, integration_id: &str) -> Vec<(String, String, String)> {
+    simulator
+        .usages_for(integration_id)
+        .into_iter()
+        .map(|usage| (usage.asset_id, usage.uri, usage.additional))
+        .collect()
+}
+
+fn sorted_items(items: &Value) -> Vec<Value> {
+    let mut items = items.as_array().expect("a list").clone();
+    items.sort_by_key(|item| item.to_string());
+    items
+}
+
+#[tokio::test]
+async fn literal_sync_keeps_an_omitted_asset_on_a_uri_that_keeps_others() {
+    let (simulator, http) = start(Options {
+        sync_semantics: SyncSemantics::Literal,
+        ..options()
+    })
+    .await;
+    let page = "https://cms.example/1";
+    simulator.seed_usage(INTEGRATION, ASSET, page, "old");
+    simulator.seed_usage(INTEGRATION, OTHER_ASSET, page, "");
+    simulator.seed_usage(INTEGRATION, OTHER_ASSET, page, "duplicate");
+
+    let response = sync(
+        &simulator,
+        &http,
+        &json!({
+            "integration_id": INTEGRATION,
+            "uris": [page],
+            "usages": [{"asset_id": ASSET, "uri": page, "additional": "new"}],
+        }),
+    )
+    .await;
+
+    assert_eq!(response.status(), StatusCode::OK);
+    let outcome: Value = response.json().await.unwrap();
+    assert_eq!(
+        outcome["accepted"],
+        json!([{"asset_id": ASSET, "uri": page, "additional": "new"}])
+    );
+    assert_eq!(outcome["new"], json!([]));
+    assert_eq!(outcome["removed"], json!([]));
+    let mut stored = page_contents(&simulator, INTEGRATION);
+    stored.sort();
+    assert_eq!(
+        stored,
+        vec![
+            (ASSET.to_owned(), page.to_owned(), "new".to_owned()),
+            (OTHER_ASSET.to_owned(), page.to_owned(), String::new()),
+            (
+                OTHER_ASSET.to_owned(),
+                page.to_owned(),
+                "duplicate".to_owned()
+            ),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn literal_sync_removes_every_usage_on_a_uri_listed_without_entries() {
+    let (simulator, http) = start(Options {
+        sync_semantics: SyncSemantics::Literal,
+        ..options()
+    })
+    .await;
+    let emptied = "https://cms.example/1";
+    let kept = "https://cms.example/2";
+    let unlisted = "https://cms.example/3";
+    simulator.seed_usage(INTEGRATION, ASSET, emptied, "");
+    simulator.seed_usage(INTEGRATION, OTHER_ASSET, emptied, "");
+    simulator.seed_usage(INTEGRATION, OTHER_ASSET, emptied, "duplicate");
+    simulator.seed_usage(INTEGRATION, ASSET, kept, "");
+    simulator.seed_usage(INTEGRATION, ASSET, unlisted, "");
+    simulator.seed_usage(OTHER_INTEGRATION, ASSET, emptied, "");
+
+    let response = sync(
+        &simulator,
+        &http,
+        &json!({
+            "integration_id": INTEGRATION,
+            "uris": [emptied, kept],
+            "usages": [{"asset_id": OTHER_ASSET, "uri": kept, "additional": ""}],
+        }),
+    )
+    .await;
+
+    assert_eq!(response.status(), StatusCode::OK);
+    let outcome: Value = response.json().await.unwrap();
+    assert_eq!(
+        sorted_items(&outcome["removed"]),
+        vec![
+            json!({"asset_id": ASSET, "uri": emptied}),
+            json!({"asset_id": OTHER_ASSET, "uri": emptied}),
+            json!({"asset_id": OTHER_ASSET, "uri": emptied}),
+        ]
+    );
+    assert_eq!(outcome["new"].as_array().unwrap().len(), 1);
+    assert_eq!(outcome["new"][0]["asset_id"], OTHER_ASSET);
+    let mut stored = page_contents(&simulator, INTEGRATION);
+    stored.sort();
+    assert_eq!(
+        stored,
+        vec![
+            (ASSET.to_owned(), kept.to_owned(), String::new()),
+            (ASSET.to_owned(), unlisted.to_owned(), String::new()),
+            (OTHER_ASSET.to_owned(), kept.to_owned(), String::new()),
+        ]
+    );
+    assert_eq!(simulator.usages_for(OTHER_INTEGRATION).len(), 1);
+}
+
+#[tokio::test]
+async fn exact_sync_removes_an_asset_omitted_from_a_uri_that_keeps_others() {
+    let (simulator, http) = start(Options {
+        sync_semantics: SyncSemantics::Exact,
+        ..options()
+    })
+    .await;
+    let page = "https://cms.example/1";
+    simulator.seed_usage(INTEGRATION, ASSET, page, "");
+    simulator.seed_usage(INTEGRATION, OTHER_ASSET, page, "");
+
+    let response = sync(
+        &simulator,
+        &http,
+        &json!({
+            "integration_id": INTEGRATION,
+            "uris": [page],
+            "usages": [{"asset_id": ASSET, "uri": page, "additional": ""}],
+        }),
+    )
+    .await;
+
+    let outcome: Value = response.json().await.unwrap();
+    assert_eq!(
+        outcome["removed"],
+        json!([{"asset_id": OTHER_ASSET, "uri": page}])
+    );
+    assert_eq!(
+        page_contents(&simulator, INTEGRATION),
+        vec![(ASSET.to_owned(), page.to_owned(), String::new())]
+    );
+    assert_eq!(Options::default().sync_semantics, SyncSemantics::Exact);
+}
+
+#[tokio::test]
+async fn every_sync_answer_applies_the_same_changes_and_differs_only_in_its_answer() {
+    let page = "https://cms.example/1";
+    for (answer, status, body) in [
+        (SyncAnswer::Full, StatusCode::OK, None),
+        (SyncAnswer::NoContent, StatusCode::NO_CONTENT, Some("")),
+        (SyncAnswer::EmptyObject, StatusCode::OK, Some("{}")),
+        (SyncAnswer::EmptyArray, StatusCode::OK, Some("[]")),
+    ] {
+        let (simulator, http) = start(Options {
+            sync_answer: answer,
+            ..options()
+        })
+        .await;
+        simulator.seed_usage(INTEGRATION, OTHER_ASSET, page, "");
+
+        let response = sync(
+            &simulator,
+            &http,
+            &json!({
+                "integration_id": INTEGRATION,
+                "uris": [page],
+                "usages": [
+                    {"asset_id": ASSET, "uri": page, "additional": "Hero"},
+                    {"asset_id": MISSING_ASSET, "uri": page, "additional": ""},
+                ],
+            }),
+        )
+        .await;
+
+        assert_eq!(response.status(), status, "{answer:?}");
+        let text = response.text().await.unwrap();
+        match body {
+            Some(expected) => assert_eq!(text, expected, "{answer:?}"),
+            None => {
+                let outcome: Value = serde_json::from_str(&text).unwrap();
+                assert_eq!(outcome["new"][0]["asset_id"], ASSET);
+                assert_eq!(outcome["rejected"][0]["asset_id"], MISSING_ASSET);
+                assert_eq!(
+                    outcome["removed"],
+                    json!([{"asset_id": OTHER_ASSET, "uri": page}])
+                );
+                assert_eq!(outcome["accepted"], json!([]));
+            }
+        }
+        assert_eq!(
+            page_contents(&simulator, INTEGRATION),
+            vec![(ASSET.to_owned(), page.to_owned(), "Hero".to_owned())],
+            "{answer:?}"
+        );
+    }
+    assert_eq!(Options::default().sync_answer, SyncAnswer::Full);
+}
+
+#[tokio::test]
+async fn lower_id_case_matches_any_case_and_answers_lowercased_ids() {
+    let missing_upper = "ABCDEF00-0000-0000-0000000000000000";
+    let (simulator, http) = start(Options {
+        id_case: IdCase::Lower,
+        missing_assets: [missing_upper.to_owned()].into_iter().collect(),
+        ..options()
+    })
+    .await;
+    let lower = ASSET.to_ascii_lowercase();
+    let other_lower = OTHER_ASSET.to_ascii_lowercase();
+    let page = "https://cms.example/1";
+
+    let created = create(&simulator, &http, ASSET, page, "").await;
+    assert_eq!(created["asset_id"], lower.as_str());
+    let seeded = simulator.seed_usage(INTEGRATION, OTHER_ASSET, page, "");
+    assert_eq!(seeded.asset_id, other_lower);
+
+    let mixed = format!("{}{}", &lower[..10], &ASSET[10..]);
+    for asked in [ASSET, lower.as_str(), mixed.as_str()] {
+        let listed = get_usages(&simulator, &http, &[("asset_id", asked)]).await;
+        assert_eq!(listed, json!([created.clone()]), "{asked}");
+    }
+
+    let missing = http
+        .post(usage_url(&simulator))
+        .bearer_auth(TOKEN)
+        .form(&[
+            ("integration_id", INTEGRATION),
+            ("asset_id", &missing_upper.to_ascii_lowercase()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+
+    let response = sync(
+        &simulator,
+        &http,
+        &json!({
+            "integration_id": INTEGRATION,
+            "uris": [page],
+            "usages": [
+                {"asset_id": ASSET, "uri": page, "additional": "Hero"},
+                {"asset_id": missing_upper, "uri": page, "additional": ""},
+            ],
+        }),
+    )
+    .await;
+    let outcome: Value = response.json().await.unwrap();
+    assert_eq!(
+        outcome["accepted"],
+        json!([{"asset_id": lower, "uri": page, "additional": "Hero"}])
+    );
+    assert_eq!(
+        outcome["rejected"],
+        json!([{
+            "asset_id": missing_upper.to_ascii_lowercase(), "uri": page, "reason": "Asset not found",
+        }])
+    );
+    assert_eq!(
+        outcome["removed"],
+        json!([{"asset_id": other_lower, "uri": page}])
+    );
+
+    let status = delete(
+        &simulator,
+        &http,
+        &[("integration_id", INTEGRATION), ("asset_id", ASSET)],
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(simulator.usages().is_empty());
+}
+
+#[tokio::test]
+async fn preserved_id_case_treats_ids_that_differ_in_case_as_different_assets() {
+    let (simulator, http) = start(options()).await;
+    let created = create(&simulator, &http, ASSET, "https://cms.example/1", "").await;
+    assert_eq!(created["asset_id"], ASSET);
+
+    let lower = ASSET.to_ascii_lowercase();
+    let listed = get_usages(&simulator, &http, &[("asset_id", &lower)]).await;
+    assert_eq!(listed, json!([]));
+    assert_eq!(Options::default().id_case, IdCase::Preserve);
+}
+
+#[tokio::test]
+async fn listing_without_asset_id_serves_an_integration_and_its_pages_when_enabled() {
+    let (simulator, http) = start(Options {
+        list_without_asset_id: true,
+        ..options()
+    })
+    .await;
+    let first = simulator.seed_usage(INTEGRATION, ASSET, "https://cms.example/1", "");
+    let second = simulator.seed_usage(INTEGRATION, OTHER_ASSET, "https://cms.example/2", "");
+    let third = simulator.seed_usage(INTEGRATION, OTHER_ASSET, "https://cms.example/1", "");
+    simulator.seed_usage(OTHER_INTEGRATION, ASSET, "https://cms.example/1", "");
+    let ids = |listed: &Value| -> Vec<String> {
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|usage| usage["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+
+    let whole = get_usages(&simulator, &http, &[("integration_id", INTEGRATION)]).await;
+    assert_eq!(
+        ids(&whole),
+        vec![first.id.clone(), second.id.clone(), third.id.clone()]
+    );
+    let page = get_usages(
+        &simulator,
+        &http,
+        &[
+            ("integration_id", INTEGRATION),
+            ("uri", "https://cms.example/1"),
+        ],
+    )
+    .await;
+    assert_eq!(ids(&page), vec![first.id.clone(), third.id.clone()]);
+    assert_eq!(page[1]["integration"]["id"], INTEGRATION);
+
+    let nothing = get_usages(
+        &simulator,
+        &http,
+        &[("integration_id", "no-such-integration")],
+    )
+    .await;
+    assert_eq!(nothing, json!([]));
+
+    let uri_only = http
+        .get(usage_url(&simulator))
+        .bearer_auth(TOKEN)
+        .query(&[("uri", "https://cms.example/1")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(uri_only.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        uri_only.json::<Value>().await.unwrap(),
+        json!({"asset_id": "This field is required."})
+    );
+}
+
+#[tokio::test]
+async fn listing_without_asset_id_is_a_bad_request_when_disabled() {
+    let (simulator, http) = start(Options {
+        list_without_asset_id: false,
+        ..options()
+    })
+    .await;
+    simulator.seed_usage(INTEGRATION, ASSET, "https://cms.example/1", "");
+
+    let response = http
+        .get(usage_url(&simulator))
+        .bearer_auth(TOKEN)
+        .query(&[
+            ("integration_id", INTEGRATION),
+            ("uri", "https://cms.example/1"),
+        ])
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert!(!Options::default().list_without_asset_id);
+}
+
+async fn token_request(
+    simulator: &Simulator,
+    http: &reqwest::Client,
+    form: &[(&str, &str)],
+) -> (StatusCode, Value) {
+    let response = exchange(simulator, http, form).await;
+    let status = response.status();
+    (status, response.json().await.unwrap())
+}
+
+fn invalid_scope_body(scope: &str) -> Value {
+    json!({
+        "error": "invalid_scope",
+        "error_description": format!(
+            "The requested scope is invalid, unknown, or malformed. The OAuth 2.0 Client is \
+             not allowed to request scope '{scope}'."
+        ),
+    })
+}
+
+#[tokio::test]
+async fn refuse_answers_invalid_scope_naming_the_first_scope_the_app_lacks() {
+    let (simulator, http) = start(Options {
+        scope_policy: ScopePolicy::Refuse,
+        ..options()
+    })
+    .await;
+
+    let (status, body) = token_request(
+        &simulator,
+        &http,
+        &[
+            ("grant_type", "client_credentials"),
+            ("scope", "asset.usage:read admin:everything asset:write"),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body, invalid_scope_body("admin:everything"));
+
+    let (status, body) =
+        token_request(&simulator, &http, &[("grant_type", "client_credentials")]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body["scope"],
+        "asset.usage:read asset.usage:write current.user:read offline"
+    );
+
+    // The browser step sends the app back with the error instead of a code.
+    let response = http
+        .get(format!(
+            "{}/v6/authentication/oauth2/auth",
+            simulator.base_url()
+        ))
+        .query(&[
+            ("client_id", CLIENT_ID),
+            ("redirect_uri", REDIRECT_URI),
+            ("response_type", "code"),
+            ("scope", "offline asset:read"),
+            ("state", "state-1234"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FOUND);
+    let location = url::Url::parse(response.headers()["location"].to_str().unwrap()).unwrap();
+    let query: std::collections::HashMap<String, String> =
+        location.query_pairs().into_owned().collect();
+    assert_eq!(query["error"], "invalid_scope");
+    assert!(query["error_description"].ends_with("request scope 'asset:read'."));
+    assert_eq!(query["state"], "state-1234");
+    assert!(!query.contains_key("code"));
+
+    // A refresh that asks for more than the app may have is refused too.
+    let verifier = "a-verifier-for-the-refuse-test-that-is-long-enough-0123456789";
+    let code = authorization_code(
+        &simulator,
+        &http,
+        "asset.usage:read offline",
+        &pkce_challenge(verifier),
+    )
+    .await;
+    let (status, granted) = token_request(
+        &simulator,
+        &http,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &code),
+            ("redirect_uri", REDIRECT_URI),
+            ("code_verifier", verifier),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let refresh_token = granted["refresh_token"].as_str().unwrap();
+    let (status, body) = token_request(
+        &simulator,
+        &http,
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token),
+            ("scope", "asset.usage:read admin:everything"),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body, invalid_scope_body("admin:everything"));
+    assert_eq!(simulator.counters().tokens_issued, 2);
+    assert_eq!(Options::default().scope_policy, ScopePolicy::Refuse);
+}
+
+#[tokio::test]
+async fn refuse_counts_offline_as_a_scope_the_app_must_have() {
+    let (simulator, http) = start(Options {
+        clients: vec![Client {
+            client_id: CLIENT_ID.to_owned(),
+            client_secret: CLIENT_SECRET.to_owned(),
+            scopes: vec!["asset.usage:read".to_owned()],
+            redirect_uris: vec![REDIRECT_URI.to_owned()],
+        }],
+        ..options()
+    })
+    .await;
+
+    let (status, body) = token_request(
+        &simulator,
+        &http,
+        &[
+            ("grant_type", "client_credentials"),
+            ("scope", "asset.usage:read offline"),
+        ],
+    )
+    .await;
+
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body, invalid_scope_body("offline"));
+}
+
+#[tokio::test]
+async fn narrow_grants_the_intersection_of_the_request_and_the_apps_scopes() {
+    let (simulator, http) = start(Options {
+        scope_policy: ScopePolicy::Narrow,
+        ..options()
+    })
+    .await;
+
+    let granted = client_credentials_token(
+        &simulator,
+        &http,
+        "asset.usage:read admin:everything asset.usage:write",
+    )
+    .await;
+    assert_eq!(granted["scope"], "asset.usage:read asset.usage:write");
+
+    let verifier = "a-verifier-for-the-narrow-test-that-is-long-enough-0123456789";
+    let code = authorization_code(
+        &simulator,
+        &http,
+        "asset.usage:read admin:everything offline",
+        &pkce_challenge(verifier),
+    )
+    .await;
+    let (status, granted) = token_request(
+        &simulator,
+        &http,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &code),
+            ("redirect_uri", REDIRECT_URI),
+            ("code_verifier", verifier),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(granted["scope"], "asset.usage:read offline");
+    assert!(granted["refresh_token"].is_string());
 }

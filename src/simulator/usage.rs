@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::http::{self, Call, Rejection};
 use super::store::{format_timestamp, Record, Store};
-use super::Shared;
+use super::{IdCase, Shared, SyncAnswer, SyncSemantics};
 
 const READ_SCOPE: &str = "asset.usage:read";
 const WRITE_SCOPE: &str = "asset.usage:write";
@@ -48,17 +48,24 @@ fn retrieve(shared: &Shared, call: &Call) -> Response {
         return rejection.into_response();
     }
     let query = call.query_pairs();
-    // Strict: listing a whole integration without an asset is not known to work.
-    let Some(asset_id) = http::field(&query, "asset_id") else {
-        return http::required(&["asset_id"]);
-    };
+    let integration_id = http::field(&query, "integration_id");
+    let uri = http::field(&query, "uri");
+    let asset_id = http::field(&query, "asset_id").map(|id| shared.policy.asset_id(id));
     let store = shared.store();
-    let found: Vec<WireUsage<'_>> = store
-        .find(
-            asset_id,
-            http::field(&query, "integration_id"),
-            http::field(&query, "uri"),
-        )
+    let ids = match (asset_id, integration_id) {
+        (Some(asset_id), _) => store.find(&asset_id, integration_id, uri),
+        // Contentful's app lists a page this way; whether Bynder serves it is unknown.
+        (None, Some(integration_id)) if shared.policy.list_without_asset_id => match uri {
+            Some(uri) => store.page(integration_id, uri),
+            None => store.integration(integration_id),
+        },
+        // Strict: listing without an asset is not known to work.
+        (None, _) => {
+            drop(store);
+            return http::required(&["asset_id"]);
+        }
+    };
+    let found: Vec<WireUsage<'_>> = ids
         .iter()
         .filter_map(|id| store.get(id).map(|record| WireUsage::new(id, record)))
         .collect();
@@ -85,6 +92,7 @@ fn create(shared: &Shared, call: &Call) -> Response {
         }
         return http::required(&missing);
     };
+    let asset_id = shared.policy.asset_id(asset_id);
     let timestamp = match http::field(&form, "timestamp") {
         None => Utc::now(),
         Some(text) => match parse_timestamp(text) {
@@ -97,14 +105,14 @@ fn create(shared: &Shared, call: &Call) -> Response {
             }
         },
     };
-    if shared.policy.missing_assets.contains(asset_id) {
+    if shared.policy.is_missing(&asset_id) {
         return asset_not_found();
     }
     let uri = http::field(&form, "uri").unwrap_or("");
     let additional = http::field(&form, "additional").unwrap_or("");
     let mut store = shared.store();
     // Strict: never deduplicated, so a retried create leaves a second record.
-    let id = store.insert(integration_id, asset_id, uri, additional, timestamp);
+    let id = store.insert(integration_id, &asset_id, uri, additional, timestamp);
     let body = match store.get(&id) {
         Some(record) => {
             serde_json::to_vec(&WireUsage::new(&id, record)).expect("a usage serializes")
@@ -133,11 +141,12 @@ fn delete(shared: &Shared, call: &Call) -> Response {
         }
         return http::required(&missing);
     };
+    let asset_id = shared.policy.asset_id(asset_id);
     // An empty `uri=` counts as absent and so deletes the asset's every usage of this
     // integration: the dangerous reading, which a client must never trigger by accident.
     let uri = http::field(&query, "uri");
     let mut store = shared.store();
-    for id in store.find(asset_id, Some(integration_id), uri) {
+    for id in store.find(&asset_id, Some(integration_id), uri) {
         store.remove(&id);
     }
     drop(store);
@@ -152,7 +161,7 @@ pub(super) fn sync(shared: &Shared, call: &Call) -> Response {
     if let Err(rejection) = admit(shared, call, WRITE_SCOPE) {
         return rejection.into_response();
     }
-    let request = match SyncRequest::parse(call) {
+    let request = match SyncRequest::parse(call, shared.policy.id_case) {
         Ok(request) => request,
         Err(rejection) => return rejection.into_response(),
     };
@@ -164,10 +173,22 @@ pub(super) fn sync(shared: &Shared, call: &Call) -> Response {
         return http::text(StatusCode::PAYLOAD_TOO_LARGE, "Request Entity Too Large");
     }
     let mut store = shared.store();
-    let outcome = apply_sync(&mut store, &shared.policy.missing_assets, &request);
+    let outcome = apply_sync(
+        &mut store,
+        &shared.policy.missing_assets,
+        shared.policy.sync_semantics,
+        &request,
+    );
     drop(store);
-    let body = serde_json::to_vec(&outcome).expect("a sync outcome serializes");
-    http::json_bytes(StatusCode::OK, body)
+    match shared.policy.sync_answer {
+        SyncAnswer::Full => {
+            let body = serde_json::to_vec(&outcome).expect("a sync outcome serializes");
+            http::json_bytes(StatusCode::OK, body)
+        }
+        SyncAnswer::NoContent => StatusCode::NO_CONTENT.into_response(),
+        SyncAnswer::EmptyObject => http::json_bytes(StatusCode::OK, b"{}".to_vec()),
+        SyncAnswer::EmptyArray => http::json_bytes(StatusCode::OK, b"[]".to_vec()),
+    }
 }
 
 /// A parsed sync body.
@@ -184,7 +205,9 @@ struct SyncEntry {
 }
 
 impl SyncRequest {
-    fn parse(call: &Call) -> Result<SyncRequest, Rejection> {
+    /// Parses the body; with [`IdCase::Lower`] every asset id is lowercased here, so that
+    /// matching and every list of the answer use the portal's case.
+    fn parse(call: &Call, id_case: IdCase) -> Result<SyncRequest, Rejection> {
         let is_json = call
             .header(header::CONTENT_TYPE.as_str())
             .and_then(|value| value.split(';').next())
@@ -224,7 +247,7 @@ impl SyncRequest {
                 )])))
             }
         };
-        let usages = match body.get("usages") {
+        let mut usages = match body.get("usages") {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::Array(items)) => items
                 .iter()
@@ -237,6 +260,11 @@ impl SyncRequest {
                 )])))
             }
         };
+        if id_case == IdCase::Lower {
+            for entry in &mut usages {
+                entry.asset_id.make_ascii_lowercase();
+            }
+        }
         Ok(SyncRequest {
             integration_id: integration_id.to_owned(),
             uris,
@@ -280,15 +308,24 @@ struct SyncOutcome {
     removed: Vec<Value>,
 }
 
-/// For each listed uri, makes the integration's stored usages equal to the entries with
-/// that uri; other uris and other integrations are not touched.
+/// Applies a sync to the uris it lists; other uris and other integrations are not
+/// touched. With [`SyncSemantics::Exact`] each listed uri ends up holding exactly the
+/// entries with that uri; with [`SyncSemantics::Literal`] a listed uri that no entry
+/// uses (a rejected entry counts as using it) is emptied, and on the others nothing is
+/// removed.
 fn apply_sync(
     store: &mut Store,
     missing_assets: &HashSet<String>,
+    semantics: SyncSemantics,
     request: &SyncRequest,
 ) -> SyncOutcome {
     let mut outcome = SyncOutcome::default();
     let listed: HashSet<&str> = request.uris.iter().map(String::as_str).collect();
+    let used: HashSet<&str> = request
+        .usages
+        .iter()
+        .map(|entry| entry.uri.as_str())
+        .collect();
     let mut wanted: HashMap<&str, Vec<&SyncEntry>> = HashMap::new();
     for entry in &request.usages {
         let reason = if missing_assets.contains(&entry.asset_id) {
@@ -311,8 +348,8 @@ fn apply_sync(
         if !done.insert(uri.as_str()) {
             continue;
         }
-        // The oldest stored usage of each asset is the one kept; any others are
-        // duplicates (from repeated creates) and go.
+        // The oldest stored usage of each asset is the one kept (and updated); any others
+        // are duplicates (from repeated creates).
         let stored = store.page(integration_id, uri);
         let mut kept: HashMap<String, Uuid> = HashMap::new();
         let mut surplus: Vec<Uuid> = Vec::new();
@@ -354,11 +391,17 @@ fn apply_sync(
                 }
             }
         }
-        let unlisted = kept
-            .iter()
-            .filter(|(asset_id, _)| !listed_assets.contains(asset_id.as_str()))
-            .map(|(_, id)| *id);
-        let doomed: Vec<Uuid> = surplus.into_iter().chain(unlisted).collect();
+        let doomed: Vec<Uuid> = match semantics {
+            SyncSemantics::Exact => {
+                let unlisted = kept
+                    .iter()
+                    .filter(|(asset_id, _)| !listed_assets.contains(asset_id.as_str()))
+                    .map(|(_, id)| *id);
+                surplus.into_iter().chain(unlisted).collect()
+            }
+            SyncSemantics::Literal if used.contains(uri.as_str()) => Vec::new(),
+            SyncSemantics::Literal => surplus.into_iter().chain(kept.into_values()).collect(),
+        };
         for id in doomed {
             if let Some(record) = store.remove(&id) {
                 outcome

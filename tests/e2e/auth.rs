@@ -5,7 +5,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use bynder_usage_sync::simulator::{Client, Faults, OAuth1Credentials, Options};
+use bynder_usage_sync::simulator::{Client, Faults, OAuth1Credentials, Options, ScopePolicy};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::common::*;
@@ -590,6 +590,67 @@ async fn a_token_endpoint_that_is_down_is_a_transient_failure_and_the_next_run_c
 
 // ---- check ---------------------------------------------------------------------------------------
 
+/// An OAuth app registered the way Bynder's setup guide does it: the usage scopes only, on a
+/// portal that refuses a token request asking for more (`invalid_scope`).
+fn usage_scopes_only_portal() -> Options {
+    Options {
+        clients: vec![app_client(
+            &["asset.usage:read", "asset.usage:write"],
+            vec![],
+        )],
+        scope_policy: ScopePolicy::Refuse,
+        ..Options::default()
+    }
+}
+
+#[tokio::test]
+async fn an_app_with_only_the_usage_scopes_syncs_and_checks_out_on_the_default_config() {
+    let app = spawn_app_with(Setup {
+        portal: usage_scopes_only_portal(),
+        auth: client_credentials(CLIENT_SECRET),
+        ..Setup::default()
+    })
+    .await;
+    fill(&app, 6).await;
+    let out = app.run(&["resync"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", all_output(&out));
+    app.assert_converged().await;
+
+    let out = app.run(&["check"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", all_output(&out));
+    let text = stdout(&out);
+    for expected in [
+        "does not allow the current.user:read scope",
+        "Usage API:    readable",
+        "Write access: granted",
+        "Result:       ok",
+    ] {
+        assert!(text.contains(expected), "{expected:?} missing from\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn a_scope_the_app_lacks_is_named_with_the_fix() {
+    let app = spawn_app_with(Setup {
+        portal: usage_scopes_only_portal(),
+        auth: format!(
+            "{}\nscopes = \"asset.usage:read asset.usage:write current.user:read\"",
+            client_credentials(CLIENT_SECRET)
+        ),
+        ..Setup::default()
+    })
+    .await;
+    fill(&app, 2).await;
+    let out = app.run(&["resync"]).await;
+    assert_eq!(out.status.code(), Some(4), "{}", all_output(&out));
+    let text = all_output(&out);
+    assert!(text.contains("invalid_scope"), "{text}");
+    assert!(
+        text.contains("Remove current.user:read from auth.scopes"),
+        "the fix names the scope: {text}"
+    );
+}
+
 #[tokio::test]
 async fn check_shows_who_the_daemon_acts_as_and_its_scopes() {
     let app = spawn_app_with(Setup {
@@ -603,7 +664,7 @@ async fn check_shows_who_the_daemon_acts_as_and_its_scopes() {
     let text = stdout(&out);
     for expected in [
         "auth.method = \"client_credentials\"",
-        "scopes: asset.usage:read asset.usage:write current.user:read",
+        "scopes: asset.usage:read asset.usage:write\n",
         "Acting as:    Sync Robot <sync.robot@example.com>",
         "Usage API:    readable",
         "Write access: granted",
@@ -771,10 +832,15 @@ async fn raw_authenticates_with_an_oauth2_access_token() {
         ..Setup::default()
     })
     .await;
-    let out = app.run(&["raw", "GET", "/api/v4/currentUser/"]).await;
+    let path = format!(
+        "/api/media/usage/?asset_id={}&integration_id={INTEGRATION}",
+        asset(1)
+    );
+    let out = app.run(&["raw", "GET", &path]).await;
     assert_eq!(out.status.code(), Some(0), "{}", all_output(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["body"]["username"], "sync.robot@example.com");
+    assert_eq!(v["status"], 200, "{v}");
+    assert_eq!(v["body"], serde_json::json!([]));
     assert_eq!(v["request"]["headers"]["authorization"], "[redacted]");
     assert_eq!(app.portal.counters().tokens_issued, 1);
 }
