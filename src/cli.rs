@@ -449,6 +449,26 @@ pub fn print_report(report: &RunReport) {
     }
 }
 
+/// The portal profile as `status` and `probe` print it.
+pub fn print_profile(facts: &[crate::profile::Learned]) {
+    if facts.is_empty() {
+        println!(
+            "Portal profile: nothing learned yet (runs learn as they go; `probe` learns it all)"
+        );
+        return;
+    }
+    println!("Portal profile:");
+    for l in facts {
+        println!(
+            "  {:<58} {:<12} learned {} ({})",
+            l.fact.question(),
+            l.value,
+            l.learned_at,
+            l.evidence
+        );
+    }
+}
+
 async fn status(config: Config, json: bool) -> Result<Exit, Failure> {
     let store = open_store(&config.database, OpenMode::Existing).await?;
     let cms_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM cms_asset_references")
@@ -463,6 +483,9 @@ async fn status(config: Config, json: bool) -> Result<Exit, Failure> {
         .await?
         .filter(|t| t.as_str() > store::now_text().as_str());
     let auth_warning = crate::auth::status_warning(&config.auth, &store).await?;
+    let profile = crate::profile::PortalProfile::load(&store, config.bynder.base_url.as_str())
+        .await?
+        .facts();
     store.close().await;
     if json {
         let value = serde_json::json!({
@@ -476,6 +499,7 @@ async fn status(config: Config, json: bool) -> Result<Exit, Failure> {
             "auth_warning": auth_warning,
             "dead_letters": dead,
             "runs": runs,
+            "portal_profile": profile,
         });
         println!(
             "{}",
@@ -520,6 +544,7 @@ async fn status(config: Config, json: bool) -> Result<Exit, Failure> {
     if let Some(warning) = &auth_warning {
         println!("Auth:         WARNING: {warning}");
     }
+    print_profile(&profile);
     if runs.is_empty() {
         println!("Runs:         none yet");
     } else {

@@ -751,6 +751,30 @@ fn render_page(state: &AppState, page: &Page, query: Option<&str>) -> String {
         escape(q.oldest_pending_at.as_deref().unwrap_or("-")),
     );
 
+    // What the daemon learned about the portal
+    h.push_str("<section id=\"portal-profile\"><h2>Portal profile</h2>");
+    let facts = state.ctx.profile.facts();
+    if facts.is_empty() {
+        h.push_str(
+            "<p>Nothing learned yet: runs learn as they go, <code>probe</code> learns it all.</p>",
+        );
+    } else {
+        h.push_str("<table><thead><tr><th>behaviour</th><th>value</th><th>learned</th><th>how</th></tr></thead><tbody>");
+        for l in facts {
+            let _ = write!(
+                h,
+                "<tr id=\"profile-{}\"><th scope=\"row\">{}</th><td class=\"mono\">{}</td><td>{}</td><td>{}</td></tr>",
+                l.fact.key(),
+                escape(l.fact.question()),
+                escape(&l.value),
+                escape(&l.learned_at),
+                escape(&l.evidence)
+            );
+        }
+        h.push_str("</tbody></table>");
+    }
+    h.push_str("</section>");
+
     // Runs
     h.push_str("<section id=\"runs\"><h2>Last runs</h2>");
     if page.runs.is_empty() {

@@ -167,7 +167,11 @@ impl PortalProfile {
                 fact,
                 value: value.to_owned(),
                 learned_at: store::now_text(),
-                evidence: evidence.to_owned(),
+                // Evidence may quote the portal's answers: no control character reaches a terminal.
+                evidence: evidence
+                    .chars()
+                    .map(|c| if c.is_control() { '?' } else { c })
+                    .collect(),
             };
             facts.insert(fact, learned.clone());
             learned

@@ -51,7 +51,8 @@ pub async fn verify_assets(
     repair: bool,
 ) -> anyhow::Result<(VerifyReport, Option<VerifyStop>)> {
     let prefixes = &ctx.config.sync.uri_prefixes;
-    let mut assets: BTreeSet<String> = BTreeSet::new();
+    // Keyed by the id ignoring case: Bynder treats case variants as one asset.
+    let mut assets: BTreeMap<String, String> = BTreeMap::new();
     let mut rows = ctx.source.stream_rows();
     while let Some(row) = rows
         .try_next()
@@ -59,7 +60,10 @@ pub async fn verify_assets(
         .with_context(|| ctx.source.reading().to_owned())?
     {
         if let Ok(r) = Reference::parse(&row.raw, prefixes) {
-            assets.insert(r.asset_id.as_str().to_owned());
+            let id = r.asset_id.as_str();
+            assets
+                .entry(id.to_ascii_lowercase())
+                .or_insert_with(|| id.to_owned());
         }
     }
     drop(rows);
@@ -68,11 +72,13 @@ pub async fn verify_assets(
     )
     .fetch_all(ctx.store.pool())
     .await?;
-    assets.extend(recorded);
+    for id in recorded {
+        assets.entry(id.to_ascii_lowercase()).or_insert(id);
+    }
 
     let mut report = VerifyReport::default();
     let concurrency = ctx.config.limits.concurrency;
-    let mut reads = futures::stream::iter(assets.into_iter().map(|asset| async move {
+    let mut reads = futures::stream::iter(assets.into_values().map(|asset| async move {
         let result = read_back(ctx, &asset).await;
         (asset, result)
     }))

@@ -1,0 +1,379 @@
+//! Issue: correct against any plausible Bynder. Where Bynder's documentation is silent the
+//! simulated portal can behave either way (sync semantics exact or literal, sync answers full or
+//! empty, ids re-cased, the sync endpoint missing, GET without an asset id allowed); the main
+//! scenarios (first sync, incremental, deletes, drift repair, a crash) run under each mode, and
+//! must leave no duplicate and no stale usage, send nothing on a rerun, and never touch another
+//! integration's usage.
+
+use std::time::Duration;
+
+use crate::common::*;
+use bynder_usage_sync::simulator::{IdCase, Options, SyncAnswer, SyncSemantics};
+
+fn options() -> Options {
+    Options {
+        permanent_tokens: vec![TOKEN.to_owned()],
+        ..Options::default()
+    }
+}
+
+/// Our usages in the portal and the CMS rows, with asset ids folded to lower case: a portal
+/// that re-cases ids holds the same usages under other spellings.
+async fn assert_converged_ignoring_id_case(app: &App) {
+    let fold = |v: Vec<(String, String, String)>| {
+        let mut v: Vec<_> = v
+            .into_iter()
+            .map(|(a, u, n)| (a.to_ascii_lowercase(), u, n))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        fold(app.ours()),
+        fold(app.desired().await),
+        "the portal must hold exactly the CMS rows, once each"
+    );
+}
+
+/// Runs `resync` (with `args`), expects exit 0, converged, and then a rerun that sends nothing.
+async fn resync_converges(app: &App, args: &[&str], step: &str) {
+    let mut all = vec!["resync"];
+    all.extend_from_slice(args);
+    let out = app.run(&all).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{step}: stdout:\n{}\nstderr:\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert_converged_ignoring_id_case(app).await;
+    let before = app.portal.counters().total;
+    let out = app.run(&["resync"]).await;
+    assert_eq!(out.status.code(), Some(0), "{step} rerun: {}", stderr(&out));
+    assert_eq!(
+        app.portal.counters().total,
+        before,
+        "{step}: a rerun with nothing changed sends zero requests"
+    );
+}
+
+/// Kills a resync once a few requests reached the portal, then lets the next one finish.
+async fn crash_and_recover(app: &App, kill_after: u64) {
+    let before = app.portal.counters().total;
+    let mut child = binary()
+        .arg("--config")
+        .arg(&app.config_path)
+        .arg("resync")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    loop {
+        if app.portal.counters().total >= before + kill_after {
+            child.start_kill().unwrap();
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    child.wait().await.unwrap();
+}
+
+/// First sync, incremental changes, deletes (an asset leaving a page that keeps others, and a
+/// page emptied), drift repaired by `--verify`, and a crash, under one portal behaviour.
+async fn scenario(portal: Options) {
+    let app = spawn_app_with(Setup {
+        portal,
+        sync: "batch_size = 4".to_owned(),
+        limits: "requests_per_second = 1000\nconcurrency = 2".to_owned(),
+        ..Setup::default()
+    })
+    .await;
+    app.portal
+        .seed_usage(OTHER_INTEGRATION, &asset(1), &page(1), "theirs");
+    let theirs = app.others();
+
+    // First sync: 18 rows, 6 assets on 6 pages, every page holding three assets.
+    for a in 0..6u32 {
+        for k in 0..3u32 {
+            app.insert(&asset(a), &page((a + k) % 6), Some("v1")).await;
+        }
+    }
+    resync_converges(&app, &[], "first sync").await;
+
+    // Incremental: new notes, a new row.
+    app.exec("UPDATE cms_asset_references SET additional = 'v2' WHERE rowid % 3 = 0")
+        .await;
+    app.insert(&asset(7), &page(2), Some("new")).await;
+    resync_converges(&app, &[], "incremental").await;
+
+    // Deletes: an asset leaves a page that keeps other assets; a page loses every asset.
+    let kept_page = page(2);
+    app.exec(&format!(
+        "DELETE FROM cms_asset_references WHERE uri = '{kept_page}' AND asset_id = '{}'",
+        asset(7)
+    ))
+    .await;
+    app.exec(&format!(
+        "DELETE FROM cms_asset_references WHERE uri = '{}'",
+        page(3)
+    ))
+    .await;
+    resync_converges(&app, &[], "deletes").await;
+
+    // Drift: a usage removed by hand, a stray usage and a duplicate added under our integration.
+    let ours = app.portal.usages_for(INTEGRATION);
+    let victim = ours.first().expect("usages to remove").clone();
+    assert!(app.portal.remove_usage(&victim.id));
+    app.portal
+        .seed_usage(INTEGRATION, &asset(2), &page(5), "stray");
+    let twin = ours.last().unwrap().clone();
+    app.portal
+        .seed_usage(INTEGRATION, &twin.asset_id, &twin.uri, &twin.additional);
+    resync_converges(&app, &["--verify"], "drift repair").await;
+
+    // A crash mid-run, while every note changes.
+    app.exec("UPDATE cms_asset_references SET additional = 'v3'")
+        .await;
+    crash_and_recover(&app, 2).await;
+    resync_converges(&app, &[], "after a crash").await;
+
+    assert_eq!(
+        app.others(),
+        theirs,
+        "another integration's usage is never touched"
+    );
+}
+
+#[tokio::test]
+async fn an_exact_portal_with_full_answers_converges() {
+    scenario(options()).await;
+}
+
+#[tokio::test]
+async fn a_literal_portal_that_keeps_omitted_assets_converges() {
+    scenario(Options {
+        sync_semantics: SyncSemantics::Literal,
+        ..options()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_portal_that_answers_sync_with_204_converges() {
+    scenario(Options {
+        sync_answer: SyncAnswer::NoContent,
+        ..options()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_literal_portal_that_answers_sync_with_an_empty_object_converges() {
+    scenario(Options {
+        sync_semantics: SyncSemantics::Literal,
+        sync_answer: SyncAnswer::EmptyObject,
+        ..options()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_literal_portal_that_answers_sync_with_an_empty_array_converges_with_sync_endpoint_strategy(
+) {
+    // Forced to the sync endpoint: every change is settled by a read-back, never resent.
+    let app_portal = Options {
+        sync_semantics: SyncSemantics::Literal,
+        sync_answer: SyncAnswer::EmptyArray,
+        ..options()
+    };
+    let app = spawn_app_with(Setup {
+        portal: app_portal,
+        sync: "strategy = \"sync_endpoint\"\nbatch_size = 4".to_owned(),
+        limits: "requests_per_second = 1000".to_owned(),
+        ..Setup::default()
+    })
+    .await;
+    for n in 0..12u32 {
+        app.insert(&asset(n % 4), &page(n % 3), Some("v1")).await;
+    }
+    resync_converges(&app, &[], "first sync").await;
+    app.exec(&format!(
+        "DELETE FROM cms_asset_references WHERE asset_id = '{}' AND uri = '{}'",
+        asset(0),
+        page(0)
+    ))
+    .await;
+    resync_converges(&app, &[], "an asset leaves a page that keeps others").await;
+}
+
+#[tokio::test]
+async fn a_portal_that_answers_ids_in_lower_case_converges() {
+    scenario(Options {
+        id_case: IdCase::Lower,
+        sync_semantics: SyncSemantics::Literal,
+        ..options()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_portal_without_the_sync_endpoint_converges() {
+    scenario(Options {
+        sync_endpoint: false,
+        ..options()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_portal_that_lists_without_an_asset_id_converges() {
+    scenario(Options {
+        list_without_asset_id: true,
+        sync_answer: SyncAnswer::NoContent,
+        sync_semantics: SyncSemantics::Literal,
+        ..options()
+    })
+    .await;
+}
+
+/// REGRESSION: on a portal whose sync removes a usage only when its uri has no usage left in the
+/// request, an asset dropped from a page that keeps other assets stayed in Bynder forever while
+/// the delete was recorded as done.
+#[tokio::test]
+async fn an_asset_dropped_from_a_page_that_keeps_others_is_deleted_on_a_literal_portal() {
+    let app = spawn_app_with(Setup {
+        portal: Options {
+            sync_semantics: SyncSemantics::Literal,
+            ..options()
+        },
+        ..Setup::default()
+    })
+    .await;
+    app.insert(&asset(1), &page(1), Some("a")).await;
+    app.insert(&asset(2), &page(1), Some("b")).await;
+    app.resync_expecting(0).await;
+    app.exec(&format!(
+        "DELETE FROM cms_asset_references WHERE asset_id = '{}'",
+        asset(2)
+    ))
+    .await;
+    app.resync_expecting(0).await;
+    app.assert_converged().await;
+
+    // The portal was learned: the next such delete goes out directly, without a read-back.
+    let out = app.run(&["status", "--json"]).await;
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let facts = status["portal_profile"].as_array().unwrap();
+    assert!(
+        facts
+            .iter()
+            .any(|f| f["fact"] == "sync_removes_omitted" && f["value"] == "no"),
+        "{status}"
+    );
+    app.insert(&asset(3), &page(1), Some("c")).await;
+    app.resync_expecting(0).await;
+    app.exec(&format!(
+        "DELETE FROM cms_asset_references WHERE asset_id = '{}'",
+        asset(3)
+    ))
+    .await;
+    app.portal.reset_counters();
+    app.resync_expecting(0).await;
+    app.assert_converged().await;
+    let counters = app.portal.counters();
+    assert_eq!(
+        counters.by_route.get("GET /api/media/usage/"),
+        None,
+        "no read-back once the portal is known: {:?}",
+        counters.by_route
+    );
+    assert_eq!(
+        counters.by_route.get("DELETE /api/media/usage/"),
+        Some(&1),
+        "{:?}",
+        counters.by_route
+    );
+}
+
+/// REGRESSION: a sync answered 204 (or `{}`, `[]`) ended every run with exit 3 and every rerun
+/// resent everything.
+#[tokio::test]
+async fn a_sync_answered_204_settles_by_read_back_and_is_never_resent() {
+    let app = spawn_app_with(Setup {
+        portal: Options {
+            sync_answer: SyncAnswer::NoContent,
+            ..options()
+        },
+        ..Setup::default()
+    })
+    .await;
+    for n in 0..12u32 {
+        app.insert(&asset(n), &page(n % 3), Some("x")).await;
+    }
+    app.resync_expecting(0).await;
+    app.assert_converged().await;
+    let syncs = |app: &App| {
+        app.portal
+            .counters()
+            .by_route
+            .get("POST /api/media/usage/sync")
+            .copied()
+            .unwrap_or(0)
+    };
+    assert_eq!(syncs(&app), 1, "one sync, then read-backs, no resend");
+    let before = app.portal.counters().total;
+    app.resync_expecting(0).await;
+    assert_eq!(app.portal.counters().total, before);
+
+    // Learned: the next change goes per usage, whose answers are certain.
+    app.insert(&asset(20), &page(1), Some("y")).await;
+    app.portal.reset_counters();
+    app.resync_expecting(0).await;
+    app.assert_converged().await;
+    let counters = app.portal.counters();
+    assert_eq!(counters.total, 1, "{:?}", counters.by_route);
+    assert_eq!(counters.by_route.get("POST /api/media/usage/"), Some(&1));
+}
+
+#[tokio::test]
+async fn two_rows_that_differ_only_in_the_case_of_the_asset_id_are_one_usage() {
+    let app = spawn_app_with(Setup {
+        portal: Options {
+            id_case: IdCase::Lower,
+            ..options()
+        },
+        ..Setup::default()
+    })
+    .await;
+    app.insert(&asset(1), &page(1), Some("upper")).await;
+    app.insert(&asset(1).to_lowercase(), &page(1), Some("lower"))
+        .await;
+    let out = app.run(&["resync", "--json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["plan"]["skipped"], 1, "{report}");
+    let reason = report["plan"]["skipped_rows"][0]["reason"]
+        .as_str()
+        .unwrap();
+    assert!(reason.contains("letter case"), "{reason}");
+    assert_eq!(
+        report["plan"]["skipped_rows"][0]["asset_id"],
+        asset(1).to_lowercase()
+    );
+    let ours = app.ours();
+    assert_eq!(ours.len(), 1, "{ours:?}");
+    assert_eq!(ours[0].2, "upper");
+
+    // The CMS rewrites the id in another case: still the same usage, nothing to send.
+    app.exec("DELETE FROM cms_asset_references").await;
+    app.insert(&asset(1).to_lowercase(), &page(1), Some("upper"))
+        .await;
+    let before = app.portal.counters().total;
+    app.resync_expecting(0).await;
+    assert_eq!(app.portal.counters().total, before);
+    assert_eq!(app.ours().len(), 1);
+}
