@@ -86,6 +86,11 @@ pub enum Command {
     /// Send one authenticated request to any API path and print {request, status, headers,
     /// body} as JSON (credentials redacted).
     Raw(crate::admin::RawArgs),
+    /// Find out how the portal behaves where Bynder's documentation is silent, with one existing
+    /// asset and usages on reserved probe uris (urn:bynder-usage-sync:probe:…) that are removed
+    /// again; prints a table and stores the portal profile. Exit 0, or 3 when something it
+    /// created could not be removed.
+    Probe(crate::probe::ProbeArgs),
     /// One-time logins that store credentials in the state database.
     Auth {
         #[command(subcommand)]
@@ -235,6 +240,12 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
         }
         Command::Check(args) => crate::admin::check(start(&source)?, args).await,
         Command::Raw(args) => crate::admin::raw(start(&source)?, args).await,
+        Command::Probe(args) => {
+            let ctx = build_context(start(&source)?).await?;
+            let exit = crate::probe::probe(&ctx, &args).await;
+            ctx.store.close().await;
+            exit
+        }
         Command::Auth { command } => crate::admin::auth(start(&source)?, command).await,
         Command::Run => {
             let config = start(&source)?;

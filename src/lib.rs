@@ -11,6 +11,7 @@ pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod plan;
+pub mod probe;
 pub mod profile;
 pub mod queue;
 pub mod reconcile;

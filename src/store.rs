@@ -731,6 +731,19 @@ impl Store {
         .await
     }
 
+    /// Another asset than `asset_id` (ignoring case), for `probe`: one Bynder confirmed a usage
+    /// of (it certainly exists), else one the CMS table names.
+    pub async fn other_known_asset(&self, asset_id: &str) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT asset_id FROM (SELECT asset_id, 0 AS pref FROM recorded_usages WHERE asset_id != ?1 \
+             UNION ALL SELECT asset_id, 1 FROM cms_asset_references \
+             WHERE typeof(asset_id) = 'text' AND asset_id != ?1 COLLATE NOCASE) ORDER BY pref LIMIT 1",
+        )
+        .bind(asset_id)
+        .fetch_optional(&self.pool)
+        .await
+    }
+
     // ---- portal profile ---------------------------------------------------------------------
 
     /// What was learned about one portal: `(fact, value, learned_at, evidence)` rows.

@@ -377,3 +377,156 @@ async fn two_rows_that_differ_only_in_the_case_of_the_asset_id_are_one_usage() {
     assert_eq!(app.portal.counters().total, before);
     assert_eq!(app.ours().len(), 1);
 }
+
+/// What `probe --json` reported for one fact of the profile.
+fn fact(report: &serde_json::Value, name: &str) -> String {
+    report["portal_profile"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["fact"] == name)
+        .and_then(|f| f["value"].as_str())
+        .unwrap_or("(not learned)")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn probe_reports_each_portal_behaviour_and_leaves_nothing_behind() {
+    struct Case {
+        portal: Options,
+        expect: [(&'static str, &'static str); 6],
+    }
+    let cases = [
+        Case {
+            portal: options(),
+            expect: [
+                ("sync_endpoint", "yes"),
+                ("sync_answer", "full"),
+                ("sync_removes_omitted", "yes"),
+                ("asset_id_case", "preserved"),
+                ("repeated_create", "duplicates"),
+                ("list_without_asset_id", "no"),
+            ],
+        },
+        Case {
+            portal: Options {
+                sync_semantics: SyncSemantics::Literal,
+                sync_answer: SyncAnswer::NoContent,
+                id_case: IdCase::Lower,
+                list_without_asset_id: true,
+                ..options()
+            },
+            expect: [
+                ("sync_endpoint", "yes"),
+                ("sync_answer", "empty"),
+                ("sync_removes_omitted", "no"),
+                ("asset_id_case", "recased"),
+                ("repeated_create", "duplicates"),
+                ("list_without_asset_id", "yes"),
+            ],
+        },
+        Case {
+            portal: Options {
+                sync_endpoint: false,
+                sync_answer: SyncAnswer::EmptyArray,
+                ..options()
+            },
+            expect: [
+                ("sync_endpoint", "no"),
+                ("sync_answer", "(not learned)"),
+                ("sync_removes_omitted", "(not learned)"),
+                ("asset_id_case", "preserved"),
+                ("repeated_create", "duplicates"),
+                ("list_without_asset_id", "no"),
+            ],
+        },
+    ];
+    for case in cases {
+        let app = spawn_app_with(Setup {
+            portal: case.portal,
+            ..Setup::default()
+        })
+        .await;
+        app.portal
+            .seed_usage(OTHER_INTEGRATION, &asset(1), "urn:elsewhere", "theirs");
+        let theirs = app.others();
+        let out = app
+            .run(&[
+                "probe",
+                "--asset",
+                &asset(1),
+                "--asset",
+                &asset(2),
+                "--json",
+            ])
+            .await;
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for (name, value) in case.expect {
+            assert_eq!(fact(&report, name), value, "{name} in {report:#}");
+        }
+        assert!(
+            app.ours().is_empty(),
+            "the probe leaves nothing behind: {:?}",
+            app.ours()
+        );
+        assert_eq!(app.others(), theirs);
+        assert_eq!(report["left_behind"], serde_json::json!([]));
+
+        // The profile is stored: `status` shows it.
+        let out = app.run(&["status"]).await;
+        let text = stdout(&out);
+        assert!(text.contains("Portal profile:"), "{text}");
+        assert!(text.contains("a repeated create"), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn probe_with_one_asset_says_what_it_could_not_test() {
+    let app = spawn_app().await;
+    let out = app.run(&["probe", "--asset", &asset(1)]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("not tested"), "{text}");
+    assert!(text.contains("give --asset twice"), "{text}");
+    assert!(text.contains("clean-up"), "{text}");
+    assert!(app.ours().is_empty());
+}
+
+#[tokio::test]
+async fn probe_of_an_asset_the_portal_does_not_have_fails_with_the_fix() {
+    let app = spawn_app_with(Setup {
+        portal: Options {
+            missing_assets: [asset(9)].into_iter().collect(),
+            ..options()
+        },
+        ..Setup::default()
+    })
+    .await;
+    let out = app.run(&["probe", "--asset", &asset(9)]).await;
+    assert_eq!(out.status.code(), Some(78), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("exists in this portal"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(app.ours().is_empty());
+}
+
+#[tokio::test]
+async fn probe_with_one_asset_borrows_a_second_from_the_cms_table() {
+    let app = spawn_app_with(Setup {
+        portal: Options {
+            sync_semantics: SyncSemantics::Literal,
+            ..options()
+        },
+        ..Setup::default()
+    })
+    .await;
+    app.insert(&asset(5), &page(1), Some("cms")).await;
+    let out = app.run(&["probe", "--asset", &asset(1), "--json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(fact(&report, "sync_removes_omitted"), "no", "{report:#}");
+    assert!(app.ours().is_empty(), "{:?}", app.ours());
+}
