@@ -435,9 +435,10 @@ struct Queued {
 /// Search results by key, in key order.
 type Found = BTreeMap<(Vec<u8>, Vec<u8>), Match>;
 
+/// The match for a key; asset ids that differ only in letter case are one key, as in the plan.
 fn slot(found: &mut Found, asset_id: Vec<u8>, uri: Vec<u8>) -> &mut Match {
     found
-        .entry((asset_id.clone(), uri.clone()))
+        .entry((asset_id.to_ascii_lowercase(), uri.clone()))
         .or_insert_with(|| Match {
             asset_id,
             uri,

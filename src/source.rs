@@ -186,7 +186,8 @@ impl Source {
     /// asset id). Values travel raw behind
     /// their byte length (any bytes survive), with flags for BLOB keys; the next page starts after
     /// the last key, bound with the same type so that SQLite's ordering (TEXT before BLOB) carries
-    /// on exactly. The rows of a page are concatenated in the subquery's order; the plan's merge
+    /// on exactly (the extra `asset_id >=` term lets SQLite seek the index instead of scanning it
+    /// from the start for every page). The rows of a page are concatenated in the subquery's order; the plan's merge
     /// checks that order and stops the run if it were ever broken. Rows
     /// with a NULL key (impossible under the documented schema, possible in a CMS's own copy) sort
     /// first and are read apart: a NULL cannot be a page cursor.
@@ -206,6 +207,7 @@ impl Source {
         let next = format!(
             "SELECT count(*), CAST(group_concat({ROW}, '') AS BLOB) FROM (SELECT asset_id, uri, additional \
              FROM cms_asset_references WHERE asset_id IS NOT NULL AND uri IS NOT NULL \
+             AND asset_id COLLATE NOCASE >= (CASE WHEN ?3 THEN ?2 ELSE CAST(?2 AS TEXT) END) \
              AND (asset_id COLLATE NOCASE, uri, asset_id) > (CASE WHEN ?3 THEN ?2 ELSE CAST(?2 AS TEXT) END, \
                                     CASE WHEN ?5 THEN ?4 ELSE CAST(?4 AS TEXT) END, \
                                     CASE WHEN ?3 THEN ?2 ELSE CAST(?2 AS TEXT) END) \

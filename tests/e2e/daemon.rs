@@ -938,6 +938,9 @@ async fn the_status_page_renders_in_headless_chromium_with_health_queue_and_the_
         "{dom}"
     );
     assert!(dom.contains("<td>reconcile</td>"), "{dom}");
+    // What the run learned about the portal.
+    assert!(dom.contains(r#"id="portal-profile""#), "{dom}");
+    assert!(dom.contains(r#"<tr id="profile-sync_answer">"#), "{dom}");
     // Read-only, and no secret.
     assert!(
         !dom.contains("method=\"post\"") && !dom.contains(TOKEN),
