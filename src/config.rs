@@ -75,6 +75,8 @@ pub struct BynderSettings {
     pub allow_insecure_http: bool,
     pub timeout: Duration,
     pub connect_timeout: Duration,
+    /// Largest answer body read from the portal (usage API, token endpoint, `raw`).
+    pub max_response_bytes: u64,
 }
 
 /// How requests are authenticated (`[auth] method = …`). Secrets stay wrapped
@@ -165,6 +167,11 @@ impl AuthSettings {
 pub struct DatabaseSettings {
     pub path: PathBuf,
     pub busy_timeout: Duration,
+    /// Share the state folder and files with a group (folders 2770, files 0660) instead of
+    /// keeping them private to the daemon's user (0700, 0600).
+    pub group_shared: bool,
+    /// Longest wait for the run lock another process holds before giving up with an error.
+    pub lock_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -181,6 +188,8 @@ pub struct SyncSettings {
     pub schedule: String,
     /// When `run` repairs drift (reads Bynder back): same syntax.
     pub verify_schedule: String,
+    /// When not empty, only uris with one of these schemes (lowercase, without `:`) are sent.
+    pub uri_schemes: Vec<String>,
 }
 
 /// Default `sync.schedule`: every 5 minutes.
@@ -189,11 +198,27 @@ pub const DEFAULT_SCHEDULE: &str = "0 */5 * * * *";
 pub const DEFAULT_VERIFY_SCHEDULE: &str = "0 17 3 * * *";
 /// Default `server.listen`: loopback only; the status page is not meant for the internet.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+/// Default `server.max_connections`: well under systemd's default 1,024 descriptors.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// Default `bynder.max_response_size`: 16 MiB, far above any real answer.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 16 * 1024 * 1024;
+/// Default `database.lock_timeout`.
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The daemon's HTTP endpoints (`/healthz`, `/readyz`, `/metrics`, the status page).
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
     pub listen: std::net::SocketAddr,
+    /// `Host` names answered besides loopback names and the listen address itself.
+    pub allowed_hosts: Vec<String>,
+    /// When set, every endpoint but `/healthz` and `/readyz` requires `Authorization: Bearer`.
+    pub token: Option<SecretString>,
+    /// Most connections served at once.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers.
+    pub header_timeout: Duration,
+    /// An idle keep-alive connection is closed after this long.
+    pub idle_timeout: Duration,
 }
 
 /// How `run` behaves as a service.
@@ -296,6 +321,7 @@ struct RawBynder {
     timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     connect_timeout: Option<Duration>,
+    max_response_size: Option<bytesize::ByteSize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -334,6 +360,10 @@ struct RawDatabase {
     path: Option<RelativePathBuf>,
     #[serde(default, with = "humantime_serde")]
     busy_timeout: Option<Duration>,
+    #[serde(default)]
+    group_shared: bool,
+    #[serde(default, with = "humantime_serde")]
+    lock_timeout: Option<Duration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -346,12 +376,22 @@ struct RawSync {
     batch_size: Option<usize>,
     schedule: Option<String>,
     verify_schedule: Option<String>,
+    #[serde(default)]
+    uri_schemes: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<String>,
+    #[serde(default)]
+    allowed_hosts: Vec<String>,
+    token_file: Option<RelativePathBuf>,
+    max_connections: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    header_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    idle_timeout: Option<Duration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -504,7 +544,16 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             .map(|p| p.relative())
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATABASE_PATH)),
         busy_timeout: raw.database.busy_timeout.unwrap_or(Duration::from_secs(30)),
+        group_shared: raw.database.group_shared,
+        lock_timeout: raw.database.lock_timeout.unwrap_or(DEFAULT_LOCK_TIMEOUT),
     };
+    if database.lock_timeout.is_zero() {
+        return Err(ConfigError::key(
+            "database.lock_timeout",
+            "must be longer than zero",
+            "use the default, \"10m\"",
+        ));
+    }
 
     for prefix in &raw.sync.uri_prefixes {
         if prefix.trim().is_empty() {
@@ -515,8 +564,25 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             ));
         }
     }
+    let mut uri_schemes = Vec::new();
+    for scheme in &raw.sync.uri_schemes {
+        let clean = scheme.trim().trim_end_matches(':').to_ascii_lowercase();
+        let valid = clean.starts_with(|c: char| c.is_ascii_alphabetic())
+            && clean
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+        if !valid {
+            return Err(ConfigError::key(
+                "sync.uri_schemes",
+                format_args!("contains {scheme:?}, which is not a uri scheme"),
+                "list schemes without \"://\", e.g. [\"https\", \"http\"]",
+            ));
+        }
+        uri_schemes.push(clean);
+    }
     let sync = SyncSettings {
         uri_prefixes: raw.sync.uri_prefixes,
+        uri_schemes,
         max_deletes: raw.sync.max_deletes.unwrap_or(1000),
         strategy: raw.sync.strategy.unwrap_or(Strategy::Auto),
         batch_size: raw.sync.batch_size.unwrap_or(1000),
@@ -630,7 +696,10 @@ fn validate_cron(key: &str, value: Option<String>, default: &str) -> Result<Stri
 }
 
 fn validate_server(raw: RawServer) -> Result<ServerSettings, ConfigError> {
-    let text = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+    let text = raw
+        .listen
+        .clone()
+        .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
     let listen = text.trim().parse().map_err(|e| {
         ConfigError::key(
             "server.listen",
@@ -641,7 +710,49 @@ fn validate_server(raw: RawServer) -> Result<ServerSettings, ConfigError> {
             ),
         )
     })?;
-    Ok(ServerSettings { listen })
+    let mut allowed_hosts = Vec::new();
+    for host in &raw.allowed_hosts {
+        let clean = host.trim().trim_end_matches('.').to_ascii_lowercase();
+        if clean.is_empty() || clean.contains(['/', ' ', '@']) {
+            return Err(ConfigError::key(
+                "server.allowed_hosts",
+                format_args!("contains {host:?}, which is not a host name"),
+                "list the names clients use to reach the server, e.g. [\"sync.internal.example\"]",
+            ));
+        }
+        allowed_hosts.push(clean);
+    }
+    let token = resolve_secret("server.token", None, raw.token_file)?;
+    let max_connections = raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    if max_connections == 0 {
+        return Err(ConfigError::key(
+            "server.max_connections",
+            "must be at least 1",
+            format_args!("use the default, {DEFAULT_MAX_CONNECTIONS}"),
+        ));
+    }
+    let header_timeout = raw.header_timeout.unwrap_or(Duration::from_secs(10));
+    let idle_timeout = raw.idle_timeout.unwrap_or(Duration::from_secs(60));
+    for (key, value) in [
+        ("server.header_timeout", header_timeout),
+        ("server.idle_timeout", idle_timeout),
+    ] {
+        if value.is_zero() {
+            return Err(ConfigError::key(
+                key,
+                "must be longer than zero",
+                "use e.g. \"10s\"",
+            ));
+        }
+    }
+    Ok(ServerSettings {
+        listen,
+        allowed_hosts,
+        token,
+        max_connections,
+        header_timeout,
+        idle_timeout,
+    })
 }
 
 fn validate_source(raw: RawSource) -> Result<SourceSettings, ConfigError> {
@@ -783,8 +894,20 @@ fn validate_bynder(raw: RawBynder) -> Result<BynderSettings, ConfigError> {
             "use e.g. \"30s\"",
         ));
     }
+    let max_response_bytes = raw
+        .max_response_size
+        .map(|s| s.as_u64())
+        .unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
+    if max_response_bytes < 64 * 1024 {
+        return Err(ConfigError::key(
+            "bynder.max_response_size",
+            "is smaller than 64 KiB, too small for one page of usages",
+            "use the default, \"16 MiB\"",
+        ));
+    }
     Ok(BynderSettings {
         base_url: url,
+        max_response_bytes,
         integration_id,
         ca_file,
         allow_insecure_http: raw.allow_insecure_http,
@@ -1162,7 +1285,7 @@ impl Config {
             },
             database: RawDatabase {
                 path: Some(RelativePathBuf::from(database)),
-                busy_timeout: None,
+                ..RawDatabase::default()
             },
             ..RawConfig::default()
         };
@@ -1534,5 +1657,52 @@ path = "state.db"
         assert!(warnings.is_some_and(|w| w.contains("chmod 600")));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(secrets_readable_by_others(&path).is_none());
+    }
+
+    #[test]
+    fn hardening_keys_have_safe_defaults_and_accept_sizes_with_units() {
+        let c = load(GOOD, &[]).unwrap();
+        assert_eq!(c.bynder.max_response_bytes, 16 * 1024 * 1024);
+        assert!(!c.database.group_shared);
+        assert_eq!(c.database.lock_timeout, DEFAULT_LOCK_TIMEOUT);
+        assert_eq!(c.server.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert!(c.server.token.is_none() && c.server.allowed_hosts.is_empty());
+        assert!(c.sync.uri_schemes.is_empty());
+
+        let text = GOOD.replace(
+            "[database]",
+            "[sync]\nuri_schemes = [\"HTTPS:\", \"http\"]\n[server]\nallowed_hosts = [\"Sync.Example.\"]\n[database]",
+        );
+        let text = text.replace(
+            "integration_id =",
+            "max_response_size = \"2 MiB\"\nintegration_id =",
+        );
+        let c = load(&text, &[]).unwrap();
+        assert_eq!(c.bynder.max_response_bytes, 2 * 1024 * 1024);
+        assert_eq!(c.sync.uri_schemes, ["https", "http"]);
+        assert_eq!(c.server.allowed_hosts, ["sync.example"]);
+
+        let c = load(
+            GOOD,
+            &[("BYNDER_USAGE_SYNC_BYNDER__MAX_RESPONSE_SIZE", "1048576")],
+        )
+        .unwrap();
+        assert_eq!(c.bynder.max_response_bytes, 1024 * 1024);
+
+        let e = load(
+            GOOD,
+            &[("BYNDER_USAGE_SYNC_BYNDER__MAX_RESPONSE_SIZE", "1 KiB")],
+        )
+        .unwrap_err();
+        assert!(e.message.contains("bynder.max_response_size"), "{e}");
+        let e = load(
+            &GOOD.replace(
+                "[database]",
+                "[sync]\nuri_schemes = [\"https://\"]\n[database]",
+            ),
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.message.contains("sync.uri_schemes"), "{e}");
     }
 }
