@@ -140,6 +140,8 @@ pub enum Exit {
     Credentials = 4,
     /// With `--detailed-exitcode`: something would change (dry run) or changed.
     Changes = 10,
+    /// Another process held the run lock longer than `database.lock_timeout` (EX_TEMPFAIL).
+    Busy = 75,
     /// Configuration error (EX_CONFIG).
     Config = 78,
 }
@@ -161,16 +163,29 @@ pub enum Failure {
     Credentials(String),
     #[error("{0}")]
     Unreachable(String),
+    #[error("{0}")]
+    Busy(crate::files::LockTimeout),
     #[error("{0:#}")]
-    Unexpected(#[from] anyhow::Error),
+    Unexpected(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        match e.downcast::<crate::files::LockError>() {
+            Ok(crate::files::LockError::Timeout(timeout)) => Failure::Busy(timeout),
+            Ok(other) => Failure::Unexpected(other.into()),
+            Err(e) => Failure::Unexpected(e),
+        }
+    }
 }
 
 impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Missing(_) | StoreError::NotMigrated(_) | StoreError::Open { .. } => {
-                Failure::Setup(e)
-            }
+            StoreError::Missing(_)
+            | StoreError::NotMigrated(_)
+            | StoreError::MigrationsNotRun(_)
+            | StoreError::Open { .. } => Failure::Setup(e),
             other => Failure::Unexpected(other.into()),
         }
     }
@@ -187,6 +202,7 @@ impl Failure {
         match self {
             Failure::Config(_) | Failure::Setup(_) => Exit::Config,
             Failure::Credentials(_) => Exit::Credentials,
+            Failure::Busy(_) => Exit::Busy,
             Failure::Unreachable(_) | Failure::Unexpected(_) => Exit::Unexpected,
         }
     }

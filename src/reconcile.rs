@@ -6,7 +6,6 @@
 //! is finished only once Bynder confirmed it, in the same transaction that updates the recorded
 //! state; anything in flight when the process dies is read back before it is sent again.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -20,6 +19,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::config::{Config, RetrySettings, Strategy};
+use crate::files::{LockError, Modes, RunLock};
 use crate::model::{folded_key, key_order, same_asset, AssetId, Reference, SkipReason, UsageUri};
 use crate::plan::{decide, Change, Decision, Desired, Queued, Target};
 use crate::queue::{self, Next, RunEffect};
@@ -215,7 +215,7 @@ pub async fn reconcile_with_progress(
         });
     }
 
-    let _lock = RunLock::acquire(ctx.store.path()).await?;
+    let _lock = run_lock(ctx, options.command).await?;
     let recovered = ctx.store.recover_in_flight().await?;
     if recovered > 0 {
         tracing::warn!(recovered, "operations were in flight when a previous run stopped; they are read back before anything is re-sent");
@@ -375,6 +375,18 @@ fn credentials_rejected(ctx: &Context) -> RunOutcome {
     ))
 }
 
+/// The run lock of this state database, waited for at most `database.lock_timeout`.
+async fn run_lock(ctx: &Context, what: &str) -> Result<RunLock, LockError> {
+    let database = &ctx.config.database;
+    RunLock::acquire(
+        ctx.store.path(),
+        Modes::new(database.group_shared),
+        database.lock_timeout,
+        what,
+    )
+    .await
+}
+
 /// Sends what is already queued, without planning: the daemon calls it between reconciles so a
 /// retry does not wait for the next schedule. Takes the run lock like a reconcile and records a
 /// run named `drain`, but only when something is pending; `None` when nothing was.
@@ -383,7 +395,7 @@ pub async fn drain_queue_once(
     ctx: &Context,
     progress: Arc<dyn Progress>,
 ) -> anyhow::Result<Option<RunReport>> {
-    let _lock = RunLock::acquire(ctx.store.path()).await?;
+    let _lock = run_lock(ctx, "drain").await?;
     let recovered = ctx.store.recover_in_flight().await?;
     if recovered > 0 {
         tracing::warn!(recovered, "operations were in flight when a previous run stopped; they are read back before anything is re-sent");
@@ -1417,52 +1429,6 @@ async fn upsert(
                 *uncertain = true;
             }
             Ok(Err(e))
-        }
-    }
-}
-
-// ---- run lock -------------------------------------------------------------------------------
-
-/// Only one run sends at a time per state database: an OS file lock beside it, released by the
-/// kernel when the process dies, so a crash never leaves a stale lock.
-pub struct RunLock {
-    _file: std::fs::File,
-}
-
-impl RunLock {
-    pub async fn acquire(database: &Path) -> anyhow::Result<RunLock> {
-        let mut path = PathBuf::from(database);
-        let name = format!(
-            "{}.lock",
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("state.db")
-        );
-        path.set_file_name(name);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("cannot open the run lock {}", path.display()))?;
-        // Polled rather than a blocking `lock()`: a waiting task stays cancellable (the daemon's
-        // shutdown must not hang behind a manual resync).
-        let mut told = false;
-        loop {
-            match file.try_lock() {
-                Ok(()) => return Ok(RunLock { _file: file }),
-                Err(std::fs::TryLockError::WouldBlock) => {
-                    if !told {
-                        tracing::info!(lock = %path.display(), "another run is sending for this database; waiting for it to finish");
-                        told = true;
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-                Err(std::fs::TryLockError::Error(e)) => {
-                    return Err(e)
-                        .with_context(|| format!("cannot take the run lock {}", path.display()))
-                }
-            }
         }
     }
 }

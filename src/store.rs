@@ -27,6 +27,8 @@ pub enum StoreError {
     Missing(PathBuf),
     #[error("the state database {} has no table cms_asset_references. Fix: run `bynder-usage-sync migrate` (or check database.path points at the right file)", .0.display())]
     NotMigrated(PathBuf),
+    #[error("the state database {} has a table cms_asset_references, but `migrate` was never run on it (perhaps the CMS created the table itself), so the daemon's own tables are missing. Fix: run `bynder-usage-sync migrate` once; it keeps the CMS's rows", .0.display())]
+    MigrationsNotRun(PathBuf),
     #[error("cannot open the state database {}: {source}. Fix: check database.path, its folder's permissions and free disk space", .path.display())]
     Open { path: PathBuf, source: sqlx::Error },
     #[error("migrating the state database failed: {0}")]
@@ -138,13 +140,21 @@ pub async fn open_store(settings: &DatabaseSettings, mode: OpenMode) -> Result<S
             });
         }
     }
+    let modes = crate::files::Modes::new(settings.group_shared);
     if mode == OpenMode::Create {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| StoreError::Open {
+        let created = match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            Some(parent) => crate::files::create_folders(parent, modes),
+            None => Ok(()),
+        };
+        created
+            .and_then(|()| crate::files::create_file(&path, modes.file))
+            .map_err(|e| StoreError::Open {
                 path: path.clone(),
                 source: e.into(),
             })?;
-        }
+    }
+    for warning in crate::files::exposure_warnings(&path, settings.group_shared) {
+        tracing::warn!("{warning}");
     }
     let options = SqliteConnectOptions::from_str("sqlite://")
         .map_err(|e| StoreError::Open {
@@ -198,8 +208,11 @@ impl Store {
             .bind(name)
             .fetch_one(&self.pool)
         };
-        if has("_sqlx_migrations").await? == 0 || has("cms_asset_references").await? == 0 {
+        if has("cms_asset_references").await? == 0 {
             return Err(StoreError::NotMigrated(self.path.clone()));
+        }
+        if has("_sqlx_migrations").await? == 0 {
+            return Err(StoreError::MigrationsNotRun(self.path.clone()));
         }
         self.migrate().await
     }

@@ -6,6 +6,7 @@ mod bad_input;
 mod common;
 mod concurrency;
 mod daemon;
+mod hardening;
 mod portals;
 mod properties;
 mod reliability;

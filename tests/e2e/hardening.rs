@@ -1,0 +1,179 @@
+//! Hardening found by a security review and a first-use trial: private state files, a bounded
+//! run lock, dead letters that do not poison later runs, configuration reloads, and what the
+//! binary prints.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use bynder_usage_sync::files::{Modes, RunLock};
+
+use crate::common::*;
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// Runs the binary under `umask 022`, the common default that made every state file 0644.
+async fn run_with_umask(config: &Path, args: &[&str]) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg("umask 022; exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_bynder-usage-sync"))
+        .arg("--config")
+        .arg(config)
+        .args(args);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("BYNDER_USAGE_SYNC_") || key == "RUST_LOG" {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.output().await.expect("run the binary")
+}
+
+/// A config for `app`'s portal whose database lives in a folder that does not exist yet.
+fn config_in_new_folder(app: &App, extra_database: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(&app.config_path).unwrap().replace(
+        "path = \"state.db\"",
+        &format!("path = \"private/state/state.db\"\n{extra_database}"),
+    );
+    let path = app.dir.path().join("private.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn assert_state_modes(group_shared: bool) {
+    let app = spawn_app().await;
+    let extra = if group_shared {
+        "group_shared = true"
+    } else {
+        ""
+    };
+    let config = config_in_new_folder(&app, extra);
+    let out = run_with_umask(&config, &["migrate"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let db = app.dir.path().join("private/state/state.db");
+    // A writer keeps -wal and -shm in place while the daemon runs.
+    let cms = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO cms_asset_references (asset_id, uri) VALUES (?, ?)")
+        .bind(asset(1))
+        .bind(page(1))
+        .execute(&cms)
+        .await
+        .unwrap();
+    let out = run_with_umask(&config, &["resync"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(app.portal.usages_for(INTEGRATION).len(), 1);
+
+    let (folder, file) = if group_shared {
+        (0o2770, 0o660)
+    } else {
+        (0o700, 0o600)
+    };
+    assert_eq!(mode(&app.dir.path().join("private")), folder);
+    assert_eq!(mode(&app.dir.path().join("private/state")), folder);
+    for name in ["state.db", "state.db-wal", "state.db-shm", "state.db.lock"] {
+        let path = app.dir.path().join("private/state").join(name);
+        assert!(
+            path.exists(),
+            "{name} should exist while the CMS holds the database"
+        );
+        assert_eq!(mode(&path), file, "mode of {name}");
+    }
+    assert!(
+        !stderr(&out).contains("the state f"),
+        "no warning for files it made itself: {}",
+        stderr(&out)
+    );
+    cms.close().await;
+}
+
+/// REGRESSION: under umask 022 the state database, its -wal and -shm files and the run lock were
+/// created 0644 and new folders 0755, readable by every local user while the settings table
+/// holds refresh tokens.
+#[tokio::test]
+async fn state_files_and_folders_are_private_whatever_the_umask() {
+    assert_state_modes(false).await;
+}
+
+#[tokio::test]
+async fn group_shared_state_gives_the_group_access_and_no_one_else() {
+    assert_state_modes(true).await;
+}
+
+#[tokio::test]
+async fn an_existing_state_file_readable_by_others_is_reported_with_the_fix() {
+    let app = spawn_app().await;
+    std::fs::set_permissions(&app.db_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = app.run(&["status"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("other users can read it"), "{err}");
+    assert!(
+        err.contains(&format!("chmod 600 {}", app.db_path.display())),
+        "{err}"
+    );
+}
+
+/// REGRESSION: another local user holding `flock` on state.db.lock stalled every run forever;
+/// the wait is now bounded and the error names the holder.
+#[tokio::test]
+async fn a_run_lock_held_elsewhere_is_waited_for_a_bounded_time_then_named() {
+    let app = spawn_app().await;
+    app.insert(&asset(1), &page(1), None).await;
+    let config = std::fs::read_to_string(&app.config_path).unwrap().replace(
+        "path = \"state.db\"",
+        "path = \"state.db\"\nlock_timeout = \"1s\"",
+    );
+    std::fs::write(&app.config_path, config).unwrap();
+    let held = RunLock::acquire(
+        &app.db_path,
+        Modes::new(false),
+        Duration::from_secs(5),
+        "a stuck resync",
+    )
+    .await
+    .unwrap();
+
+    let out = app.run(&["resync"]).await;
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("process {} (a stuck resync)", std::process::id())),
+        "{err}"
+    );
+    assert!(err.contains("database.lock_timeout"), "{err}");
+    assert!(app.ours().is_empty(), "nothing is sent without the lock");
+
+    drop(held);
+    app.resync_expecting(0).await;
+    app.assert_converged().await;
+}
+
+/// REGRESSION: a database whose cms_asset_references table the CMS created itself, never
+/// migrated, was reported as having no such table.
+#[tokio::test]
+async fn a_cms_table_without_migrations_is_told_apart_from_a_missing_table() {
+    let app = spawn_app().await;
+    let db = app.dir.path().join("cms-made.db");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=rwc", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE cms_asset_references (asset_id TEXT, uri TEXT, additional TEXT)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let out = app
+        .run_env(
+            &["status"],
+            &[("BYNDER_USAGE_SYNC_DATABASE__PATH", db.to_str().unwrap())],
+        )
+        .await;
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("`migrate` was never run"), "{err}");
+    assert!(!err.contains("has no table"), "{err}");
+}
