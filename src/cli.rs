@@ -133,6 +133,8 @@ pub enum Exit {
     Ok = 0,
     /// Unexpected error, portal unreachable after retries included.
     Unexpected = 1,
+    /// Invalid command line (clap's own code for argument errors).
+    Usage = 2,
     /// Finished, but some operations failed and wait in the queue or as dead letters (or the
     /// mass-delete guard held the run back).
     Partial = 3,
@@ -165,6 +167,9 @@ pub enum Failure {
     Unreachable(String),
     #[error("{0}")]
     Busy(crate::files::LockTimeout),
+    /// A command line that names something that does not exist.
+    #[error("{0}")]
+    Usage(String),
     #[error("{0:#}")]
     Unexpected(anyhow::Error),
 }
@@ -203,6 +208,7 @@ impl Failure {
             Failure::Config(_) | Failure::Setup(_) => Exit::Config,
             Failure::Credentials(_) => Exit::Credentials,
             Failure::Busy(_) => Exit::Busy,
+            Failure::Usage(_) => Exit::Usage,
             Failure::Unreachable(_) | Failure::Unexpected(_) => Exit::Unexpected,
         }
     }
@@ -366,7 +372,7 @@ async fn resync(
     } else {
         print_report(&report);
     }
-    let exit = outcome_exit(&report.outcome, report.dead_letters)?;
+    let exit = outcome_exit(&report.outcome)?;
     let p = &report.plan;
     let drift = report.verify.as_ref().map_or(0, |v| v.drift());
     let changes =
@@ -377,13 +383,13 @@ async fn resync(
     Ok(exit)
 }
 
-/// The exit code for a run's outcome.
-pub fn outcome_exit(outcome: &RunOutcome, dead_letters: i64) -> Result<Exit, Failure> {
+/// The exit code for a run's outcome. Dead letters left from earlier runs do not change it: the
+/// outcome already says whether this run made new ones.
+pub fn outcome_exit(outcome: &RunOutcome) -> Result<Exit, Failure> {
     match outcome {
         RunOutcome::CredentialsRejected(m) => Err(Failure::Credentials(m.clone())),
         RunOutcome::Unreachable(m) => Err(Failure::Unreachable(m.clone())),
         RunOutcome::Partial | RunOutcome::MassDeleteRefused(_) => Ok(Exit::Partial),
-        RunOutcome::Converged | RunOutcome::NothingToDo if dead_letters > 0 => Ok(Exit::Partial),
         RunOutcome::Converged | RunOutcome::NothingToDo | RunOutcome::DryRun => Ok(Exit::Ok),
     }
 }
@@ -468,10 +474,14 @@ pub fn print_report(report: &RunReport) {
         | RunOutcome::CredentialsRejected(m) => m.clone(),
     };
     println!("Result: {result}");
-    if report.dead_letters > 0 {
+    let new = report.sent.dead as i64;
+    let earlier = (report.dead_letters - new).max(0);
+    if new > 0 {
+        println!("Dead letters: {new} new in this run (see `bynder-usage-sync queue list --dead`)");
+    }
+    if earlier > 0 {
         println!(
-            "Dead letters: {} (see `bynder-usage-sync status`)",
-            report.dead_letters
+            "Warning: {earlier} dead letter(s) from earlier runs still wait for a human: see              `bynder-usage-sync queue list --dead`, then `queue retry` or `queue purge --dead`"
         );
     }
 }
@@ -651,13 +661,27 @@ async fn queue(config: Config, action: QueueAction) -> Result<Exit, Failure> {
             }
         }
         QueueAction::Retry { all, ids } => {
+            // All or nothing: a mistyped id must not re-queue the others behind the user's back.
+            let wrong = store.not_dead_letters(&ids).await?;
+            if !wrong.is_empty() {
+                store.close().await;
+                let named: Vec<String> = wrong
+                    .iter()
+                    .map(|(id, state)| match state {
+                        None => format!("{id} (no such operation)"),
+                        Some(state) => format!("{id} (not a dead letter but {state})"),
+                    })
+                    .collect();
+                return Err(Failure::Usage(format!(
+                    "cannot re-queue {}; nothing was re-queued. Fix: use the ids `bynder-usage-sync \
+                     queue list --dead` shows, or --all",
+                    named.join(", ")
+                )));
+            }
             let n = store
                 .retry_dead(if all { None } else { Some(&ids) })
                 .await?;
             println!("{n} dead letter(s) re-queued; the next run sends them");
-            if !all && (n as usize) < ids.len() {
-                println!("(some ids were not dead letters and were left alone)");
-            }
         }
         QueueAction::Purge { dead: _ } => {
             let n = store.purge_dead().await?;

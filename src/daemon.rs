@@ -560,6 +560,14 @@ impl Worker {
         if let RunOutcome::CredentialsRejected(m) | RunOutcome::Unreachable(m) = &report.outcome {
             tracing::error!(command, "{m}");
         }
+        if report.sent.dead > 0 {
+            tracing::warn!(
+                command,
+                dead_letters = report.sent.dead,
+                "Bynder refused operations for good; they wait as dead letters: see \
+                 `bynder-usage-sync queue list --dead`"
+            );
+        }
         self.publish_status(command, report.outcome.label()).await;
     }
 

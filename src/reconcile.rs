@@ -73,7 +73,7 @@ pub enum RunOutcome {
     NothingToDo,
     /// Everything planned or queued went through.
     Converged,
-    /// Some operations failed and wait in the queue or as dead letters.
+    /// Some operations of this run failed: they wait in the queue or became dead letters.
     Partial,
     /// The plan would delete more usages than `sync.max_deletes` allows; nothing was queued.
     MassDeleteRefused(String),
@@ -160,7 +160,7 @@ pub struct RunReport {
     pub outcome: RunOutcome,
     pub plan: PlanReport,
     pub sent: SendReport,
-    /// Dead letters in the queue after the run (new and old).
+    /// Dead letters in the queue after the run (new and old; `sent.dead` counts the new).
     pub dead_letters: i64,
     /// What `--verify` found, when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -299,7 +299,9 @@ async fn drain_outcome(
         )),
         // Not stopping effects: drain never keeps them, but a run that had them is partial at most.
         Some(RunEffect::Continue | RunEffect::Paused { .. }) => RunOutcome::Partial,
-        None if summary.pending > 0 || summary.dead > 0 || summary.in_flight > 0 => {
+        // Judged by what this run did: dead letters left from earlier runs wait for a human
+        // (their own gauge and warning) and do not make every later run partial.
+        None if summary.pending > 0 || summary.in_flight > 0 || sent.dead > 0 => {
             RunOutcome::Partial
         }
         None if sent.succeeded == 0 && sent.retried == 0 => RunOutcome::NothingToDo,

@@ -659,6 +659,25 @@ impl Store {
         }
     }
 
+    /// Of `ids`, those that are not dead letters, each with its state (`None`: no such operation).
+    pub async fn not_dead_letters(
+        &self,
+        ids: &[i64],
+    ) -> Result<Vec<(i64, Option<String>)>, sqlx::Error> {
+        let mut found = Vec::new();
+        for &id in ids {
+            let state: Option<String> =
+                sqlx::query_scalar("SELECT state FROM operations WHERE id = ?")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            if state.as_deref() != Some("dead") {
+                found.push((id, state));
+            }
+        }
+        Ok(found)
+    }
+
     /// Deletes every dead letter. Returns how many were removed.
     pub async fn purge_dead(&self) -> Result<u64, sqlx::Error> {
         Ok(sqlx::query("DELETE FROM operations WHERE state = 'dead'")

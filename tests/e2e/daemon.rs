@@ -1087,3 +1087,46 @@ async fn run_killed_at_random_points_and_restarted_converges_without_duplicates(
         "the other integration's usage survives"
     );
 }
+
+/// REGRESSION: with one dead letter every later run was "partial" forever: the status page said
+/// "last successful reconcile: never" and the last-success gauge stayed absent, so the documented
+/// staleness alert could not fire.
+#[tokio::test]
+async fn an_old_dead_letter_leaves_later_runs_successful_with_its_own_gauge() {
+    let app = spawn_app_with(Setup {
+        portal: Options {
+            permanent_tokens: vec![TOKEN.to_owned()],
+            missing_assets: std::collections::HashSet::from([asset(9)]),
+            ..Options::default()
+        },
+        ..per_usage_daemon_setup()
+    })
+    .await;
+    app.insert(&asset(1), &page(1), None).await;
+    app.insert(&asset(9), &page(9), None).await; // Bynder does not know it: a dead letter
+    let daemon = Daemon::start(&app).await;
+    eventually(
+        &daemon,
+        "a later run that ends nothing_to_do despite the dead letter",
+        Duration::from_secs(20),
+        || async {
+            let metrics = parse_prometheus(&daemon.get("/metrics").await.1);
+            let quiet_run = metrics.get("sync_runs_total").is_some_and(|runs| {
+                runs.iter().any(|(l, v)| {
+                    l.get("outcome").map(String::as_str) == Some("nothing_to_do") && *v >= 1.0
+                })
+            });
+            quiet_run
+                && metrics.contains_key("sync_last_success_timestamp_seconds")
+                && metrics["sync_dead_letters"][0].1 == 1.0
+        },
+    )
+    .await;
+    let (status, html) = daemon.get("/").await;
+    assert_eq!(status, 200);
+    assert!(!html.contains(r#"id="last-success">never"#), "{html}");
+    assert_eq!(app.ours(), vec![(asset(1), page(1), String::new())]);
+    let (status, _, log) = daemon.terminate(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("wait as dead letters"), "{log}");
+}

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bynder_usage_sync::files::{Modes, RunLock};
+use bynder_usage_sync::simulator::Options;
 
 use crate::common::*;
 
@@ -176,4 +177,78 @@ async fn a_cms_table_without_migrations_is_told_apart_from_a_missing_table() {
     let err = stderr(&out);
     assert!(err.contains("`migrate` was never run"), "{err}");
     assert!(!err.contains("has no table"), "{err}");
+}
+
+/// REGRESSION: one dead letter made every later `resync` exit 3 even when it had nothing to do;
+/// and `queue retry` of ids that do not exist said nothing useful.
+#[tokio::test]
+async fn dead_letters_from_earlier_runs_warn_but_do_not_fail_later_runs() {
+    let app = spawn_app_with(Setup {
+        portal: Options {
+            permanent_tokens: vec![TOKEN.to_owned()],
+            missing_assets: std::collections::HashSet::from([asset(2)]),
+            ..Options::default()
+        },
+        sync: "strategy = \"per_usage\"".to_owned(),
+        ..Setup::default()
+    })
+    .await;
+    app.insert(&asset(1), &page(1), None).await;
+    app.insert(&asset(2), &page(2), None).await;
+    let out = app.resync_expecting(3).await;
+    assert!(
+        stdout(&out).contains("Dead letters: 1 new in this run"),
+        "{}",
+        stdout(&out)
+    );
+
+    // Nothing to do now: exit 0, with the old dead letter named once.
+    let out = app.resync_expecting(0).await;
+    let text = stdout(&out);
+    assert!(text.contains("Result: nothing to do"), "{text}");
+    assert_eq!(
+        text.matches("Warning: 1 dead letter(s) from earlier runs")
+            .count(),
+        1,
+        "{text}"
+    );
+    // A new row goes through while the dead letter waits: still a success.
+    app.insert(&asset(3), &page(3), None).await;
+    let out = app.resync_expecting(0).await;
+    assert!(
+        stdout(&out).contains("Result: converged"),
+        "{}",
+        stdout(&out)
+    );
+
+    // A retry naming ids that are not dead letters re-queues nothing and names them.
+    let out = app.run(&["queue", "list", "--dead", "--json"]).await;
+    let dead: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = dead[0]["id"].as_i64().unwrap();
+    let out = app
+        .run(&["queue", "retry", &id.to_string(), "987654"])
+        .await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("987654 (no such operation)"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("nothing was re-queued"),
+        "{}",
+        stderr(&out)
+    );
+    let out = app.run(&["queue", "list", "--dead", "--json"]).await;
+    let still: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        still.as_array().unwrap().len(),
+        1,
+        "the real id stays a dead letter"
+    );
+
+    // The retried letter fails again: a new dead letter of this run, so exit 3.
+    let out = app.run(&["queue", "retry", &id.to_string()]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    app.resync_expecting(3).await;
 }
