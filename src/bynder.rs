@@ -212,23 +212,34 @@ impl Error {
 /// The process-wide gate every request passes: Bynder's rate limit is per IP, so one token bucket
 /// and one 429 pause serve every worker.
 pub struct Gate {
-    limiter: DefaultDirectRateLimiter,
+    /// Replaced whole when a configuration reload changes the rate.
+    limiter: std::sync::RwLock<Arc<DefaultDirectRateLimiter>>,
     paused_until: Mutex<Option<Instant>>,
-    block_pause: Duration,
+    block_pause: Mutex<Duration>,
+}
+
+/// A token bucket for `requests_per_second`. No burst: requests are spaced evenly, so no window
+/// of any length sees more than its share of the configured rate (plus one).
+fn limiter(requests_per_second: u32) -> Arc<DefaultDirectRateLimiter> {
+    let rps = std::num::NonZeroU32::new(requests_per_second.max(1)).expect("at least 1");
+    Arc::new(DefaultDirectRateLimiter::direct(
+        Quota::per_second(rps).allow_burst(std::num::NonZeroU32::MIN),
+    ))
 }
 
 impl Gate {
     pub fn new(requests_per_second: u32, block_pause: Duration) -> Self {
-        let rps = std::num::NonZeroU32::new(requests_per_second.max(1)).expect("at least 1");
         Gate {
-            // No burst: requests are spaced evenly, so no window of any length sees more than
-            // its share of the configured rate (plus one).
-            limiter: DefaultDirectRateLimiter::direct(
-                Quota::per_second(rps).allow_burst(std::num::NonZeroU32::MIN),
-            ),
+            limiter: std::sync::RwLock::new(limiter(requests_per_second)),
             paused_until: Mutex::new(None),
-            block_pause,
+            block_pause: Mutex::new(block_pause),
         }
+    }
+
+    /// New limits from a configuration reload. A pause in force keeps its end.
+    pub fn set_limits(&self, requests_per_second: u32, block_pause: Duration) {
+        *self.limiter.write().expect("gate lock") = limiter(requests_per_second);
+        *self.block_pause.lock().expect("gate lock") = block_pause;
     }
 
     /// Waits for the pause to end and for a token from the bucket.
@@ -240,19 +251,21 @@ impl Gate {
                 _ => break,
             }
         }
-        self.limiter.until_ready().await;
+        let limiter = self.limiter.read().expect("gate lock").clone();
+        limiter.until_ready().await;
     }
 
     /// Starts (or keeps) a pause after a 429. Returns the end of the pause.
     pub fn pause(&self) -> Instant {
+        let block_pause = *self.block_pause.lock().expect("gate lock");
         let mut guard = self.paused_until.lock().expect("gate lock");
-        let end = Instant::now() + self.block_pause;
+        let end = Instant::now() + block_pause;
         match *guard {
             Some(t) if t >= end => t,
             _ => {
                 *guard = Some(end);
                 tracing::warn!(
-                    pause = ?self.block_pause,
+                    pause = ?block_pause,
                     "Bynder's rate limit blocked us (429): all sending stops until the block has passed"
                 );
                 end

@@ -270,11 +270,14 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
         }
         Command::Auth { command } => crate::admin::auth(start(&source)?, command).await,
         Command::Run => {
+            // First: a SIGHUP during start-up must not end the process.
+            let reloader =
+                crate::daemon::Reloader::install(source.clone()).map_err(anyhow::Error::from)?;
             let config = start(&source)?;
             let stop = crate::daemon::termination_signal().map_err(anyhow::Error::from)?;
             let listener = crate::daemon::bind(&config.server).await?;
             let ctx = build_context(config).await?;
-            crate::daemon::run_until_stopped(ctx, listener, stop).await?;
+            crate::daemon::run_until_stopped(ctx, listener, stop, reloader).await?;
             Ok(Exit::Ok)
         }
         Command::Healthcheck { ready } => {
@@ -296,33 +299,9 @@ fn start(source: &ConfigSource) -> Result<Config, Failure> {
     Ok(config)
 }
 
-/// Logs go to stderr: human-readable text, or JSON lines for journald and log collectors.
-/// `RUST_LOG`, when set, wins over `log.level`.
+/// Logs go to stderr (see [`crate::logging`]).
 pub fn init_tracing(level: &str, format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    // The scheduler logs every tick at INFO; keep it to warnings unless asked for by name.
-    let filter = if filter.to_string().contains("tokio_cron_scheduler") {
-        filter
-    } else {
-        filter.add_directive(
-            "tokio_cron_scheduler=warn"
-                .parse()
-                .expect("valid directive"),
-        )
-    };
-    // Colours only on a terminal: journald and container logs would keep the escape codes.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.with_target(false).try_init(),
-    };
+    crate::logging::init(level, format);
 }
 
 /// Builds the run context: store, credentials, client.

@@ -1264,6 +1264,134 @@ fn secrets_readable_by_others(path: &Path) -> Option<String> {
     None
 }
 
+/// What a configuration reload changes: the settings a running daemon applies, and the sections
+/// whose change waits for a restart (connections, credentials and files opened at start).
+#[derive(Debug)]
+pub struct Reload {
+    /// The running configuration with every run-time setting taken from the new file.
+    pub config: Config,
+    /// Run-time keys whose value changed, e.g. `sync.schedule`.
+    pub applied: Vec<&'static str>,
+    /// Sections or keys that changed but apply only after a restart, e.g. `[auth]`.
+    pub needs_restart: Vec<&'static str>,
+}
+
+impl Config {
+    /// Takes from `new` what a running daemon can change (log level, schedules, limits, retry,
+    /// the sync settings, the shutdown timeout) and lists what it cannot.
+    pub fn reload(&self, new: Config) -> Reload {
+        let mut applied = Vec::new();
+        let mut needs_restart = Vec::new();
+        let dbg = |v: &dyn std::fmt::Debug| format!("{v:?}");
+        for (key, old, new) in [
+            ("log.level", dbg(&self.log.level), dbg(&new.log.level)),
+            (
+                "sync.schedule",
+                dbg(&self.sync.schedule),
+                dbg(&new.sync.schedule),
+            ),
+            (
+                "sync.verify_schedule",
+                dbg(&self.sync.verify_schedule),
+                dbg(&new.sync.verify_schedule),
+            ),
+            (
+                "sync.uri_prefixes",
+                dbg(&self.sync.uri_prefixes),
+                dbg(&new.sync.uri_prefixes),
+            ),
+            (
+                "sync.uri_schemes",
+                dbg(&self.sync.uri_schemes),
+                dbg(&new.sync.uri_schemes),
+            ),
+            (
+                "sync.max_deletes",
+                dbg(&self.sync.max_deletes),
+                dbg(&new.sync.max_deletes),
+            ),
+            (
+                "sync.strategy",
+                dbg(&self.sync.strategy),
+                dbg(&new.sync.strategy),
+            ),
+            (
+                "sync.batch_size",
+                dbg(&self.sync.batch_size),
+                dbg(&new.sync.batch_size),
+            ),
+            ("[limits]", dbg(&self.limits), dbg(&new.limits)),
+            ("[retry]", dbg(&self.retry), dbg(&new.retry)),
+            ("[daemon]", dbg(&self.daemon), dbg(&new.daemon)),
+        ] {
+            if old != new {
+                applied.push(key);
+            }
+        }
+        for (key, old, new) in [
+            ("[bynder]", dbg(&self.bynder), dbg(&new.bynder)),
+            (
+                "[auth]",
+                auth_identity(&self.auth),
+                auth_identity(&new.auth),
+            ),
+            ("[database]", dbg(&self.database), dbg(&new.database)),
+            ("[source]", dbg(&self.source), dbg(&new.source)),
+            (
+                "[server]",
+                server_identity(&self.server),
+                server_identity(&new.server),
+            ),
+            ("log.format", dbg(&self.log.format), dbg(&new.log.format)),
+        ] {
+            if old != new {
+                needs_restart.push(key);
+            }
+        }
+        let mut config = self.clone();
+        config.log.level = new.log.level;
+        config.sync = new.sync;
+        config.limits = new.limits;
+        config.retry = new.retry;
+        config.daemon = new.daemon;
+        config.warnings = new.warnings;
+        Reload {
+            config,
+            applied,
+            needs_restart,
+        }
+    }
+}
+
+/// Everything that identifies the credentials, secrets included: only ever compared, never shown.
+fn auth_identity(auth: &AuthSettings) -> String {
+    use secrecy::ExposeSecret;
+    match auth {
+        AuthSettings::PermanentToken { token } => format!("pt {}", token.expose_secret()),
+        AuthSettings::ClientCredentials(s) | AuthSettings::RefreshToken(s) => format!(
+            "{} {s:?} {}",
+            auth.method_name(),
+            s.client_secret.expose_secret()
+        ),
+        AuthSettings::OAuth1(s) => format!(
+            "o1 {} {} {:?}",
+            s.consumer_key,
+            s.consumer_secret.expose_secret(),
+            s.token
+                .as_ref()
+                .map(|p| (p.token.expose_secret(), p.token_secret.expose_secret()))
+        ),
+    }
+}
+
+fn server_identity(server: &ServerSettings) -> String {
+    use secrecy::ExposeSecret;
+    format!(
+        "{server:?} {:?}",
+        server.token.as_ref().map(|t| t.expose_secret())
+    )
+}
+
 impl Config {
     /// A configuration for a portal reached with a permanent token (the demo, tests, benchmarks).
     pub fn for_portal(

@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_cron_scheduler::{Job, JobScheduler};
 
 use crate::bynder::Reaction;
-use crate::config::{env_var, ConfigError, ServerSettings, SyncSettings};
+use crate::config::{env_var, ConfigError, ConfigSource, ServerSettings, SyncSettings};
 use crate::reconcile::{self, Context, Progress, RunOptions, RunOutcome, RunReport};
 use crate::store;
 
@@ -185,6 +185,27 @@ pub fn termination_signal() -> std::io::Result<impl Future<Output = ()> + Send +
     })
 }
 
+/// SIGHUP: read the configuration again and apply what can change while the daemon runs.
+pub struct Reloader {
+    source: ConfigSource,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Reloader {
+    /// Installs the SIGHUP handler now: from here on a SIGHUP no longer ends the process.
+    pub fn install(source: ConfigSource) -> std::io::Result<Reloader> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Reloader {
+            source,
+            hangup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn next(&mut self) {
+        self.hangup.recv().await;
+    }
+}
+
 /// Runs the daemon until `shutdown` resolves, then stops gracefully: no new work, requests in
 /// flight get `daemon.shutdown_timeout` to finish, and operations still in flight after that are
 /// read back at the next start. Returns an error only when a part of the daemon died on its own.
@@ -192,8 +213,10 @@ pub async fn run_until_stopped(
     ctx: Context,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
+    mut reloader: Reloader,
 ) -> anyhow::Result<()> {
     let ctx = Arc::new(ctx);
+    let (contexts, contexts_rx) = watch::channel(ctx.clone());
     let metrics = crate::metrics::install()?;
     if let Err(e) = crate::metrics::seed_last_success(&ctx.store).await {
         tracing::warn!("cannot read the run history for the metrics: {e:#}");
@@ -220,9 +243,9 @@ pub async fn run_until_stopped(
     tracing::info!(%address, "listening on {address}: status page at http://{address}/, /healthz, /readyz, /metrics");
 
     let worker = Worker {
-        ctx: ctx.clone(),
+        contexts: contexts_rx,
         health: health.clone(),
-        triggers,
+        triggers: triggers.clone(),
         stop: stop_rx.clone(),
         drain_suspended: false,
         queue_unreadable: false,
@@ -236,23 +259,34 @@ pub async fn run_until_stopped(
     ]);
 
     let mut failure = None;
-    tokio::select! {
-        () = shutdown => {}
-        joined = async { worker.as_mut().expect("spawned").await } => {
-            worker = None;
-            failure = Some(anyhow::anyhow!("the worker stopped unexpectedly: {joined:?}"));
-        }
-        joined = async { server.as_mut().expect("spawned").await } => {
-            server = None;
-            failure = Some(match joined {
-                Ok(Ok(())) => anyhow::anyhow!("the HTTP server stopped unexpectedly"),
-                Ok(Err(e)) => anyhow::Error::new(e).context("the HTTP server failed"),
-                Err(e) => anyhow::Error::new(e).context("the HTTP server panicked"),
-            });
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            () = reloader.next() => {
+                let current = contexts.borrow().clone();
+                if let Some(next) = reload(&current, &reloader.source, &mut scheduler, &triggers).await {
+                    contexts.send_replace(Arc::new(next));
+                }
+            }
+            joined = async { worker.as_mut().expect("spawned").await } => {
+                worker = None;
+                failure = Some(anyhow::anyhow!("the worker stopped unexpectedly: {joined:?}"));
+                break;
+            }
+            joined = async { server.as_mut().expect("spawned").await } => {
+                server = None;
+                failure = Some(match joined {
+                    Ok(Ok(())) => anyhow::anyhow!("the HTTP server stopped unexpectedly"),
+                    Ok(Err(e)) => anyhow::Error::new(e).context("the HTTP server failed"),
+                    Err(e) => anyhow::Error::new(e).context("the HTTP server panicked"),
+                });
+                break;
+            }
         }
     }
 
-    let grace = ctx.config.daemon.shutdown_timeout;
+    let grace = contexts.borrow().config.daemon.shutdown_timeout;
     tracing::info!(
         ?grace,
         "shutting down: no new work; requests in flight may finish"
@@ -293,6 +327,86 @@ pub async fn run_until_stopped(
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// Reads the configuration again and applies what can change at run time: the log level, the
+/// schedules, the limits, retry and sync settings (from the next run on). Sections read only at
+/// start are named in a warning and keep their running values; an invalid file changes nothing.
+/// `None`: nothing to apply.
+async fn reload(
+    current: &Context,
+    source: &ConfigSource,
+    scheduler: &mut JobScheduler,
+    triggers: &Arc<Triggers>,
+) -> Option<Context> {
+    tracing::info!(config = %source.path().display(), "SIGHUP received: reloading the configuration");
+    notify(&[NotifyState::Reloading]);
+    let outcome = reload_config(current, source, scheduler, triggers).await;
+    notify(&[NotifyState::Ready]);
+    outcome
+}
+
+async fn reload_config(
+    current: &Context,
+    source: &ConfigSource,
+    scheduler: &mut JobScheduler,
+    triggers: &Arc<Triggers>,
+) -> Option<Context> {
+    let new = match crate::config::load_config(source) {
+        Ok(new) => new,
+        Err(e) => {
+            tracing::error!("the configuration was not reloaded, the running one stays: {e}");
+            return None;
+        }
+    };
+    for warning in &new.warnings {
+        tracing::warn!("{warning}");
+    }
+    let reload = current.config.reload(new);
+    if !reload.needs_restart.is_empty() {
+        tracing::warn!(
+            sections = reload.needs_restart.join(", "),
+            "these settings changed but apply only after a restart (systemctl restart \
+             bynder-usage-sync); their running values stay"
+        );
+    }
+    if reload.applied.is_empty() {
+        tracing::info!("configuration reloaded: no run-time setting changed");
+        return None;
+    }
+    let config = reload.config;
+    if reload.applied.contains(&"log.level") {
+        if let Err(e) = crate::logging::set_level(&config.log.level) {
+            tracing::warn!("log.level not changed: {e}");
+        }
+    }
+    if reload
+        .applied
+        .iter()
+        .any(|k| *k == "sync.schedule" || *k == "sync.verify_schedule")
+    {
+        match start_scheduler(&config.sync, triggers.clone()).await {
+            Ok(next) => {
+                let mut old = std::mem::replace(scheduler, next);
+                if let Err(e) = old.shutdown().await {
+                    tracing::warn!("stopping the previous schedule: {e}");
+                }
+            }
+            Err(e) => {
+                tracing::error!("the configuration was not reloaded, the running one stays: {e:#}");
+                return None;
+            }
+        }
+    }
+    current
+        .client
+        .gate()
+        .set_limits(config.limits.requests_per_second, config.limits.block_pause);
+    tracing::info!(
+        applied = reload.applied.join(", "),
+        "configuration reloaded; runs from now on use it"
+    );
+    Some(current.with_config(config))
 }
 
 /// Waits for a task until `deadline`, then aborts it. Returns whether it ended on its own.
@@ -397,7 +511,8 @@ enum Work {
 
 /// Runs the jobs one at a time.
 struct Worker {
-    ctx: Arc<Context>,
+    /// The current context: a configuration reload replaces it between runs.
+    contexts: watch::Receiver<Arc<Context>>,
     health: Arc<Health>,
     triggers: Arc<Triggers>,
     stop: watch::Receiver<bool>,
@@ -418,6 +533,10 @@ impl Progress for StopFlag {
 }
 
 impl Worker {
+    fn ctx(&self) -> Arc<Context> {
+        self.contexts.borrow().clone()
+    }
+
     async fn run(mut self) {
         // A reconcile at start catches up with what changed while the daemon was down and resumes
         // whatever the queue holds.
@@ -445,7 +564,7 @@ impl Worker {
 
     async fn perform(&mut self, work: Work) {
         let progress: Arc<dyn Progress> = Arc::new(StopFlag(self.stop.clone()));
-        let ctx = self.ctx.clone();
+        let ctx = self.ctx();
         match work {
             Work::Drain => {
                 if self.drain_suspended {
@@ -506,7 +625,7 @@ impl Worker {
             tokio::select! {
                 out = &mut run => return Some(out),
                 () = tokio::time::sleep(Duration::from_millis(50)) => {
-                    if let Ok(queue) = self.ctx.store.queue_summary().await {
+                    if let Ok(queue) = self.ctx().store.queue_summary().await {
                         if queue.in_flight == 0 {
                             return None;
                         }
@@ -523,7 +642,7 @@ impl Worker {
         if self.health.credentials() == CredentialState::Accepted {
             return true;
         }
-        match self.ctx.client.current_user().await {
+        match self.ctx().client.current_user().await {
             Ok(_) => {
                 self.health.set_credentials(CredentialState::Accepted);
                 true
@@ -531,7 +650,7 @@ impl Worker {
             Err(e) if matches!(e.reaction(), Reaction::CredentialsRejected) => {
                 let message = format!(
                     "Bynder rejected the credentials (401). Fix: {}",
-                    self.ctx.client.credentials().rejection_fix()
+                    self.ctx().client.credentials().rejection_fix()
                 );
                 tracing::error!("{message}; the daemon keeps running and checks again at the next scheduled reconcile");
                 self.health
@@ -580,7 +699,7 @@ impl Worker {
 
     /// systemd's STATUS line (`systemctl status` shows it).
     async fn publish_status(&self, command: &str, outcome: &str) {
-        let queue = match self.ctx.store.queue_summary().await {
+        let queue = match self.ctx().store.queue_summary().await {
             Ok(q) => format!("{} queued, {} dead letter(s)", q.pending, q.dead),
             Err(_) => "queue unreadable".to_owned(),
         };

@@ -95,18 +95,15 @@ pub fn state_files(database: &Path) -> [PathBuf; 4] {
     ]
 }
 
-/// One warning per existing state file (or the state folder) that users outside the daemon's
-/// own user (and group, when shared) can read or write.
+/// One warning per existing state file that users outside the daemon's own user (and group,
+/// when shared) can read or write. (A folder others may list is no leak while its files are
+/// private, and a shared parent such as `/tmp` is like that by design.)
 pub fn exposure_warnings(database: &Path, group_shared: bool) -> Vec<String> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         let forbidden = if group_shared { 0o007 } else { 0o077 };
-        let (file_fix, folder_fix) = if group_shared {
-            ("660", "2770")
-        } else {
-            ("600", "700")
-        };
+        let file_fix = if group_shared { "660" } else { "600" };
         let mut warnings = Vec::new();
         for path in state_files(database) {
             let Ok(meta) = std::fs::metadata(&path) else {
@@ -125,21 +122,6 @@ pub fn exposure_warnings(database: &Path, group_shared: bool) -> Vec<String> {
                         " (or set database.group_shared = true when the CMS shares it as a group)"
                     }
                 ));
-            }
-        }
-        if let Some(folder) = database.parent().filter(|p| !p.as_os_str().is_empty()) {
-            // Only a folder that looks like ours: a shared parent such as /tmp is sticky (01000)
-            // and other users' files may sit in it by design.
-            if let Ok(meta) = std::fs::metadata(folder) {
-                let mode = meta.permissions().mode() & 0o7777;
-                if mode & 0o1000 == 0 && mode & forbidden & 0o005 != 0 {
-                    warnings.push(format!(
-                        "the state folder {} has mode {mode:04o}, so other users can list it. Fix: \
-                         `chmod {folder_fix} {}`",
-                        folder.display(),
-                        folder.display()
-                    ));
-                }
             }
         }
         warnings

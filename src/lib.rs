@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod demo;
 pub mod files;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod plan;

@@ -56,6 +56,7 @@ impl Default for RunOptions {
 }
 
 /// Everything a run needs.
+#[derive(Clone)]
 pub struct Context {
     pub config: Config,
     pub store: Store,
@@ -63,6 +64,16 @@ pub struct Context {
     pub client: Arc<Client>,
     /// What the daemon learned about this portal; the sending side reads and extends it.
     pub profile: Arc<PortalProfile>,
+}
+
+impl Context {
+    /// The same connections and credentials with another configuration (a reload).
+    pub fn with_config(&self, config: Config) -> Context {
+        Context {
+            config,
+            ..self.clone()
+        }
+    }
 }
 
 /// How a run ended. Callers branch on it (exit codes, daemon health).

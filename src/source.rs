@@ -66,6 +66,7 @@ fn decode_page(mut bytes: &[u8], count: usize) -> Option<(Vec<SourceRow>, Option
 pub const DEFAULT_QUERY: &str = "SELECT asset_id, uri, additional FROM cms_asset_references";
 
 /// An opened, validated source of CMS rows.
+#[derive(Clone)]
 pub struct Source {
     pool: SqlitePool,
     /// The full statement, the user's query wrapped to read bytes in key order.

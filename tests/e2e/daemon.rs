@@ -1130,3 +1130,111 @@ async fn an_old_dead_letter_leaves_later_runs_successful_with_its_own_gauge() {
     assert_eq!(status.code(), Some(0), "{log}");
     assert!(log.contains("wait as dead letters"), "{log}");
 }
+
+impl Daemon {
+    fn hang_up(&self) {
+        let pid = self.child.id().expect("still running").to_string();
+        let kill = std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+    }
+}
+
+/// REGRESSION: SIGHUP killed the daemon (exit 129, which systemd treats as a clean exit, so it
+/// was not restarted). It now reloads the configuration: run-time settings apply, settings read
+/// only at start are named, and an invalid file changes nothing.
+#[tokio::test]
+async fn sighup_reloads_the_configuration_and_keeps_the_old_one_on_error() {
+    let app = spawn_app_with(Setup {
+        sync: "schedule = \"0 0 0 1 1 *\"".to_owned(),
+        // The daemon's own lines (where it listens) stay; the runs' lines are filtered.
+        extra: format!(
+            "{}[log]\nlevel = \"warn,bynder_usage_sync::daemon=info\"\n",
+            daemon_sections("5s")
+        ),
+        ..Setup::default()
+    })
+    .await;
+    app.insert(&asset(1), &page(1), None).await;
+    let daemon = Daemon::start(&app).await;
+    eventually(
+        &daemon,
+        "the first reconcile",
+        Duration::from_secs(10),
+        || async { converged(&app).await && daemon.get("/readyz").await.0 == 200 },
+    )
+    .await;
+    assert!(
+        !daemon.log().contains("run finished"),
+        "info lines are filtered at warn"
+    );
+
+    // A yearly schedule would never send this row; the reloaded one does, at info level.
+    app.insert(&asset(2), &page(2), None).await;
+    let original = std::fs::read_to_string(&app.config_path).unwrap();
+    let every_second = original
+        .replace("0 0 0 1 1 *", "*/1 * * * * *")
+        .replace("warn,bynder_usage_sync::daemon=info", "info");
+    std::fs::write(&app.config_path, &every_second).unwrap();
+    daemon.hang_up();
+    eventually(
+        &daemon,
+        "the reloaded schedule",
+        Duration::from_secs(15),
+        || async { converged(&app).await },
+    )
+    .await;
+    eventually(
+        &daemon,
+        "info lines after the reload",
+        Duration::from_secs(5),
+        || async { daemon.log().contains("run finished") },
+    )
+    .await;
+    let log = daemon.log();
+    assert!(log.contains("configuration reloaded"), "{log}");
+    assert!(
+        log.contains("sync.schedule") && log.contains("log.level"),
+        "{log}"
+    );
+
+    // A broken file: the running configuration stays, the daemon keeps working.
+    std::fs::write(&app.config_path, "[bynder\nbase_url = ").unwrap();
+    daemon.hang_up();
+    eventually(
+        &daemon,
+        "the refused reload",
+        Duration::from_secs(5),
+        || async { daemon.log().contains("was not reloaded") },
+    )
+    .await;
+    app.insert(&asset(3), &page(3), None).await;
+    eventually(
+        &daemon,
+        "runs on the old configuration",
+        Duration::from_secs(10),
+        || async { converged(&app).await },
+    )
+    .await;
+
+    // A section read only at start is named, and keeps its running value.
+    std::fs::write(
+        &app.config_path,
+        every_second.replace("timeout = \"2s\"", "timeout = \"3s\""),
+    )
+    .unwrap();
+    daemon.hang_up();
+    eventually(
+        &daemon,
+        "the restart warning",
+        Duration::from_secs(5),
+        || async { daemon.log().contains("apply only after a restart") },
+    )
+    .await;
+    assert!(daemon.log().contains("[bynder]"), "{}", daemon.log());
+
+    let (status, _, log) = daemon.terminate(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "{log}");
+}

@@ -1,0 +1,67 @@
+//! Logs: human-readable text or JSON lines on stderr, with a filter the daemon can change while
+//! it runs (`log.level` on SIGHUP). `RUST_LOG`, when set, wins over `log.level`.
+
+use std::sync::OnceLock;
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Registry};
+
+use crate::config::LogFormat;
+
+static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+
+/// The filter for `level`, unless `RUST_LOG` is set. The scheduler logs every tick at INFO: it is
+/// kept to warnings unless asked for by name.
+fn filter(level: &str) -> EnvFilter {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    if filter.to_string().contains("tokio_cron_scheduler") {
+        filter
+    } else {
+        filter.add_directive(
+            "tokio_cron_scheduler=warn"
+                .parse()
+                .expect("valid directive"),
+        )
+    }
+}
+
+/// Installs the process's subscriber once; later calls do nothing.
+pub fn init(level: &str, format: LogFormat) {
+    if FILTER.get().is_some() {
+        return;
+    }
+    let (filter, handle) = reload::Layer::new(filter(level));
+    // Colours only on a terminal: journald and container logs would keep the escape codes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    let installed = match format {
+        LogFormat::Json => Registry::default().with(filter).with(fmt.json()).try_init(),
+        LogFormat::Text => Registry::default()
+            .with(filter)
+            .with(fmt.with_target(false))
+            .try_init(),
+    };
+    if installed.is_ok() {
+        let _ = FILTER.set(handle);
+    }
+}
+
+/// Replaces the filter with `level`. Says why when it cannot: `RUST_LOG` wins, or the level is
+/// not a filter.
+pub fn set_level(level: &str) -> Result<(), String> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        return Err("RUST_LOG is set and wins over log.level".to_owned());
+    }
+    EnvFilter::try_new(level).map_err(|e| format!("log.level {level:?} is not a filter ({e})"))?;
+    let handle = FILTER
+        .get()
+        .ok_or_else(|| "logging is not set up".to_owned())?;
+    handle
+        .reload(filter(level))
+        .map_err(|e| format!("cannot change the log filter: {e}"))
+}
