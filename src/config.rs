@@ -456,6 +456,19 @@ pub fn load_config(source: &ConfigSource) -> Result<Config, ConfigError> {
     load_config_from(source, Env::prefixed(ENV_PREFIX))
 }
 
+/// The keys whose values are secrets: never shown in a message, always read as text.
+const SECRET_KEYS: [&str; 5] = [
+    "auth.permanent_token",
+    "auth.client_secret",
+    "auth.consumer_secret",
+    "auth.token",
+    "auth.token_secret",
+];
+
+fn is_secret_key(key: &str) -> bool {
+    SECRET_KEYS.iter().any(|k| k.eq_ignore_ascii_case(key))
+}
+
 fn load_config_from(source: &ConfigSource, env: Env) -> Result<Config, ConfigError> {
     let path = source.path();
     let mut figment = Figment::new();
@@ -469,13 +482,17 @@ fn load_config_from(source: &ConfigSource, env: Env) -> Result<Config, ConfigErr
                     path.display()
                 )));
             }
-            if let Err(e) = std::fs::File::open(path) {
-                return Err(ConfigError::new(format!(
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::new(format!(
                     "cannot read config file {}: {e}. Fix: check the path and its permissions",
                     path.display()
-                )));
-            }
-            warnings.extend(secrets_readable_by_others(path));
+                ))
+            })?;
+            // Parsed here first: the parser's own message quotes the offending line, which may
+            // hold a secret with a missing quote.
+            let table: toml::Table = toml::from_str(&text)
+                .map_err(|e| ConfigError::new(describe_toml_error(path, &text, &e)))?;
+            warnings.extend(secrets_readable_by_others(path, &table));
             figment = figment.merge(Toml::file_exact(path));
         }
         (ConfigSource::Explicit(_), false) => {
@@ -487,12 +504,59 @@ fn load_config_from(source: &ConfigSource, env: Env) -> Result<Config, ConfigErr
         }
         (ConfigSource::Default, false) => {}
     }
-    // `CONFIG` is the variable naming the file itself, not a key inside it.
-    let figment = figment.merge(env.split("__").ignore(&["config"]));
-    let raw: RawConfig = figment.extract().map_err(describe_figment_error)?;
-    let mut config = validate(raw)?;
+    // `CONFIG` is the variable naming the file itself, not a key inside it. Secrets are taken
+    // verbatim: figment would read `0123` as the number 123.
+    let env = env.split("__").ignore(&["config"]);
+    let secrets: Vec<(String, String)> = env
+        .iter()
+        .filter(|(key, _)| is_secret_key(key.as_str()))
+        .map(|(key, value)| (key.as_str().to_ascii_lowercase(), value))
+        .collect();
+    let mut figment = figment.merge(env.filter(|key| !is_secret_key(key.as_str())));
+    for (key, value) in secrets {
+        figment = figment.merge(figment::providers::Serialized::default(&key, value));
+    }
+    let missing_default = matches!(source, ConfigSource::Default) && !path.exists();
+    let explain = |e: ConfigError| {
+        if missing_default {
+            ConfigError::new(format!(
+                "{}; no config file was read: {} does not exist and no --config was given. Fix: \
+                 pass --config PATH (or BYNDER_USAGE_SYNC_CONFIG), or configure everything \
+                 through BYNDER_USAGE_SYNC_* variables",
+                e.message,
+                path.display()
+            ))
+        } else {
+            e
+        }
+    };
+    let raw: RawConfig = figment
+        .extract()
+        .map_err(describe_figment_error)
+        .map_err(explain)?;
+    warnings.extend(secret_files_readable_by_others(&raw));
+    let mut config = validate(raw).map_err(explain)?;
     config.warnings = warnings;
     Ok(config)
+}
+
+/// A TOML syntax error by position and reason, without the line itself.
+fn describe_toml_error(path: &Path, text: &str, error: &toml::de::Error) -> String {
+    let place = match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+            format!(" at line {line}, column {column}")
+        }
+        None => String::new(),
+    };
+    format!(
+        "the config file {} is not valid TOML{place}: {} (the line is not shown: it may hold a \
+         secret). Fix: correct the syntax there, e.g. close the quotes of a string value",
+        path.display(),
+        error.message().trim()
+    )
 }
 
 fn describe_figment_error(error: figment::Error) -> ConfigError {
@@ -521,6 +585,11 @@ fn describe_figment_error(error: figment::Error) -> ConfigError {
                          config/example.toml lists every key"
                     )
                 }
+                _ if is_secret_key(&key) => format!(
+                    "`{key}` (env {}){place} must be text (its value is not shown). Fix: write \
+                     it in quotes, or use `{key}_file`",
+                    env_var(&key)
+                ),
                 kind if key.is_empty() => format!("{kind}{place}"),
                 kind => format!(
                     "`{key}` (env {}){place}: {kind}. Fix: give it a value of the right type, as in \
@@ -826,6 +895,7 @@ fn validate_bynder(raw: RawBynder) -> Result<BynderSettings, ConfigError> {
             ))
         }
     }
+    reject_userinfo("bynder.base_url", &url)?;
     if url.host_str().is_none() {
         return Err(ConfigError::key(
             "bynder.base_url",
@@ -914,6 +984,20 @@ fn validate_bynder(raw: RawBynder) -> Result<BynderSettings, ConfigError> {
         timeout,
         connect_timeout: raw.connect_timeout.unwrap_or(Duration::from_secs(10)),
     })
+}
+
+/// A URL with `user:password@` would print the password wherever the URL is shown (`check`,
+/// connection errors); Bynder authenticates through `[auth]`, never through the URL.
+fn reject_userinfo(key: &str, url: &Url) -> Result<(), ConfigError> {
+    if url.username().is_empty() && url.password().is_none() {
+        return Ok(());
+    }
+    Err(ConfigError::key(
+        key,
+        "contains a user name or password (`user:password@`), which would be shown wherever the URL is printed",
+        "remove the `user:password@` part; credentials belong in [auth] (and an \
+         authenticating proxy in HTTPS_PROXY)",
+    ))
 }
 
 const AUTH_METHODS: &str =
@@ -1127,6 +1211,7 @@ fn validate_oauth2(raw: RawAuth, bynder: &BynderSettings) -> Result<OAuth2Settin
                     "use https://, or remove it to use {base_url}/v6/authentication/oauth2/token",
                 )),
             }
+            reject_userinfo("auth.token_url", &url)?;
             url
         }
     };
@@ -1236,32 +1321,65 @@ fn resolve_secret(
     }
 }
 
-/// A warning when a config file holding secrets can be read by other users.
-fn secrets_readable_by_others(path: &Path) -> Option<String> {
+/// A warning when a config file holding secrets can be read by other users. Decided from the
+/// parsed file, so inline tables (`auth = { permanent_token = … }`) count too.
+fn secrets_readable_by_others(path: &Path, table: &toml::Table) -> Option<String> {
+    let holds_secret = SECRET_KEYS.iter().any(|key| {
+        let mut value = None::<&toml::Value>;
+        for (i, part) in key.split('.').enumerate() {
+            value = match (i, value) {
+                (0, _) => table.get(part),
+                (_, Some(toml::Value::Table(t))) => t.get(part),
+                _ => None,
+            };
+        }
+        value.is_some()
+    });
+    (holds_secret && readable_by_others(path)).then(|| {
+        format!(
+            "the config file {} holds a secret and other users can read it. Fix: `chmod 600` it, \
+             or move the secret to a *_file key or an environment variable",
+            path.display()
+        )
+    })
+}
+
+/// One warning per `*_file` secret that other users can read.
+fn secret_files_readable_by_others(raw: &RawConfig) -> Vec<String> {
+    let auth = &raw.auth;
+    [
+        ("auth.permanent_token_file", &auth.permanent_token_file),
+        ("auth.client_secret_file", &auth.client_secret_file),
+        ("auth.consumer_secret_file", &auth.consumer_secret_file),
+        ("auth.token_file", &auth.token_file),
+        ("auth.token_secret_file", &auth.token_secret_file),
+        ("server.token_file", &raw.server.token_file),
+    ]
+    .into_iter()
+    .filter_map(|(key, file)| {
+        let path = file.as_ref()?.relative();
+        readable_by_others(&path).then(|| {
+            format!(
+                "the secret file {} (`{key}`) can be read by other users. Fix: `chmod 600` it \
+                 (or 640 with the service's group as owner group)",
+                path.display()
+            )
+        })
+    })
+    .collect()
+}
+
+fn readable_by_others(path: &Path) -> bool {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(path).ok()?;
-        if meta.permissions().mode() & 0o004 == 0 {
-            return None;
-        }
-        let text = std::fs::read_to_string(path).ok()?;
-        let holds_secret = text.lines().any(|line| {
-            let key = line.split('=').next().unwrap_or("").trim();
-            matches!(
-                key,
-                "permanent_token" | "client_secret" | "consumer_secret" | "token" | "token_secret"
-            )
-        });
-        if holds_secret {
-            return Some(format!(
-                "the config file {} holds a secret and other users can read it. Fix: `chmod 600` it, \
-                 or move the secret to a *_file key or an environment variable",
-                path.display()
-            ));
-        }
+        std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o004 != 0)
     }
-    None
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        false
+    }
 }
 
 /// What a configuration reload changes: the settings a running daemon applies, and the sections
@@ -1769,22 +1887,122 @@ path = "state.db"
         assert!(e.message.contains("auth.token_secret"), "{e}");
     }
 
+    /// REGRESSION: the warning was line-based and missed `auth = { permanent_token = … }`; the
+    /// modes of `*_file` secrets were never checked.
     #[cfg(unix)]
     #[test]
-    fn a_world_readable_config_holding_a_secret_gets_a_warning() {
+    fn a_secret_readable_by_others_is_warned_about_wherever_it_is_written() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.toml");
-        std::fs::write(
-            &path,
-            with_auth("method = \"client_credentials\"\nclient_id = \"a\"\nclient_secret = \"b\""),
-        )
-        .unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let warnings = secrets_readable_by_others(&path);
-        assert!(warnings.is_some_and(|w| w.contains("chmod 600")));
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(secrets_readable_by_others(&path).is_none());
+        let chmod = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        let inline = GOOD.replace(
+            "[auth]\nmethod = \"permanent_token\"\npermanent_token = \"s3cret-token\"\n",
+            "",
+        );
+        let inline = format!("auth = {{ permanent_token = \"s3cret-token\" }}\n{inline}");
+        for text in [GOOD.to_owned(), inline] {
+            std::fs::write(&path, &text).unwrap();
+            let table: toml::Table = toml::from_str(&text).unwrap();
+            chmod(&path, 0o644);
+            let warning = secrets_readable_by_others(&path, &table);
+            assert!(warning.is_some_and(|w| w.contains("chmod 600")), "{text}");
+            chmod(&path, 0o600);
+            assert!(secrets_readable_by_others(&path, &table).is_none());
+        }
+
+        let secret = dir.path().join("token");
+        std::fs::write(&secret, "s3cret-token\n").unwrap();
+        chmod(&secret, 0o644);
+        let text = GOOD.replace(
+            "permanent_token = \"s3cret-token\"",
+            &format!("permanent_token_file = {:?}", secret.display().to_string()),
+        );
+        let c = load(&text, &[]).unwrap();
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("auth.permanent_token_file")),
+            "{:?}",
+            c.warnings
+        );
+        chmod(&secret, 0o600);
+        let c = load(&text, &[]).unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    }
+
+    /// REGRESSION: a TOML syntax error printed the whole source line (a token with a missing
+    /// quote appeared verbatim); type errors echoed numeric secrets.
+    #[test]
+    fn configuration_errors_never_show_a_secret_value() {
+        let broken = GOOD.replace("\"s3cret-token\"", "\"s3cret-token");
+        let e = load(&broken, &[]).unwrap_err();
+        assert!(!e.message.contains("s3cret"), "{e}");
+        assert!(e.message.contains("line 7"), "{e}");
+
+        let numeric = GOOD.replace("\"s3cret-token\"", "918273645.5");
+        let e = load(&numeric, &[]).unwrap_err();
+        assert!(!e.message.contains("918273645"), "{e}");
+        assert!(e.message.contains("auth.permanent_token"), "{e}");
+        let listed = GOOD.replace("\"s3cret-token\"", "[\"s3cret-token\"]");
+        let e = load(&listed, &[]).unwrap_err();
+        assert!(!e.message.contains("s3cret"), "{e}");
+    }
+
+    /// REGRESSION: secret environment variables that look like numbers were rejected (and a
+    /// leading zero would have been lost).
+    #[test]
+    fn secrets_from_the_environment_are_read_verbatim_as_text() {
+        use secrecy::ExposeSecret;
+        let without = GOOD.replace("permanent_token = \"s3cret-token\"\n", "");
+        for value in ["0123456789", "1e5", "true", "12.50"] {
+            let c = load(
+                &without,
+                &[("BYNDER_USAGE_SYNC_AUTH__PERMANENT_TOKEN", value)],
+            )
+            .unwrap_or_else(|e| panic!("{value}: {e}"));
+            let AuthSettings::PermanentToken { token } = &c.auth else {
+                panic!("{:?}", c.auth)
+            };
+            assert_eq!(token.expose_secret(), value);
+        }
+    }
+
+    /// REGRESSION: a `base_url` with `user:password@` was printed by `check` and connect errors.
+    #[test]
+    fn urls_with_a_user_or_password_are_refused_without_showing_them() {
+        let text = GOOD.replace(
+            "https://acme.bynder.com/",
+            "https://admin:hunter2@acme.bynder.com/",
+        );
+        let e = load(&text, &[]).unwrap_err();
+        assert!(e.message.contains("bynder.base_url"), "{e}");
+        assert!(!e.message.contains("hunter2"), "{e}");
+    }
+
+    /// REGRESSION: with no --config and no default file, the error only said which key was
+    /// missing, not that no file had been read.
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure type, test only
+    fn a_missing_default_file_is_named_in_the_error() {
+        let mut out = None;
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            out = Some(load_config_from(
+                &ConfigSource::Default,
+                Env::prefixed(ENV_PREFIX),
+            ));
+            Ok(())
+        });
+        let e = out.unwrap().unwrap_err();
+        assert!(e.message.contains("bynder.base_url"), "{e}");
+        assert!(
+            e.message
+                .contains(&format!("{DEFAULT_CONFIG_PATH} does not exist")),
+            "{e}"
+        );
     }
 
     #[test]

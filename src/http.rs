@@ -611,7 +611,7 @@ fn describe(m: &Match, uri_prefixes: &[String]) -> (&'static str, String) {
                 additional: row.additional.clone(),
             };
             let parsed = match row.text_keys {
-                true => Reference::parse(&raw, uri_prefixes),
+                true => Reference::parse(&raw, uri_prefixes, &[]),
                 false => Err(SkipReason::NotText),
             };
             match (parsed, &m.recorded) {

@@ -46,6 +46,8 @@ pub enum SkipReason {
     SurroundingWhitespace(&'static str),
     InvalidAssetId,
     OutsideUriPrefixes,
+    /// The uri's scheme (lower-cased; empty when it has none) is not in `sync.uri_schemes`.
+    SchemeNotAllowed(String),
     Duplicate,
     /// Same uri and the same asset id but for letter case as an earlier row (named here): Bynder
     /// compares ids ignoring case, so both rows are one usage.
@@ -79,6 +81,14 @@ impl fmt::Display for SkipReason {
                     "uri is outside sync.uri_prefixes, so it is not ours to manage"
                 )
             }
+            SkipReason::SchemeNotAllowed(scheme) if scheme.is_empty() => write!(
+                f,
+                "uri has no scheme, and sync.uri_schemes lists the schemes that may be sent"
+            ),
+            SkipReason::SchemeNotAllowed(scheme) => write!(
+                f,
+                "uri scheme `{scheme}:` is not in sync.uri_schemes, so it is never sent"
+            ),
             SkipReason::Duplicate => write!(f, "another row has the same asset_id and uri"),
             SkipReason::CaseVariant(first) => write!(
                 f,
@@ -197,8 +207,13 @@ impl RawRow {
 }
 
 impl Reference {
-    /// Validates a raw row. `uri_prefixes`, when not empty, limits which uris are ours to manage.
-    pub fn parse(row: &RawRow, uri_prefixes: &[String]) -> Result<Reference, SkipReason> {
+    /// Validates a raw row. `uri_prefixes`, when not empty, limits which uris are ours to manage;
+    /// `uri_schemes`, when not empty (lower-case), which schemes may be sent.
+    pub fn parse(
+        row: &RawRow,
+        uri_prefixes: &[String],
+        uri_schemes: &[String],
+    ) -> Result<Reference, SkipReason> {
         let text =
             |v: &Option<Vec<u8>>, field: &'static str| -> Result<Option<String>, SkipReason> {
                 match v {
@@ -213,6 +228,12 @@ impl Reference {
         let additional = parse_additional(text(&row.additional, "additional")?.as_deref())?;
         if !is_managed_uri(uri.as_str(), uri_prefixes) {
             return Err(SkipReason::OutsideUriPrefixes);
+        }
+        if !uri_schemes.is_empty() {
+            let scheme = uri_scheme(uri.as_str());
+            if !uri_schemes.contains(&scheme) {
+                return Err(SkipReason::SchemeNotAllowed(scheme));
+            }
         }
         Ok(Reference {
             asset_id,
@@ -246,6 +267,22 @@ pub fn same_asset(a: &str, b: &str) -> bool {
 /// lower-cased (ASCII), the uri as is.
 pub fn folded_key(asset_id: &str, uri: &str) -> (String, String) {
     (asset_id.to_ascii_lowercase(), uri.to_owned())
+}
+
+/// The scheme of a uri, lower-cased (RFC 3986: a letter, then letters, digits, `+`, `-`, `.`,
+/// before the first `:`); empty when it has none (a relative reference).
+pub fn uri_scheme(uri: &str) -> String {
+    match uri.split_once(':') {
+        Some((scheme, _))
+            if scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')) =>
+        {
+            scheme.to_ascii_lowercase()
+        }
+        _ => String::new(),
+    }
 }
 
 pub fn is_managed_uri(uri: &str, uri_prefixes: &[String]) -> bool {
@@ -282,6 +319,7 @@ mod tests {
         let r = Reference::parse(
             &row(ID, "https://cms.example/päge?a=b&c".as_bytes(), None),
             &[],
+            &[],
         )
         .unwrap();
         assert_eq!(r.asset_id.as_str(), "C078E8EE-C13A-4DA5-86EC8D6F335364EB");
@@ -293,6 +331,7 @@ mod tests {
     fn lower_case_asset_ids_are_kept_as_given() {
         let r = Reference::parse(
             &row(b"c078e8ee-c13a-4da5-86ec8d6f335364eb", b"/p", None),
+            &[],
             &[],
         )
         .unwrap();
@@ -360,7 +399,7 @@ mod tests {
         ];
         for (raw, expected) in cases {
             assert_eq!(
-                Reference::parse(&raw, &[]),
+                Reference::parse(&raw, &[], &[]),
                 Err(expected.clone()),
                 "{raw:?}"
             );
@@ -371,11 +410,41 @@ mod tests {
     #[test]
     fn uris_outside_the_configured_prefixes_are_not_ours() {
         let prefixes = vec!["https://shop.example/".to_owned()];
-        assert!(Reference::parse(&row(ID, b"https://shop.example/p/1", None), &prefixes).is_ok());
+        assert!(
+            Reference::parse(&row(ID, b"https://shop.example/p/1", None), &prefixes, &[]).is_ok()
+        );
         assert_eq!(
-            Reference::parse(&row(ID, b"https://blog.example/p/1", None), &prefixes),
+            Reference::parse(&row(ID, b"https://blog.example/p/1", None), &prefixes, &[]),
             Err(SkipReason::OutsideUriPrefixes)
         );
         assert!(is_managed_uri("anything", &[]));
+    }
+
+    /// REGRESSION: `javascript:` uris were sent to Bynder verbatim; `sync.uri_schemes` is an
+    /// allow-list of schemes, compared without regard to case.
+    #[test]
+    fn uri_schemes_allow_only_the_listed_schemes() {
+        let schemes = ["https".to_owned(), "http".to_owned()];
+        let parse = |uri: &[u8]| Reference::parse(&row(ID, uri, None), &[], &schemes);
+        assert!(parse(b"https://shop.example/p/1").is_ok());
+        assert!(parse(b"HTTP://shop.example/p/1").is_ok());
+        assert_eq!(
+            parse(b"javascript:alert(1)").unwrap_err(),
+            SkipReason::SchemeNotAllowed("javascript".to_owned())
+        );
+        assert_eq!(
+            parse(b"JavaScript:alert(1)").unwrap_err(),
+            SkipReason::SchemeNotAllowed("javascript".to_owned())
+        );
+        // A relative reference has no scheme, even with a colon later on.
+        assert_eq!(
+            parse(b"/pages/a:b").unwrap_err(),
+            SkipReason::SchemeNotAllowed(String::new())
+        );
+        assert!(Reference::parse(&row(ID, b"javascript:alert(1)", None), &[], &[]).is_ok());
+        assert!(parse(b"data:text/html,x")
+            .unwrap_err()
+            .to_string()
+            .contains("`data:` is not in sync.uri_schemes"));
     }
 }

@@ -449,6 +449,7 @@ struct DesiredStream<'a> {
     rows: BoxStream<'a, Result<SourceRow, sqlx::Error>>,
     last: Option<Key>,
     uri_prefixes: Vec<String>,
+    uri_schemes: Vec<String>,
     /// What reading the source means, for errors (`source.query` or the table, and the file).
     reading: &'a str,
 }
@@ -481,7 +482,7 @@ impl DesiredStream<'_> {
                 skip(SkipReason::NotText, report);
                 continue;
             }
-            let parsed = Reference::parse(&row.raw, &self.uri_prefixes);
+            let parsed = Reference::parse(&row.raw, &self.uri_prefixes, &self.uri_schemes);
             let (key, additional) = match parsed {
                 Ok(r) => (
                     (r.asset_id.as_str().to_owned(), r.uri.as_str().to_owned()),
@@ -557,6 +558,7 @@ async fn plan_run(
         rows: ctx.source.stream_rows(),
         last: None,
         uri_prefixes: prefixes.clone(),
+        uri_schemes: ctx.config.sync.uri_schemes.clone(),
         reading: ctx.source.reading(),
     };
     let mut recorded = ctx.store.stream_recorded();

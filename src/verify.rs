@@ -59,7 +59,7 @@ pub async fn verify_assets(
         .await
         .with_context(|| ctx.source.reading().to_owned())?
     {
-        if let Ok(r) = Reference::parse(&row.raw, prefixes) {
+        if let Ok(r) = Reference::parse(&row.raw, prefixes, &ctx.config.sync.uri_schemes) {
             let id = r.asset_id.as_str();
             assets
                 .entry(id.to_ascii_lowercase())

@@ -252,3 +252,27 @@ async fn dead_letters_from_earlier_runs_warn_but_do_not_fail_later_runs() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     app.resync_expecting(3).await;
 }
+
+/// REGRESSION: `javascript:` uris were sent to Bynder verbatim. With `sync.uri_schemes` such
+/// rows are skipped with the reason, and a usage sent before the list existed is removed.
+#[tokio::test]
+async fn uri_schemes_keep_other_schemes_out_of_bynder() {
+    let app = spawn_app().await;
+    app.insert(&asset(1), &page(1), None).await;
+    app.insert(&asset(2), "javascript:alert(document.cookie)", None)
+        .await;
+    app.resync_expecting(0).await;
+    assert_eq!(app.ours().len(), 2, "sent verbatim without the allow-list");
+
+    let config = std::fs::read_to_string(&app.config_path)
+        .unwrap()
+        .replace("[sync]\n", "[sync]\nuri_schemes = [\"https\"]\n");
+    std::fs::write(&app.config_path, config).unwrap();
+    let out = app.resync_expecting(0).await;
+    let text = stdout(&out);
+    assert!(
+        text.contains("uri scheme `javascript:` is not in sync.uri_schemes"),
+        "{text}"
+    );
+    assert_eq!(app.ours(), vec![(asset(1), page(1), String::new())]);
+}
