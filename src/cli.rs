@@ -14,6 +14,7 @@ use crate::config::{load_config, Config, ConfigError, ConfigSource, LogFormat};
 use crate::plan::Change;
 use crate::reconcile::{self, Context, Progress, RunOptions, RunOutcome, RunReport};
 use crate::store::{self, open_store, OpenMode, StoreError};
+use crate::text::printable;
 
 /// Keeps Bynder's asset-usage records ("Asset Tracking") true to what a CMS uses.
 #[derive(Debug, Parser)]
@@ -436,8 +437,8 @@ pub fn print_report(report: &RunReport) {
     if !matches!(report.outcome, RunOutcome::DryRun) {
         let s = &report.sent;
         println!(
-            "Sent: {} operation(s) done, {} attempt(s) retried, {} new dead letter(s), {} still queued; {} request(s)",
-            s.succeeded, s.retried, s.dead, s.left_pending, s.requests
+            "Sent: {} operation(s) done, {} failed attempt(s), {} new dead letter(s), {} still queued; {} request(s)",
+            s.succeeded, s.failed_attempts, s.dead, s.left_pending, s.requests
         );
     }
     let result = match &report.outcome {
@@ -452,7 +453,7 @@ pub fn print_report(report: &RunReport) {
         | RunOutcome::Unreachable(m)
         | RunOutcome::CredentialsRejected(m) => m.clone(),
     };
-    println!("Result: {result}");
+    println!("Result: {}", printable(&result));
     let new = report.sent.dead as i64;
     let earlier = (report.dead_letters - new).max(0);
     if new > 0 {
@@ -460,7 +461,8 @@ pub fn print_report(report: &RunReport) {
     }
     if earlier > 0 {
         println!(
-            "Warning: {earlier} dead letter(s) from earlier runs still wait for a human: see              `bynder-usage-sync queue list --dead`, then `queue retry` or `queue purge --dead`"
+            "Warning: {earlier} dead letter(s) from earlier runs still wait for a human: see \
+             `bynder-usage-sync queue list --dead`, then `queue retry` or `queue purge --dead`"
         );
     }
 }
@@ -478,9 +480,9 @@ pub fn print_profile(facts: &[crate::profile::Learned]) {
         println!(
             "  {:<58} {:<12} learned {} ({})",
             l.fact.question(),
-            l.value,
+            printable(&l.value),
             l.learned_at,
-            l.evidence
+            printable(&l.evidence)
         );
     }
 }
@@ -581,7 +583,7 @@ async fn status(config: Config, json: bool) -> Result<Exit, Failure> {
                 r.requests,
                 r.message
                     .as_deref()
-                    .map(|m| format!("\n         {m}"))
+                    .map(|m| format!("\n         {}", printable(m)))
                     .unwrap_or_default()
             );
         }
@@ -593,7 +595,7 @@ async fn status(config: Config, json: bool) -> Result<Exit, Failure> {
                 "  {} {}: {}",
                 op.asset_id,
                 op.uri,
-                op.last_error.as_deref().unwrap_or("?")
+                printable(op.last_error.as_deref().unwrap_or("?"))
             );
         }
     }
@@ -634,7 +636,7 @@ async fn queue(config: Config, action: QueueAction) -> Result<Exit, Failure> {
                         op.id, op.state, action, op.attempts, op.asset_id, op.uri
                     );
                     if let Some(e) = &op.last_error {
-                        println!("{:>6}  {e}", "");
+                        println!("{:>6}  {}", "", printable(e));
                     }
                 }
             }

@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::reconcile::{reconcile_with_progress, Progress, RunOptions, RunOutcome};
 use crate::simulator::{Options, Simulator};
 use crate::store::{open_store, OpenMode};
+use crate::text::printable;
 
 const TOKEN: &str = "demo-permanent-token";
 const INTEGRATION: &str = "8e2a8a4f-0d1c-4c51-9d1e-5f6b0c1d2e3f";
@@ -134,7 +135,12 @@ pub async fn run_demo() -> anyhow::Result<Exit> {
         } else {
             "other"
         };
-        println!("  [{owner}] {} {:<36} {}", u.asset_id, u.uri, u.additional);
+        println!(
+            "  [{owner}] {} {:<36} {}",
+            printable(&u.asset_id),
+            printable(&u.uri),
+            printable(&u.additional)
+        );
     }
     let ours = portal.usages_for(INTEGRATION).len();
     let rows: i64 = sqlx::query_scalar(

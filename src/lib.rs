@@ -20,4 +20,5 @@ pub mod reconcile;
 pub mod simulator;
 pub mod source;
 pub mod store;
+pub mod text;
 pub mod verify;

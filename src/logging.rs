@@ -1,5 +1,6 @@
 //! Logs: human-readable text or JSON lines on stderr, with a filter the daemon can change while
-//! it runs (`log.level` on SIGHUP). `RUST_LOG`, when set, wins over `log.level`.
+//! it runs (`log.level` on SIGHUP). `RUST_LOG`, when set, wins over `log.level`. Text lines show
+//! what came from outside (error bodies) with control characters escaped.
 
 use std::sync::OnceLock;
 
@@ -8,6 +9,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Registry};
 
 use crate::config::LogFormat;
+use crate::text::printable;
 
 static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 
@@ -28,6 +30,22 @@ fn filter(level: &str) -> EnvFilter {
     }
 }
 
+/// Text logs' fields, every value passed through [`printable`]: an error body quoted in a log
+/// line cannot carry terminal escapes into a terminal or a log viewer. (JSON lines escape control
+/// characters by themselves.)
+fn printable_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static {
+    use tracing_subscriber::field::MakeExt;
+    tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
+        let text = format!("{value:?}");
+        let text = printable(&text);
+        match field.name() {
+            "message" => write!(writer, "{text}"),
+            name => write!(writer, "{name}={text}"),
+        }
+    })
+    .delimited(" ")
+}
+
 /// Installs the process's subscriber once; later calls do nothing.
 pub fn init(level: &str, format: LogFormat) {
     if FILTER.get().is_some() {
@@ -43,7 +61,7 @@ pub fn init(level: &str, format: LogFormat) {
         LogFormat::Json => Registry::default().with(filter).with(fmt.json()).try_init(),
         LogFormat::Text => Registry::default()
             .with(filter)
-            .with(fmt.with_target(false))
+            .with(fmt.with_target(false).fmt_fields(printable_fields()))
             .try_init(),
     };
     if installed.is_ok() {

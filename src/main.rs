@@ -18,7 +18,11 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::run(cli)) {
         Ok(exit) => exit.into(),
         Err(failure) => {
-            eprintln!("error: {failure}");
+            // The message may quote the portal: no terminal escape gets through.
+            eprintln!(
+                "error: {}",
+                bynder_usage_sync::text::printable(&failure.to_string())
+            );
             failure.exit().into()
         }
     }

@@ -136,7 +136,12 @@ pub async fn probe(ctx: &Context, args: &ProbeArgs) -> Result<Exit, Failure> {
         );
         println!("  {:<36} {:<14} detail", "step", "result");
         for s in &probe.steps {
-            println!("  {:<36} {:<14} {}", s.step, s.result, s.detail);
+            println!(
+                "  {:<36} {:<14} {}",
+                s.step,
+                s.result,
+                crate::text::printable(&s.detail)
+            );
         }
         crate::cli::print_profile(&profile);
     }

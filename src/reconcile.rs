@@ -154,8 +154,9 @@ pub struct PlanReport {
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct SendReport {
     pub succeeded: u64,
-    /// Attempts that failed and will be retried.
-    pub retried: u64,
+    /// Attempts that failed without making a dead letter: each was retried with backoff later in
+    /// the run, or left queued for the next run (`left_pending`).
+    pub failed_attempts: u64,
     /// Operations that became dead letters in this run.
     pub dead: u64,
     /// Operations still queued when the run ended.
@@ -206,23 +207,38 @@ pub async fn reconcile_with_progress(
     progress: Arc<dyn Progress>,
 ) -> anyhow::Result<RunReport> {
     if options.dry_run {
-        let (verify, outcome) = match options.verify {
-            false => (None, RunOutcome::DryRun),
-            true => match verify_assets(ctx, false).await? {
-                (report, None) => (Some(report), RunOutcome::DryRun),
-                (report, Some(VerifyStop::CredentialsRejected)) => {
-                    (Some(report), credentials_rejected(ctx))
-                }
-            },
+        if !options.verify {
+            return Ok(RunReport {
+                run_id: None,
+                outcome: RunOutcome::DryRun,
+                plan: plan_run(ctx, options, false).await?.0,
+                sent: SendReport::default(),
+                dead_letters: ctx.store.queue_summary().await?.dead,
+                verify: None,
+            });
+        }
+        // The drift repair rewrites the recorded state before planning: done on a private copy,
+        // the plan shows what a real `--verify` run would send, and nothing real changes.
+        let (_folder, snapshot) = ctx.store.snapshot(&ctx.config.database).await?;
+        let scratch = Context {
+            store: snapshot,
+            ..ctx.clone()
         };
-        let plan = plan_run(ctx, options, false).await?.0;
+        let (verify, stop) = verify_assets(&scratch).await?;
+        let outcome = match stop {
+            None => RunOutcome::DryRun,
+            Some(VerifyStop::CredentialsRejected) => credentials_rejected(ctx),
+        };
+        let plan = plan_run(&scratch, options, false).await?.0;
+        let dead_letters = scratch.store.queue_summary().await?.dead;
+        scratch.store.close().await;
         return Ok(RunReport {
             run_id: None,
             outcome,
             plan,
             sent: SendReport::default(),
-            dead_letters: ctx.store.queue_summary().await?.dead,
-            verify,
+            dead_letters,
+            verify: Some(verify),
         });
     }
 
@@ -262,7 +278,7 @@ async fn run_started(
     let mut verify = None;
     let mut verify_stopped = false;
     if options.verify {
-        let (report, stop) = verify_assets(ctx, true).await?;
+        let (report, stop) = verify_assets(ctx).await?;
         verify = Some(report);
         verify_stopped = stop.is_some();
     }
@@ -315,7 +331,7 @@ async fn drain_outcome(
         None if summary.pending > 0 || summary.in_flight > 0 || sent.dead > 0 => {
             RunOutcome::Partial
         }
-        None if sent.succeeded == 0 && sent.retried == 0 => RunOutcome::NothingToDo,
+        None if sent.succeeded == 0 && sent.failed_attempts == 0 => RunOutcome::NothingToDo,
         None => RunOutcome::Converged,
     })
 }
@@ -809,7 +825,7 @@ impl Mode {
 #[derive(Debug, Default)]
 struct Tally {
     done: u64,
-    retried: u64,
+    failed: u64,
     dead: u64,
     effects: Vec<RunEffect>,
 }
@@ -819,7 +835,7 @@ impl Tally {
         if dead {
             self.dead += 1;
         } else {
-            self.retried += 1;
+            self.failed += 1;
         }
         if effect != RunEffect::Continue {
             self.effects.push(effect);
@@ -899,7 +915,7 @@ async fn drain(
         let tally = joined.context("a worker panicked")??;
         sent.succeeded += tally.done;
         sent.dead += tally.dead;
-        sent.retried += tally.retried;
+        sent.failed_attempts += tally.failed;
         if tally.done + tally.dead > 0 {
             done += tally.done + tally.dead;
             progress.advanced(done);

@@ -217,6 +217,34 @@ impl Store {
         self.migrate().await
     }
 
+    /// A private copy of the state database in a temporary folder (removed when the returned
+    /// folder is dropped): what-if runs (`resync --verify --dry-run`) repair and plan on it, so
+    /// they show exactly what a real run would do while the real state stays untouched.
+    pub async fn snapshot(
+        &self,
+        settings: &DatabaseSettings,
+    ) -> Result<(tempfile::TempDir, Store), StoreError> {
+        let folder = tempfile::tempdir().map_err(|e| StoreError::Open {
+            path: self.path.clone(),
+            source: e.into(),
+        })?;
+        let path = folder.path().join("snapshot.db");
+        crate::files::create_file(&path, 0o600).map_err(|e| StoreError::Open {
+            path: path.clone(),
+            source: e.into(),
+        })?;
+        sqlx::query("VACUUM INTO ?")
+            .bind(path.to_string_lossy().into_owned())
+            .execute(&self.pool)
+            .await?;
+        let settings = DatabaseSettings {
+            path,
+            ..settings.clone()
+        };
+        let store = open_store(&settings, OpenMode::Existing).await?;
+        Ok((folder, store))
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }

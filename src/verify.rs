@@ -44,12 +44,9 @@ pub enum VerifyStop {
     CredentialsRejected,
 }
 
-/// Reads back every managed asset and, when `repair`, rewrites the recorded state to match
-/// Bynder (marking duplicates for a read-back before anything is sent).
-pub async fn verify_assets(
-    ctx: &Context,
-    repair: bool,
-) -> anyhow::Result<(VerifyReport, Option<VerifyStop>)> {
+/// Reads back every managed asset and rewrites the recorded state to match Bynder (marking
+/// duplicates for a read-back before anything is sent). A dry run passes a context on a snapshot.
+pub async fn verify_assets(ctx: &Context) -> anyhow::Result<(VerifyReport, Option<VerifyStop>)> {
     let prefixes = &ctx.config.sync.uri_prefixes;
     // Keyed by the id ignoring case: Bynder treats case variants as one asset.
     let mut assets: BTreeMap<String, String> = BTreeMap::new();
@@ -134,9 +131,7 @@ pub async fn verify_assets(
                     Fix::ReadBack
                 }
             };
-            if repair {
-                apply(ctx, &asset, uri, fix).await?;
-            }
+            apply(ctx, &asset, uri, fix).await?;
         }
     }
     tracing::info!(

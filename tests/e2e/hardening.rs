@@ -276,3 +276,135 @@ async fn uri_schemes_keep_other_schemes_out_of_bynder() {
     );
     assert_eq!(app.ours(), vec![(asset(1), page(1), String::new())]);
 }
+
+/// REGRESSION: terminal escape sequences from portal error bodies reached `status`, `queue list`
+/// and the resync output verbatim (clearing the screen, retitling the terminal).
+#[tokio::test]
+async fn escape_sequences_from_the_portal_never_reach_the_terminal() {
+    use wiremock::{matchers::any, Mock, MockServer, ResponseTemplate};
+    let hostile = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(
+            ResponseTemplate::new(400)
+                .set_body_string("\u{1b}[2J\u{1b}]0;pwned\u{7}asset refused\u{202e}txt.exe"),
+        )
+        .mount(&hostile)
+        .await;
+    let app = spawn_app_with(Setup {
+        sync: "strategy = \"per_usage\"".to_owned(),
+        ..Setup::default()
+    })
+    .await;
+    let config = std::fs::read_to_string(&app.config_path)
+        .unwrap()
+        .replace(&app.portal.base_url(), &hostile.uri());
+    std::fs::write(&app.config_path, config).unwrap();
+    app.insert(&asset(1), &page(1), None).await;
+
+    let resync = app.resync_expecting(3).await;
+    let list = app.run(&["queue", "list", "--dead"]).await;
+    let status = app.run(&["status"]).await;
+    for out in [&resync, &list, &status] {
+        let shown = format!("{}{}", stdout(out), stderr(out));
+        assert!(
+            !shown.contains('\u{1b}') && !shown.contains('\u{7}'),
+            "{shown:?}"
+        );
+        assert!(!shown.contains('\u{202e}'), "{shown:?}");
+    }
+    let shown = stdout(&list);
+    assert!(
+        shown.contains("\\u{1b}[2J") && shown.contains("asset refused"),
+        "{shown}"
+    );
+}
+
+/// REGRESSION: `resync --verify --dry-run` reported drift that the plan beside it did not show:
+/// the plan came from the records the drift check had just found wrong.
+#[tokio::test]
+async fn a_verify_dry_run_plans_the_repairs_it_reports_and_changes_nothing() {
+    let app = spawn_app().await;
+    for n in 1..=3 {
+        app.insert(&asset(n), &page(n), None).await;
+    }
+    app.resync_expecting(0).await;
+    let ours = app.portal.usages_for(INTEGRATION);
+    let lost = ours.iter().find(|u| u.asset_id == asset(1)).unwrap();
+    app.portal.remove_usage(&lost.id);
+    app.portal.seed_usage(
+        INTEGRATION,
+        &asset(2),
+        "https://cms.example/extra",
+        "by hand",
+    );
+    let before = app.portal.usages();
+    let recorded = |pool: &sqlx::SqlitePool| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (String, String, String)>(
+                "SELECT asset_id, uri, additional FROM recorded_usages ORDER BY 1, 2",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let recorded_before = recorded(&app.pool).await;
+
+    let out = app
+        .run(&["resync", "--verify", "--dry-run", "--json"])
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["verify"]["missing"], 1, "{report}");
+    assert_eq!(report["verify"]["extra"], 1, "{report}");
+    assert_eq!(report["plan"]["creates"], 1, "{report}");
+    assert_eq!(report["plan"]["deletes"], 1, "{report}");
+    let items = report["plan"]["items"].as_array().unwrap();
+    assert!(items
+        .iter()
+        .any(|i| i["change"] == "create" && i["asset_id"] == asset(1)));
+    assert!(items
+        .iter()
+        .any(|i| i["change"] == "delete" && i["uri"] == "https://cms.example/extra"));
+    // Nothing real changed: not Bynder, not the records.
+    assert_eq!(app.portal.usages(), before);
+    assert_eq!(recorded(&app.pool).await, recorded_before);
+
+    let out = app.run(&["resync", "--verify"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    app.assert_converged().await;
+}
+
+/// REGRESSION: "N attempt(s) retried" counted attempts that were never retried (the last one
+/// before an operation was left queued for the next run). The report counts failed attempts.
+#[tokio::test]
+async fn the_report_counts_failed_attempts_not_retries_that_never_happened() {
+    let app = spawn_app_with(Setup {
+        sync: "strategy = \"per_usage\"".to_owned(),
+        retry: "initial_backoff = \"10ms\"\nmax_backoff = \"20ms\"\nmax_attempts = 2".to_owned(),
+        ..Setup::default()
+    })
+    .await;
+    app.insert(&asset(1), &page(1), None).await;
+    app.portal.set_faults(bynder_usage_sync::simulator::Faults {
+        server_error_rate: 1.0,
+        ..Default::default()
+    });
+    let out = app.run(&["resync", "--json"]).await;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["sent"]["failed_attempts"], 2, "{report}");
+    assert_eq!(report["sent"]["left_pending"], 1, "{report}");
+    assert!(report["sent"].get("retried").is_none(), "{report}");
+    let out = app.run(&["resync"]).await;
+    assert!(
+        stdout(&out).contains("2 failed attempt(s)"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(!stdout(&out).contains("retried"), "{}", stdout(&out));
+
+    app.portal.set_faults(Default::default());
+    app.resync_expecting(0).await;
+    app.assert_converged().await;
+}
