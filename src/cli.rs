@@ -29,8 +29,37 @@ pub struct Cli {
     )]
     pub config: Option<PathBuf>,
 
+    /// More log detail: -v for debug, -vv for trace (over log.level and RUST_LOG).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with_all = ["quiet", "log_level"])]
+    pub verbose: u8,
+
+    /// Less log detail: -q for warnings and errors only, -qq for errors only.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "log_level")]
+    pub quiet: u8,
+
+    /// The log filter for this command, e.g. "debug" or "bynder_usage_sync=trace" (over
+    /// log.level and RUST_LOG).
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The log filter the command line asks for, if any.
+    fn log_override(&self) -> Option<String> {
+        if let Some(level) = &self.log_level {
+            return Some(level.clone());
+        }
+        match (self.verbose, self.quiet) {
+            (0, 0) => None,
+            (1, _) => Some("debug".to_owned()),
+            (v, _) if v >= 2 => Some("trace".to_owned()),
+            (_, 1) => Some("warn".to_owned()),
+            _ => Some("error".to_owned()),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -97,6 +126,34 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::admin::AuthCommand,
     },
+    /// Show or check the configuration, offline.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// Print a shell completion script, e.g. `bynder-usage-sync completions bash >
+    /// /etc/bash_completion.d/bynder-usage-sync`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) covering every subcommand, e.g. `bynder-usage-sync man |
+    /// man -l -`.
+    Man,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// The effective configuration after defaults, the file and the environment, each value with
+    /// where it came from (default, file, env); every secret shown as [redacted].
+    Show {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate the configuration without touching the network or the database: exit 0 when it
+    /// is valid, 78 naming the problem when not.
+    Check,
 }
 
 #[derive(Debug, Subcommand)]
@@ -221,9 +278,37 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
         Some(p) => ConfigSource::Explicit(p.clone()),
         None => ConfigSource::Default,
     };
+    let log_override = cli.log_override();
+    let start = |source: &ConfigSource| start(source, log_override.as_deref());
     match cli.command {
+        Command::Config { action } => {
+            init_tracing(
+                log_override.as_deref().unwrap_or("warn"),
+                LogFormat::Text,
+                log_override.is_some(),
+            );
+            config_command(&source, action)
+        }
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(
+                shell,
+                &mut command,
+                "bynder-usage-sync",
+                &mut std::io::stdout(),
+            );
+            Ok(Exit::Ok)
+        }
+        Command::Man => {
+            print_man_page().map_err(anyhow::Error::from)?;
+            Ok(Exit::Ok)
+        }
         Command::Demo => {
-            init_tracing("warn", LogFormat::Text);
+            init_tracing(
+                log_override.as_deref().unwrap_or("warn"),
+                LogFormat::Text,
+                log_override.is_some(),
+            );
             crate::demo::run_demo().await.map_err(Failure::Unexpected)
         }
         Command::Migrate => {
@@ -290,19 +375,74 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
     }
 }
 
-/// Loads the config and sets up logging from it.
-fn start(source: &ConfigSource) -> Result<Config, Failure> {
+/// Loads the config and sets up logging from it (or from the command line's `-v`, `-q`,
+/// `--log-level`).
+fn start(source: &ConfigSource, log_override: Option<&str>) -> Result<Config, Failure> {
     let config = load_config(source)?;
-    init_tracing(&config.log.level, config.log.format);
+    init_tracing(
+        log_override.unwrap_or(&config.log.level),
+        config.log.format,
+        log_override.is_some(),
+    );
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
     Ok(config)
 }
 
-/// Logs go to stderr (see [`crate::logging`]).
-pub fn init_tracing(level: &str, format: LogFormat) {
-    crate::logging::init(level, format);
+/// Logs go to stderr (see [`crate::logging`]). `forced`: the level comes from the command line
+/// and wins over `RUST_LOG`.
+pub fn init_tracing(level: &str, format: LogFormat, forced: bool) {
+    crate::logging::init(level, format, forced);
+}
+
+/// `config show` and `config check`: offline, no database, no network.
+fn config_command(source: &ConfigSource, action: ConfigAction) -> Result<Exit, Failure> {
+    let explained = crate::config::show::explain(source)?;
+    for warning in &explained.warnings {
+        eprintln!("warning: {warning}");
+    }
+    match action {
+        ConfigAction::Show { json: true } => println!(
+            "{}",
+            serde_json::to_string_pretty(&explained).map_err(anyhow::Error::from)?
+        ),
+        ConfigAction::Show { json: false } => {
+            print!("{}", crate::config::show::render_text(&explained))
+        }
+        ConfigAction::Check => println!(
+            "configuration valid ({}; {} warning(s))",
+            explained.file.as_deref().map_or_else(
+                || "no config file, environment only".to_owned(),
+                |f| format!("file {f}")
+            ),
+            explained.warnings.len()
+        ),
+    }
+    Ok(Exit::Ok)
+}
+
+/// The manual page: the main page, then a section per subcommand (nested ones too) with its
+/// synopsis, description and options.
+fn print_man_page() -> std::io::Result<()> {
+    use std::io::Write;
+    let command = <Cli as clap::CommandFactory>::command();
+    let mut out = Vec::new();
+    clap_mangen::Man::new(command.clone()).render(&mut out)?;
+    fn sections(out: &mut Vec<u8>, parent: &str, command: &clap::Command) -> std::io::Result<()> {
+        for sub in command.get_subcommands().filter(|c| c.get_name() != "help") {
+            let name = format!("{parent} {}", sub.get_name());
+            writeln!(out, ".SH \"{}\"", name.to_uppercase())?;
+            let man = clap_mangen::Man::new(sub.clone().bin_name(name.clone()));
+            man.render_synopsis_section(out)?;
+            man.render_description_section(out)?;
+            man.render_options_section(out)?;
+            sections(out, &name, sub)?;
+        }
+        Ok(())
+    }
+    sections(&mut out, "bynder-usage-sync", &command)?;
+    std::io::stdout().write_all(&out)
 }
 
 /// Builds the run context: store, credentials, client.

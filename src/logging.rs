@@ -12,12 +12,19 @@ use crate::config::LogFormat;
 use crate::text::printable;
 
 static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+/// Whether the command line chose the level (`-v`, `-q`, `--log-level`): a reload keeps it.
+static FORCED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The filter for `level`, unless `RUST_LOG` is set. The scheduler logs every tick at INFO: it is
 /// kept to warnings unless asked for by name.
-fn filter(level: &str) -> EnvFilter {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
+fn filter(level: &str, forced: bool) -> EnvFilter {
+    let from_env = if forced {
+        Err(())
+    } else {
+        EnvFilter::try_from_default_env().map_err(|_| ())
+    };
+    let filter = from_env
+        .or_else(|()| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     if filter.to_string().contains("tokio_cron_scheduler") {
         filter
@@ -46,12 +53,13 @@ fn printable_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> 
     .delimited(" ")
 }
 
-/// Installs the process's subscriber once; later calls do nothing.
-pub fn init(level: &str, format: LogFormat) {
+/// Installs the process's subscriber once; later calls do nothing. `forced`: `level` comes from
+/// the command line and wins over `RUST_LOG`.
+pub fn init(level: &str, format: LogFormat, forced: bool) {
     if FILTER.get().is_some() {
         return;
     }
-    let (filter, handle) = reload::Layer::new(filter(level));
+    let (filter, handle) = reload::Layer::new(filter(level, forced));
     // Colours only on a terminal: journald and container logs would keep the escape codes.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt::layer()
@@ -66,12 +74,16 @@ pub fn init(level: &str, format: LogFormat) {
     };
     if installed.is_ok() {
         let _ = FILTER.set(handle);
+        FORCED.store(forced, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
 /// Replaces the filter with `level`. Says why when it cannot: `RUST_LOG` wins, or the level is
 /// not a filter.
 pub fn set_level(level: &str) -> Result<(), String> {
+    if FORCED.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err("the command line's -v, -q or --log-level wins over log.level".to_owned());
+    }
     if std::env::var_os("RUST_LOG").is_some() {
         return Err("RUST_LOG is set and wins over log.level".to_owned());
     }
@@ -80,6 +92,6 @@ pub fn set_level(level: &str) -> Result<(), String> {
         .get()
         .ok_or_else(|| "logging is not set up".to_owned())?;
     handle
-        .reload(filter(level))
+        .reload(filter(level, false))
         .map_err(|e| format!("cannot change the log filter: {e}"))
 }

@@ -6,6 +6,8 @@
 //! container secrets). Validation happens here, once; a problem becomes a [`ConfigError`] naming the
 //! key, its environment variable and the fix. Nothing else in the crate reads `std::env`.
 
+pub mod show;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -62,6 +64,7 @@ pub struct Config {
     pub log: LogSettings,
     pub server: ServerSettings,
     pub daemon: DaemonSettings,
+    pub runs: RunsSettings,
     /// Problems worth a warning that do not stop start-up; logged once tracing is set up.
     pub warnings: Vec<String>,
 }
@@ -221,6 +224,16 @@ pub struct ServerSettings {
     pub idle_timeout: Duration,
 }
 
+/// The run history (`[runs]`).
+#[derive(Debug, Clone)]
+pub struct RunsSettings {
+    /// Finished runs older than this are deleted (the last successful reconcile is always kept).
+    pub keep: Duration,
+}
+
+/// Default `runs.keep`: 30 days.
+pub const DEFAULT_RUNS_KEEP: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// How `run` behaves as a service.
 #[derive(Debug, Clone)]
 pub struct DaemonSettings {
@@ -307,6 +320,15 @@ struct RawConfig {
     server: RawServer,
     #[serde(default)]
     daemon: RawDaemon,
+    #[serde(default)]
+    runs: RawRuns,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRuns {
+    #[serde(default, with = "humantime_serde")]
+    keep: Option<Duration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -677,6 +699,16 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         ));
     }
     let source = validate_source(raw.source)?;
+    let runs = RunsSettings {
+        keep: raw.runs.keep.unwrap_or(DEFAULT_RUNS_KEEP),
+    };
+    if runs.keep < Duration::from_secs(3600) {
+        return Err(ConfigError::key(
+            "runs.keep",
+            "is shorter than one hour",
+            "use the default, \"30days\"",
+        ));
+    }
 
     let limits = LimitSettings {
         concurrency: raw.limits.concurrency.unwrap_or(4),
@@ -734,6 +766,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         log,
         server,
         daemon,
+        runs,
         warnings: Vec::new(),
     })
 }
@@ -1441,6 +1474,7 @@ impl Config {
             ("[limits]", dbg(&self.limits), dbg(&new.limits)),
             ("[retry]", dbg(&self.retry), dbg(&new.retry)),
             ("[daemon]", dbg(&self.daemon), dbg(&new.daemon)),
+            ("runs.keep", dbg(&self.runs), dbg(&new.runs)),
         ] {
             if old != new {
                 applied.push(key);
@@ -1472,6 +1506,7 @@ impl Config {
         config.limits = new.limits;
         config.retry = new.retry;
         config.daemon = new.daemon;
+        config.runs = new.runs;
         config.warnings = new.warnings;
         Reload {
             config,
