@@ -473,15 +473,15 @@ mod tests {
     use crate::config::{AuthSettings, Config};
 
     /// A client-credentials config whose token endpoint is `server`.
-    fn config(server: &MockServer, dir: &std::path::Path) -> Config {
+    fn config(server: &str, dir: &std::path::Path) -> Config {
         let mut config = Config::for_portal(
-            &server.uri(),
+            server,
             "0191a303-9d99-433e-ada4-d244f37e1d7d",
             "unused",
             &dir.join("s.db"),
         )
         .unwrap();
-        let base = Url::parse(&server.uri()).unwrap();
+        let base = Url::parse(server).unwrap();
         config.auth = AuthSettings::ClientCredentials(OAuth2Settings {
             client_id: "app".into(),
             client_secret: SecretString::from("s3cret"),
@@ -510,7 +510,7 @@ mod tests {
             .mount(&server)
             .await;
         let dir = tempfile::tempdir().unwrap();
-        let config = config(&server, dir.path());
+        let config = config(&server.uri(), dir.path());
         let gate = Arc::new(Gate::new(1000, Duration::from_secs(60)));
         let credentials = crate::auth::Credentials::load(&config, None, gate)
             .await
@@ -524,6 +524,34 @@ mod tests {
         let now = Instant::now();
         let schedule = Schedule::of(now, Some(Duration::from_secs(i64::MAX as u64)));
         assert!(schedule.renew_at <= now + MAX_LIFETIME);
+    }
+
+    /// REGRESSION: an endless 200 answer from the token endpoint was read whole (the token
+    /// transport is oauth2's HTTP client). Reading stops at bynder.max_response_size, and no
+    /// token is a transient failure naming the cap and the key to raise.
+    #[tokio::test]
+    async fn an_endless_token_answer_stops_at_the_cap_as_a_transient_failure() {
+        let (url, mut hung_up) = crate::body::tests::endless_server().await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(&url, dir.path());
+        config.bynder.max_response_bytes = 64 * 1024;
+        config.bynder.timeout = Duration::from_secs(120);
+        let gate = Arc::new(Gate::new(1000, Duration::from_secs(60)));
+        let credentials = crate::auth::Credentials::load(&config, None, gate)
+            .await
+            .unwrap();
+        let mut request = reqwest::Request::new(reqwest::Method::GET, Url::parse(&url).unwrap());
+        let e = credentials.authorize(&mut request).await.unwrap_err();
+        assert_eq!(e.failure(), crate::auth::AuthFailure::Transient, "{e}");
+        let message = e.to_string();
+        assert!(
+            message.contains("64.0 KiB") && message.contains("raise bynder.max_response_size"),
+            "{message}"
+        );
+        assert!(
+            hung_up.recv().await.is_some(),
+            "the client hung up instead of reading on"
+        );
     }
 
     /// Whatever JSON value a token endpoint puts in `expires_in`.
