@@ -150,7 +150,7 @@ pub enum Error {
     #[error("TLS failed: {0}")]
     Tls(String),
     /// The answer went on past `bynder.max_response_size`; the rest was not read.
-    #[error("the portal's {0}")]
+    #[error("{0}")]
     TooLarge(TooLarge),
 }
 

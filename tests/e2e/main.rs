@@ -6,6 +6,7 @@ mod bad_input;
 mod common;
 mod concurrency;
 mod daemon;
+mod hostile_portal;
 mod portals;
 mod properties;
 mod reliability;
