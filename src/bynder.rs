@@ -483,13 +483,9 @@ impl Client {
             let mut shown = url.clone();
             shown.set_query(None);
             shown.set_path("");
-            if detail.to_ascii_lowercase().contains("certificate") {
+            if let Some(problem) = describe_certificate_error(&detail) {
                 // Retrying cannot help and the network is fine: say what to fix.
-                return Error::Tls(format!(
-                    "the portal's certificate is not trusted ({detail}). Fix: if the portal, or a \
-                     TLS-inspecting proxy in between, uses a private CA, set bynder.ca_file to that \
-                     CA's PEM certificate"
-                ));
+                return Error::Tls(problem);
             }
             Error::Connect {
                 url: shown.to_string(),
@@ -716,6 +712,33 @@ impl Client {
             body,
         })
     }
+}
+
+/// What is wrong with the portal's certificate, and the fix, when a connection failed on it
+/// (`detail` is the innermost error); `None` when the failure is not about a certificate. Shared
+/// by the API client and the token transport.
+pub(crate) fn describe_certificate_error(detail: &str) -> Option<String> {
+    if detail.contains("CaUsedAsEndEntity") {
+        // The certificate may well be the very CA in bynder.ca_file: "set bynder.ca_file"
+        // would send the reader in circles.
+        return Some(format!(
+            "the portal (or a TLS-inspecting proxy in between) presents a CA certificate as its \
+             own server certificate ({detail}); TLS accepts only a leaf certificate there, even \
+             from a trusted CA. Fix: have the portal or proxy serve a leaf (end-entity) \
+             certificate for its host name signed by that CA, and keep the CA's certificate in \
+             bynder.ca_file"
+        ));
+    }
+    detail
+        .to_ascii_lowercase()
+        .contains("certificate")
+        .then(|| {
+            format!(
+                "the portal's certificate is not trusted ({detail}). Fix: if the portal, or a \
+             TLS-inspecting proxy in between, uses a private CA, set bynder.ca_file to that \
+             CA's PEM certificate"
+            )
+        })
 }
 
 /// The answer to [`Client::raw`], whatever its status.

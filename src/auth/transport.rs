@@ -103,9 +103,10 @@ impl Transport {
             if e.is_timeout() {
                 TransportError::Timeout { url: shown.clone() }
             } else if e.is_connect() {
+                let detail = innermost(&e);
                 TransportError::Connect {
                     url: shown.clone(),
-                    detail: innermost(&e),
+                    detail: crate::bynder::describe_certificate_error(&detail).unwrap_or(detail),
                 }
             } else {
                 TransportError::Broken {

@@ -157,3 +157,105 @@ async fn a_token_endpoint_with_an_endless_answer_fails_check_clearly() {
     );
     first_hang_up(&mut connections).await;
 }
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("this test needs the openssl command: apt-get install openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// REGRESSION: a portal (or proxy) serving a self-signed CA certificate as its own certificate
+/// failed with rustls' `CaUsedAsEndEntity`, and the message said "set bynder.ca_file" even
+/// with that very certificate in bynder.ca_file. It now says what is wrong: a CA certificate
+/// where a leaf belongs, and that the server must serve a leaf signed by that CA.
+#[tokio::test]
+async fn a_ca_certificate_served_as_the_portal_certificate_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // `req -x509` makes a CA certificate (basicConstraints CA:TRUE), valid for 127.0.0.1.
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _server = tokio::process::Command::new("openssl")
+        .current_dir(d)
+        .args([
+            "s_server",
+            "-accept",
+            &format!("127.0.0.1:{port}"),
+            "-cert",
+            "ca.pem",
+            "-key",
+            "ca.key",
+            "-www",
+            "-quiet",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start openssl s_server");
+    // s_server offers no readiness signal through a pipe: wait until it accepts connections.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "openssl s_server did not start"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let site = Site::new(
+        &format!("https://127.0.0.1:{port}"),
+        &format!("ca_file = \"{}\"", d.join("ca.pem").display()),
+        &permanent_token(),
+    )
+    .await;
+    for args in [&["resync"][..], &["raw", "GET", "/api/v4/currentUser/"]] {
+        let out = site.run(args).await;
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("presents a CA certificate as its own server certificate")
+                && err.contains("leaf")
+                && err.contains("keep the CA's certificate in bynder.ca_file"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            !err.contains("set bynder.ca_file"),
+            "bynder.ca_file is already set: {err}"
+        );
+    }
+}
