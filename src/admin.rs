@@ -3,7 +3,7 @@
 //! `auth login` (OAuth 2 authorization code + PKCE) and `auth oauth1-login` (the OAuth 1.0a
 //! temporary-token handshake).
 //!
-//! Owns their arguments, their terminal and browser interaction (the loopback listener that
+//! Owns their arguments, their terminal and browser interaction (the loopback axum server that
 //! receives the browser's redirect, a code pasted on stdin) and their exit codes. The protocol
 //! itself is `auth`'s; requests go through `bynder::Client` and the process-wide gate.
 //! Secrets are never taken as arguments: a pasted authorization code is read from stdin.
@@ -14,9 +14,8 @@ use std::time::Duration;
 
 use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
 use url::Url;
 
 use crate::auth::{AuthError, AuthFailure, Credentials, OAuth1Login, OAuth2Login, REQUIRED_SCOPES};
@@ -552,13 +551,8 @@ async fn login(config: Config, args: LoginArgs) -> Result<Exit, Failure> {
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.as_str())
         };
-        if let Some(error) = get("error") {
-            let description = get("error_description").unwrap_or("");
-            return Verdict::Fail(format!(
-                "Bynder did not authorize the app ({error}: {description}). Fix: approve the \
-                     access, and check that auth.redirect_uri is registered with the OAuth app"
-            ));
-        }
+        // The state first: anything on the loopback port can send a request, and only one
+        // carrying this login's state may end it, approval or refusal alike.
         match (get("state"), source) {
             (Some(state), _) if !login.state_matches(state) => {
                 return Verdict::Retry(
@@ -569,6 +563,13 @@ async fn login(config: Config, args: LoginArgs) -> Result<Exit, Failure> {
                 return Verdict::Retry("the redirect carries no state; ignored".into())
             }
             _ => {}
+        }
+        if let Some(error) = get("error") {
+            let description = get("error_description").unwrap_or("");
+            return Verdict::Fail(format!(
+                "Bynder did not authorize the app ({error}: {description}). Fix: approve the \
+                     access, and check that auth.redirect_uri is registered with the OAuth app"
+            ));
         }
         match get("code").or(get(PASTED)) {
             Some(code) if !code.trim().is_empty() => Verdict::Accept(code.trim().to_owned()),
@@ -713,6 +714,50 @@ async fn wait_for_approval<F>(
 where
     F: FnMut(Source, &[(String, String)]) -> Verdict,
 {
+    let (callback_tx, mut callbacks) = mpsc::channel::<Callback>(16);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = listener.map(|listener| {
+        tokio::spawn(serve_callbacks(
+            listener,
+            path.to_owned(),
+            callback_tx,
+            stopped,
+        ))
+    });
+    let result = wait_for_verdict(&mut callbacks, server.is_some(), timeout, &mut judge).await;
+    // Graceful: the answer to the callback that ended the wait is sent before the server stops,
+    // and idle connections close at once. A connection holding half a request is waited for
+    // only this long: a peer that never finishes cannot hold the login up.
+    let _ = stop.send(());
+    if let Some(mut server) = server {
+        if tokio::time::timeout(CALLBACK_SHUTDOWN, &mut server)
+            .await
+            .is_err()
+        {
+            server.abort();
+        }
+    }
+    result
+}
+
+/// How long the callback server may take to finish its answers once the login has its verdict.
+const CALLBACK_SHUTDOWN: Duration = Duration::from_secs(2);
+
+/// One browser request to the callback path, waiting for the answer the verdict gives.
+struct Callback {
+    params: Vec<(String, String)>,
+    reply: oneshot::Sender<(StatusCode, String)>,
+}
+
+async fn wait_for_verdict<F>(
+    callbacks: &mut mpsc::Receiver<Callback>,
+    listening: bool,
+    timeout: Duration,
+    judge: &mut F,
+) -> Result<String, Failure>
+where
+    F: FnMut(Source, &[(String, String)]) -> Verdict,
+{
     let mut lines = stdin_lines();
     let mut stdin_open = true;
     let deadline = tokio::time::Instant::now() + timeout;
@@ -724,12 +769,6 @@ where
         ))
     };
     loop {
-        let accept = async {
-            match &listener {
-                Some(l) => l.accept().await.ok(),
-                None => std::future::pending().await,
-            }
-        };
         let open = stdin_open;
         let pending_lines = &mut lines;
         let line = async move {
@@ -741,39 +780,31 @@ where
         };
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => return Err(timed_out()),
-            accepted = accept => {
-                let Some((mut stream, _)) = accepted else {
-                    // Out of file descriptors or similar: do not spin on a failing accept.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                };
-                let Some(target) = read_request_target(&mut stream).await else { continue };
-                let Ok(url) = Url::parse(&format!("http://loopback{target}")) else { continue };
-                if url.path() != path {
-                    respond(&mut stream, "404 Not Found", "Not found.").await;
-                    continue;
-                }
-                let params: Vec<(String, String)> = url.query_pairs().into_owned().collect();
-                match judge(Source::Browser, &params) {
-                    Verdict::Accept(value) => {
-                        respond(&mut stream, "200 OK", "bynder-usage-sync is authorized. You can close this window.").await;
-                        return Ok(value);
-                    }
+            Some(callback) = callbacks.recv(), if listening => {
+                let (answer, result) = match judge(Source::Browser, &callback.params) {
+                    Verdict::Accept(value) => (
+                        (StatusCode::OK, "bynder-usage-sync is authorized. You can close this window.".to_owned()),
+                        Some(Ok(value)),
+                    ),
                     Verdict::Retry(why) => {
                         eprintln!("{why}");
-                        respond(&mut stream, "400 Bad Request", &why).await;
+                        ((StatusCode::BAD_REQUEST, why), None)
                     }
-                    Verdict::Fail(why) => {
-                        respond(&mut stream, "400 Bad Request", &why).await;
-                        return Err(Failure::Credentials(why));
-                    }
+                    Verdict::Fail(why) => (
+                        (StatusCode::BAD_REQUEST, why.clone()),
+                        Some(Err(Failure::Credentials(why))),
+                    ),
+                };
+                let _ = callback.reply.send(answer);
+                if let Some(result) = result {
+                    return result;
                 }
             }
             line = line => {
                 let Some(line) = line else {
                     // stdin is closed (e.g. /dev/null under a service manager): wait for the browser.
                     stdin_open = false;
-                    if listener.is_none() {
+                    if !listening {
                         return Err(Failure::Unexpected(anyhow::anyhow!(
                             "stdin closed before a code was pasted. Fix: run the login in a terminal"
                         )));
@@ -798,6 +829,48 @@ where
     }
 }
 
+/// Serves the loopback redirect with axum until `stop`: a GET to `path` is handed to the login
+/// as a [`Callback`] and answered with its verdict; anything else is a 404. Connections are
+/// served concurrently, so an idle or slow one never holds up the browser's.
+async fn serve_callbacks(
+    listener: TcpListener,
+    path: String,
+    callbacks: mpsc::Sender<Callback>,
+    stop: oneshot::Receiver<()>,
+) {
+    // One fallback handler rather than a route: the redirect URI's path is taken literally,
+    // whatever characters axum's route syntax would give a meaning to.
+    let app = axum::Router::new().fallback(move |method: Method, uri: axum::http::Uri| {
+        let callbacks = callbacks.clone();
+        let expected = path.clone();
+        async move {
+            if method != Method::GET || uri.path() != expected {
+                return page(StatusCode::NOT_FOUND, "Not found.");
+            }
+            let params: Vec<(String, String)> =
+                url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+                    .into_owned()
+                    .collect();
+            let (reply, answer) = oneshot::channel();
+            if callbacks.send(Callback { params, reply }).await.is_err() {
+                return page(StatusCode::GONE, "This login is over.");
+            }
+            match answer.await {
+                Ok((status, message)) => page(status, &message),
+                Err(_) => page(StatusCode::GONE, "This login is over."),
+            }
+        }
+    });
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = stop.await;
+        })
+        .await;
+    if let Err(e) = served {
+        tracing::warn!(error = %e, "the loopback listener for the login's redirect failed");
+    }
+}
+
 /// Lines from stdin, read on a plain thread: a tokio blocking read would keep the runtime
 /// from shutting down once the login is over.
 fn stdin_lines() -> mpsc::UnboundedReceiver<String> {
@@ -813,33 +886,9 @@ fn stdin_lines() -> mpsc::UnboundedReceiver<String> {
     rx
 }
 
-/// Reads an HTTP request head and returns its target (`/callback?code=…`), or `None` for
-/// anything that is not a GET within a few seconds and 16 KiB.
-async fn read_request_target(stream: &mut TcpStream) -> Option<String> {
-    let mut head = Vec::new();
-    let read = async {
-        let mut buf = [0u8; 2048];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
-            let n = stream.read(&mut buf).await.ok()?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&buf[..n]);
-        }
-        Some(())
-    };
-    tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .ok()??;
-    let text = String::from_utf8_lossy(&head);
-    let mut first = text.lines().next()?.split_whitespace();
-    match (first.next(), first.next()) {
-        (Some("GET"), Some(target)) if target.starts_with('/') => Some(target.to_owned()),
-        _ => None,
-    }
-}
-
-async fn respond(stream: &mut TcpStream, status: &str, message: &str) {
+/// A small HTML page for the browser, never cached.
+fn page(status: StatusCode, message: &str) -> axum::response::Response {
+    use axum::response::IntoResponse;
     let body = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>bynder-usage-sync</title></head>\
          <body><p>{}</p></body></html>",
@@ -848,13 +897,12 @@ async fn respond(stream: &mut TcpStream, status: &str, message: &str) {
             .replace('<', "&lt;")
             .replace('>', "&gt;")
     );
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\n\
-         Cache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
+    (
+        status,
+        [(axum::http::header::CACHE_CONTROL, "no-store")],
+        axum::response::Html(body),
+    )
+        .into_response()
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use url::Url;
 
 use crate::auth::{AuthError, AuthFailure, Credentials};
+use crate::body::{self, CappedError, TooLarge};
 use crate::config::Config;
 
 const USAGE_PATH: &str = "/api/media/usage/";
@@ -148,6 +149,9 @@ pub enum Error {
     Auth(#[from] AuthError),
     #[error("TLS failed: {0}")]
     Tls(String),
+    /// The answer went on past `bynder.max_response_size`; the rest was not read.
+    #[error("{0}")]
+    TooLarge(TooLarge),
 }
 
 /// How the caller should react to an [`Error`].
@@ -172,9 +176,13 @@ impl Error {
             Error::Connect { .. } => Reaction::Retry {
                 maybe_applied: false,
             },
-            Error::Timeout(_) | Error::Transport(_) | Error::Decode(_) => Reaction::Retry {
-                maybe_applied: true,
-            },
+            // An oversized answer is most likely a broken gateway or proxy that may recover;
+            // the request itself did arrive.
+            Error::Timeout(_) | Error::Transport(_) | Error::Decode(_) | Error::TooLarge(_) => {
+                Reaction::Retry {
+                    maybe_applied: true,
+                }
+            }
             Error::Status { status, .. } => match status.as_u16() {
                 401 => Reaction::CredentialsRejected,
                 429 => Reaction::PauseAll,
@@ -290,6 +298,8 @@ pub struct Client {
     credentials: Credentials,
     gate: Arc<Gate>,
     timeout: Duration,
+    /// `bynder.max_response_size`: no answer is read past it.
+    max_response_bytes: u64,
     requests: AtomicU64,
 }
 
@@ -362,6 +372,7 @@ impl Client {
             credentials,
             gate,
             timeout: config.bynder.timeout,
+            max_response_bytes: config.bynder.max_response_bytes,
             requests: AtomicU64::new(0),
         })
     }
@@ -443,19 +454,33 @@ impl Client {
                 .to_owned();
             return Err(Error::Redirect { status, location });
         }
-        let body = response.text().await.map_err(|e| self.classify(e, &url))?;
         tracing::debug!(%method, path = url.path(), status = status.as_u16(), "bynder request");
         if status == StatusCode::TOO_MANY_REQUESTS {
             metrics::counter!("bynder_rate_limited_total").increment(1);
             self.gate.pause();
         }
         if !status.is_success() {
+            // Only the start of an error page is shown, so only the start is read.
+            let mut response = response;
             return Err(Error::Status {
                 status,
-                body: snippet(&body),
+                body: body::read_snippet(&mut response, SNIPPET_CHARS).await,
             });
         }
+        let bytes = self.read_body(response, &url).await?;
+        let body = String::from_utf8(bytes)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
         Ok((status, body))
+    }
+
+    /// Reads a whole answer, up to `bynder.max_response_size`.
+    async fn read_body(&self, response: reqwest::Response, url: &Url) -> Result<Vec<u8>, Error> {
+        body::read_capped(response, self.max_response_bytes)
+            .await
+            .map_err(|e| match e {
+                CappedError::TooLarge(too_large) => Error::TooLarge(too_large),
+                CappedError::Read(e) => self.classify(e, url),
+            })
     }
 
     fn classify(&self, error: reqwest::Error, url: &Url) -> Error {
@@ -471,13 +496,9 @@ impl Client {
             let mut shown = url.clone();
             shown.set_query(None);
             shown.set_path("");
-            if detail.to_ascii_lowercase().contains("certificate") {
+            if let Some(problem) = describe_certificate_error(&detail) {
                 // Retrying cannot help and the network is fine: say what to fix.
-                return Error::Tls(format!(
-                    "the portal's certificate is not trusted ({detail}). Fix: if the portal, or a \
-                     TLS-inspecting proxy in between, uses a private CA, set bynder.ca_file to that \
-                     CA's PEM certificate"
-                ));
+                return Error::Tls(problem);
             }
             Error::Connect {
                 url: shown.to_string(),
@@ -695,11 +716,7 @@ impl Client {
             self.gate.pause();
         }
         let headers = response.headers().clone();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| self.classify(e, &url))?
-            .to_vec();
+        let body = self.read_body(response, &url).await?;
         Ok(RawResponse {
             url,
             status,
@@ -708,6 +725,33 @@ impl Client {
             body,
         })
     }
+}
+
+/// What is wrong with the portal's certificate, and the fix, when a connection failed on it
+/// (`detail` is the innermost error); `None` when the failure is not about a certificate. Shared
+/// by the API client and the token transport.
+pub(crate) fn describe_certificate_error(detail: &str) -> Option<String> {
+    if detail.contains("CaUsedAsEndEntity") {
+        // The certificate may well be the very CA in bynder.ca_file: "set bynder.ca_file"
+        // would send the reader in circles.
+        return Some(format!(
+            "the portal (or a TLS-inspecting proxy in between) presents a CA certificate as its \
+             own server certificate ({detail}); TLS accepts only a leaf certificate there, even \
+             from a trusted CA. Fix: have the portal or proxy serve a leaf (end-entity) \
+             certificate for its host name signed by that CA, and keep the CA's certificate in \
+             bynder.ca_file"
+        ));
+    }
+    detail
+        .to_ascii_lowercase()
+        .contains("certificate")
+        .then(|| {
+            format!(
+                "the portal's certificate is not trusted ({detail}). Fix: if the portal, or a \
+             TLS-inspecting proxy in between, uses a private CA, set bynder.ca_file to that \
+             CA's PEM certificate"
+            )
+        })
 }
 
 /// The answer to [`Client::raw`], whatever its status.
@@ -721,14 +765,12 @@ pub struct RawResponse {
     pub body: Vec<u8>,
 }
 
-/// The start of a response body, for error messages (bodies can be whole HTML pages).
+/// How much of an answer an error message shows (bodies can be whole HTML pages).
+const SNIPPET_CHARS: usize = 300;
+
+/// The start of a response body, for error messages.
 fn snippet(body: &str) -> String {
-    let trimmed = body.trim();
-    let mut out: String = trimmed.chars().take(300).collect();
-    if trimmed.chars().count() > 300 {
-        out.push('…');
-    }
-    out
+    body::snippet(body.as_bytes(), true, SNIPPET_CHARS)
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod body;
 pub mod bynder;
 pub mod cli;
 pub mod config;

@@ -457,3 +457,139 @@ fn classify(error: TokenError, settings: &OAuth2Settings, grant: GrantKind) -> A
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    use super::*;
+    use crate::auth::token::{Schedule, MAX_LIFETIME};
+    use crate::bynder::Gate;
+    use crate::config::{AuthSettings, Config};
+
+    /// A client-credentials config whose token endpoint is `server`.
+    fn config(server: &str, dir: &std::path::Path) -> Config {
+        let mut config = Config::for_portal(
+            server,
+            "0191a303-9d99-433e-ada4-d244f37e1d7d",
+            "unused",
+            &dir.join("s.db"),
+        )
+        .unwrap();
+        let base = Url::parse(server).unwrap();
+        config.auth = AuthSettings::ClientCredentials(OAuth2Settings {
+            client_id: "app".into(),
+            client_secret: SecretString::from("s3cret"),
+            scopes: REQUIRED_SCOPES.iter().map(|s| (*s).to_owned()).collect(),
+            token_url: base.join("/token").unwrap(),
+            auth_url: base.join("/auth").unwrap(),
+            client_auth: ClientAuth::Body,
+            redirect_uri: Url::parse("http://127.0.0.1:1/callback").unwrap(),
+        });
+        config
+    }
+
+    /// REGRESSION: a token endpoint answering `"expires_in": 9223372036854775807` made the
+    /// first request panic ("overflow when adding duration to instant"), so `run` exited 1
+    /// and systemd restarted it in a loop. The lifetime is clamped and the token works.
+    #[tokio::test]
+    async fn an_absurd_expires_in_gives_a_working_token_renewed_within_a_day() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/token"))
+            .respond_with(ResponseTemplate::new(200).set_body_raw(
+                r#"{"access_token":"tok","token_type":"bearer","expires_in":9223372036854775807}"#,
+                "application/json",
+            ))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(&server.uri(), dir.path());
+        let gate = Arc::new(Gate::new(1000, Duration::from_secs(60)));
+        let credentials = crate::auth::Credentials::load(&config, None, gate)
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            let mut request =
+                reqwest::Request::new(reqwest::Method::GET, Url::parse(&server.uri()).unwrap());
+            credentials.authorize(&mut request).await.unwrap();
+            assert_eq!(request.headers()["authorization"], "Bearer tok");
+        }
+        let now = Instant::now();
+        let schedule = Schedule::of(now, Some(Duration::from_secs(i64::MAX as u64)));
+        assert!(schedule.renew_at <= now + MAX_LIFETIME);
+    }
+
+    /// REGRESSION: an endless 200 answer from the token endpoint was read whole (the token
+    /// transport is oauth2's HTTP client). Reading stops at bynder.max_response_size, and no
+    /// token is a transient failure naming the cap and the key to raise.
+    #[tokio::test]
+    async fn an_endless_token_answer_stops_at_the_cap_as_a_transient_failure() {
+        let (url, mut hung_up) = crate::body::tests::endless_server().await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(&url, dir.path());
+        config.bynder.max_response_bytes = 64 * 1024;
+        config.bynder.timeout = Duration::from_secs(120);
+        let gate = Arc::new(Gate::new(1000, Duration::from_secs(60)));
+        let credentials = crate::auth::Credentials::load(&config, None, gate)
+            .await
+            .unwrap();
+        let mut request = reqwest::Request::new(reqwest::Method::GET, Url::parse(&url).unwrap());
+        let e = credentials.authorize(&mut request).await.unwrap_err();
+        assert_eq!(e.failure(), crate::auth::AuthFailure::Transient, "{e}");
+        let message = e.to_string();
+        assert!(
+            message.contains("64.0 KiB") && message.contains("raise bynder.max_response_size"),
+            "{message}"
+        );
+        assert!(
+            hung_up.recv().await.is_some(),
+            "the client hung up instead of reading on"
+        );
+    }
+
+    /// Whatever JSON value a token endpoint puts in `expires_in`.
+    fn any_expires_in() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<u64>().prop_map(|n| n.to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<f64>()
+                .prop_filter("JSON has no NaN or infinity", |f| f.is_finite())
+                .prop_map(|f| format!("{f:?}")),
+            any::<u64>().prop_map(|n| format!("\"{n}\"")),
+            Just("null".to_owned()),
+            Just("0".to_owned()),
+            Just("-1".to_owned()),
+            Just("1e400".to_owned()),
+            Just(u64::MAX.to_string()),
+            Just(i64::MAX.to_string()),
+            Just(i64::MIN.to_string()),
+        ]
+    }
+
+    proptest! {
+        /// Any `expires_in` either makes the answer unreadable (an error the caller retries)
+        /// or gives a token renewed after it was requested and within a day; nothing panics.
+        #[test]
+        fn any_expires_in_never_panics_and_renews_within_a_sane_range(value in any_expires_in()) {
+            let body = format!(
+                r#"{{"access_token":"tok","token_type":"bearer","expires_in":{value}}}"#
+            );
+            let Ok(response) = serde_json::from_str::<BasicTokenResponse>(&body) else {
+                return Ok(());
+            };
+            let requested_at = Instant::now();
+            let issued = issued(&response, requested_at);
+            let schedule = Schedule::of(issued.requested_at, issued.expires_in);
+            prop_assert!(schedule.renew_at > requested_at);
+            prop_assert!(schedule.renew_at <= schedule.usable_until);
+            prop_assert!(schedule.usable_until <= requested_at + MAX_LIFETIME);
+        }
+    }
+}

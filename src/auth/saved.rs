@@ -43,9 +43,13 @@ pub(crate) struct SavedOAuth1 {
 }
 
 impl SavedOAuth1 {
-    /// When Bynder stops accepting the pair.
+    /// When Bynder stops accepting the pair. `obtained_at` comes from the state database; a
+    /// date so late that 30 days cannot be added to it saturates instead of panicking.
     pub fn expires_at(&self) -> DateTime<Utc> {
-        self.obtained_at + chrono::Duration::from_std(OAUTH1_VALIDITY).unwrap_or_default()
+        chrono::Duration::from_std(OAUTH1_VALIDITY)
+            .ok()
+            .and_then(|validity| self.obtained_at.checked_add_signed(validity))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC)
     }
 
     /// A warning when the pair expires soon (or did), else `None`.
@@ -180,5 +184,15 @@ mod tests {
         );
         let gone = pair(31).expiry_warning(now).unwrap();
         assert!(gone.contains("expired on"), "{gone}");
+    }
+
+    /// REGRESSION: `obtained_at` is read from the settings table; a pair stored with the latest
+    /// date chrono knows made `status` and every run panic adding its 30 days of validity.
+    #[test]
+    fn a_stored_pair_dated_at_the_end_of_time_does_not_panic() {
+        let mut late = pair(0);
+        late.obtained_at = DateTime::<Utc>::MAX_UTC;
+        assert_eq!(late.expires_at(), DateTime::<Utc>::MAX_UTC);
+        assert!(late.expiry_warning(Utc::now()).is_none());
     }
 }

@@ -7,6 +7,9 @@
 //! - Renewal starts `min(60 s, lifetime / 2)` before `expires_in` runs out, counted from when the
 //!   token request was *sent*, so a request never carries a token about to lapse, and a
 //!   4-second test token is not renewed on every request.
+//! - `expires_in` is whatever the token endpoint wrote: it is clamped to [`MAX_LIFETIME`] and
+//!   every addition to an instant is checked, so an absurd lifetime (`9223372036854775807`)
+//!   renews within a day instead of overflowing the clock and killing the process.
 //! - A tokio mutex is held across the fetch: whoever finds the token due renews it, everyone
 //!   else waits for that renewal instead of starting another.
 //! - A failed renewal is remembered for a short, growing cooldown: while it lasts, callers get
@@ -26,6 +29,10 @@ use super::AuthError;
 
 /// Lifetime assumed when the token endpoint gives no `expires_in` (Bynder always has so far).
 const ASSUMED_LIFETIME: Duration = Duration::from_secs(600);
+/// The longest lifetime believed. A token endpoint that claims more (up to `u64::MAX`
+/// seconds) is broken or hostile; past a day the token is renewed anyway, which costs one
+/// request a day and survives a lifetime that was a lie.
+pub(crate) const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Renew at most this long before expiry (Bynder's SDKs use 15 s; a minute leaves room for a
 /// slow token endpoint).
 const MAX_RENEW_AHEAD: Duration = Duration::from_secs(60);
@@ -193,21 +200,46 @@ impl TokenCache {
 
 impl Cached {
     fn new(issued: Issued, generation: u64) -> Cached {
-        let lifetime = issued
-            .expires_in
-            .filter(|d| !d.is_zero())
-            .unwrap_or(ASSUMED_LIFETIME);
-        let expires_at = issued.requested_at + lifetime;
+        let schedule = Schedule::of(issued.requested_at, issued.expires_in);
         Cached {
             value: issued.access_token,
             generation,
-            renew_at: expires_at - (lifetime / 2).min(MAX_RENEW_AHEAD),
-            usable_until: expires_at - (lifetime / 10).min(MAX_SAFETY_MARGIN),
+            renew_at: schedule.renew_at,
+            usable_until: schedule.usable_until,
             info: TokenInfo {
                 scopes: issued.scopes,
                 lifetime: issued.expires_in,
                 generation,
             },
+        }
+    }
+}
+
+/// When a token is renewed and until when it may still be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Schedule {
+    pub renew_at: Instant,
+    pub usable_until: Instant,
+}
+
+impl Schedule {
+    /// The schedule of a token requested at `requested_at` with the `expires_in` the token
+    /// endpoint gave. Absent or zero means [`ASSUMED_LIFETIME`]; more than [`MAX_LIFETIME`] is
+    /// clamped to it. Never panics: an instant that cannot be represented (a clock near its
+    /// end) falls back to `requested_at`, which renews on the next request.
+    pub fn of(requested_at: Instant, expires_in: Option<Duration>) -> Schedule {
+        let lifetime = expires_in
+            .filter(|d| !d.is_zero())
+            .unwrap_or(ASSUMED_LIFETIME)
+            .min(MAX_LIFETIME);
+        let at = |offset: Duration| {
+            requested_at
+                .checked_add(lifetime.saturating_sub(offset))
+                .unwrap_or(requested_at)
+        };
+        Schedule {
+            renew_at: at((lifetime / 2).min(MAX_RENEW_AHEAD)),
+            usable_until: at((lifetime / 10).min(MAX_SAFETY_MARGIN)),
         }
     }
 }

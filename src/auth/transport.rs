@@ -15,6 +15,7 @@ use std::sync::Arc;
 use oauth2::{AsyncHttpClient, HttpRequest, HttpResponse};
 use reqwest::StatusCode;
 
+use crate::body::{self, CappedError, TooLarge};
 use crate::bynder::Gate;
 use crate::config::BynderSettings;
 
@@ -37,9 +38,13 @@ pub(crate) enum TransportError {
     },
     #[error("the request could not be built: {0}")]
     Build(String),
+    /// The answer went on past `bynder.max_response_size`; the rest was not read.
+    #[error("{url}: {too_large}")]
+    TooLarge { url: String, too_large: TooLarge },
 }
 
-/// A received answer, read in full.
+/// A received answer: a 200 read in full (up to `bynder.max_response_size`), any other
+/// status only as far as an error message needs.
 pub(crate) struct Answer {
     pub status: StatusCode,
     pub headers: reqwest::header::HeaderMap,
@@ -50,6 +55,7 @@ pub(crate) struct Answer {
 pub(crate) struct Transport {
     http: reqwest::Client,
     gate: Arc<Gate>,
+    max_response_bytes: u64,
 }
 
 impl Transport {
@@ -78,11 +84,16 @@ impl Transport {
         let http = builder
             .build()
             .map_err(|e| AuthError::Setup(e.to_string()))?;
-        Ok(Transport { http, gate })
+        Ok(Transport {
+            http,
+            gate,
+            max_response_bytes: settings.max_response_bytes,
+        })
     }
 
-    /// Sends one request through the gate and reads the whole answer, whatever its status.
-    /// A 429 starts the process-wide pause, as it does for API requests.
+    /// Sends one request through the gate and reads the answer, whatever its status: a 200
+    /// whole up to `bynder.max_response_size`, anything else only its start (an OAuth 2 error
+    /// object is small). A 429 starts the process-wide pause, as it does for API requests.
     pub async fn execute(&self, request: reqwest::Request) -> Result<Answer, TransportError> {
         self.gate.pass().await;
         let mut shown = request.url().clone();
@@ -92,9 +103,10 @@ impl Transport {
             if e.is_timeout() {
                 TransportError::Timeout { url: shown.clone() }
             } else if e.is_connect() {
+                let detail = innermost(&e);
                 TransportError::Connect {
                     url: shown.clone(),
-                    detail: innermost(&e),
+                    detail: crate::bynder::describe_certificate_error(&detail).unwrap_or(detail),
                 }
             } else {
                 TransportError::Broken {
@@ -103,13 +115,28 @@ impl Transport {
                 }
             }
         };
-        let response = self.http.execute(request).await.map_err(classify)?;
+        let mut response = self.http.execute(request).await.map_err(classify)?;
         let status = response.status();
         if status == StatusCode::TOO_MANY_REQUESTS {
             self.gate.pause();
         }
         let headers = response.headers().clone();
-        let body = response.bytes().await.map_err(classify)?.to_vec();
+        let body = if status == StatusCode::OK {
+            body::read_capped(response, self.max_response_bytes)
+                .await
+                .map_err(|e| match e {
+                    CappedError::TooLarge(too_large) => TransportError::TooLarge {
+                        url: shown.clone(),
+                        too_large,
+                    },
+                    CappedError::Read(e) => classify(e),
+                })?
+        } else {
+            body::read_prefix(&mut response, body::SNIPPET_READ_LIMIT)
+                .await
+                .map_err(classify)?
+                .bytes
+        };
         tracing::debug!(url = %shown, status = status.as_u16(), "authentication request");
         Ok(Answer {
             status,
@@ -192,11 +219,5 @@ fn innermost(error: &reqwest::Error) -> String {
 
 /// The start of a body, for messages (error pages can be whole HTML documents).
 pub(crate) fn snippet(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let trimmed = text.trim();
-    let mut out: String = trimmed.chars().take(200).collect();
-    if trimmed.chars().count() > 200 {
-        out.push('…');
-    }
-    out
+    body::snippet(body, true, 200)
 }

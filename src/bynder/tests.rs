@@ -16,15 +16,20 @@ const INTEGRATION: &str = "0191a303-9d99-433e-ada4-d244f37e1d7d";
 const ASSET: &str = "C078E8EE-C13A-4DA5-86EC8D6F335364EB";
 
 async fn client(server: &MockServer) -> Client {
+    client_at(&server.uri(), None).await
+}
+
+/// A client of the portal at `base_url`, with `bynder.max_response_size` set when given (and
+/// then a timeout long enough that only the cap can stop a read).
+async fn client_at(base_url: &str, max_response_bytes: Option<u64>) -> Client {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::for_portal(
-        &server.uri(),
-        INTEGRATION,
-        "t0ken",
-        &dir.path().join("s.db"),
-    )
-    .unwrap();
+    let mut config =
+        Config::for_portal(base_url, INTEGRATION, "t0ken", &dir.path().join("s.db")).unwrap();
     config.bynder.timeout = Duration::from_millis(300);
+    if let Some(cap) = max_response_bytes {
+        config.bynder.max_response_bytes = cap;
+        config.bynder.timeout = Duration::from_secs(120);
+    }
     let gate = Arc::new(Gate::new(1000, Duration::from_secs(60)));
     let credentials = Credentials::load(&config, None, gate.clone())
         .await
@@ -263,4 +268,117 @@ async fn a_rejected_token_is_reported_as_such() {
         .await;
     let e = client(&server).await.list_usages(ASSET).await.unwrap_err();
     assert_eq!(e.reaction(), Reaction::CredentialsRejected);
+}
+
+const CAP: u64 = 64 * 1024;
+
+fn assert_too_large(e: &Error) {
+    assert!(matches!(e, Error::TooLarge(_)), "{e:?}");
+    assert_eq!(
+        e.reaction(),
+        Reaction::Retry {
+            maybe_applied: true
+        },
+        "a transient failure"
+    );
+    let message = e.to_string();
+    assert!(
+        message.contains("64.0 KiB") && message.contains("bynder.max_response_size"),
+        "names the cap and the key to raise: {message}"
+    );
+}
+
+/// REGRESSION: an endless 200 body (a broken gateway or TLS-inspecting proxy) was read whole:
+/// 9.8 GB of memory in a minute. Reading stops at bynder.max_response_size and the connection
+/// is dropped; the call fails as transient, naming the cap and the key to raise.
+#[tokio::test]
+async fn an_endless_answer_stops_at_the_cap_as_a_transient_failure() {
+    let (url, mut hung_up) = crate::body::tests::endless_server().await;
+    let client = client_at(&url, Some(CAP)).await;
+    let e = client.list_usages(ASSET).await.unwrap_err();
+    assert_too_large(&e);
+    assert!(
+        hung_up.recv().await.is_some(),
+        "the client hung up instead of reading on"
+    );
+    let e = client
+        .sync_usages(&["https://cms.example/p".to_owned()], &[])
+        .await
+        .unwrap_err();
+    assert_too_large(&e);
+    let e = client
+        .raw(Method::GET, "/api/v4/currentUser/", None)
+        .await
+        .unwrap_err();
+    assert_too_large(&e);
+}
+
+/// REGRESSION: an answer whose Content-Length is over the cap fails before its body is read.
+#[tokio::test]
+async fn an_answer_announcing_more_than_the_cap_fails_before_it_is_read() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/api/media/usage/"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(" ".repeat(CAP as usize + 1)))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let e = client_at(&server.uri(), Some(CAP))
+        .await
+        .list_usages(ASSET)
+        .await
+        .unwrap_err();
+    assert_too_large(&e);
+    assert!(e.to_string().contains("announced 65537 bytes"), "{e}");
+}
+
+/// REGRESSION: an error page was read whole to show its first 300 characters; an endless one
+/// never ended. Only its start is read.
+#[tokio::test]
+async fn an_endless_error_page_shows_its_start_only() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = stream.read(&mut buf).await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 502 Bad Gateway\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await;
+        let chunk = format!("1000\r\n{}\r\n", "x".repeat(0x1000));
+        while stream.write_all(chunk.as_bytes()).await.is_ok() {}
+    });
+    let e = client_at(&url, Some(CAP))
+        .await
+        .list_usages(ASSET)
+        .await
+        .unwrap_err();
+    let Error::Status { status, body } = &e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(status.as_u16(), 502);
+    assert_eq!(body.chars().count(), 301, "300 characters and an ellipsis");
+    assert!(body.ends_with('…'));
+}
+
+/// REGRESSION: rustls' `CaUsedAsEndEntity` was answered with "set bynder.ca_file", even when
+/// that was set; it is a CA certificate served where a leaf belongs.
+#[test]
+fn a_ca_used_as_the_server_certificate_is_not_told_to_set_ca_file() {
+    let ca = describe_certificate_error(
+        "invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))",
+    )
+    .unwrap();
+    assert!(
+        ca.contains("CA certificate as its own server certificate"),
+        "{ca}"
+    );
+    assert!(
+        ca.contains("leaf") && !ca.contains("set bynder.ca_file"),
+        "{ca}"
+    );
+    let unknown = describe_certificate_error("invalid peer certificate: UnknownIssuer").unwrap();
+    assert!(unknown.contains("set bynder.ca_file"), "{unknown}");
+    assert!(describe_certificate_error("connection refused").is_none());
 }

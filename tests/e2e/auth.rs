@@ -365,6 +365,78 @@ async fn refresh_token_login_takes_a_pasted_address_and_rotated_tokens_are_store
     app.assert_converged().await;
 }
 
+/// A refresh-token app with its redirect on a free loopback port; returns the app and the port.
+async fn login_app() -> (App, u16) {
+    let port = free_port();
+    let app = spawn_app_with(Setup {
+        portal: portal(vec![format!("http://127.0.0.1:{port}/callback")]),
+        auth: refresh_token_auth(port),
+        ..Setup::default()
+    })
+    .await;
+    (app, port)
+}
+
+/// REGRESSION: the callback checked `error` before `state`, so anything able to reach the
+/// loopback port (another local user, a page in the browser) could abort a login with a forged
+/// `GET /callback?error=access_denied`. Without this login's state it is answered 400 and
+/// ignored; the real redirect still completes the login.
+#[tokio::test]
+async fn a_forged_error_callback_without_state_does_not_abort_the_login() {
+    let (app, port) = login_app().await;
+    let login = start_login(&app, &["auth", "login"]).await;
+    for forged in [
+        "/callback?error=access_denied",
+        "/callback?error=access_denied&state=forged",
+    ] {
+        let answer = browser()
+            .get(format!("http://127.0.0.1:{port}{forged}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 400, "{forged}");
+        assert!(answer.text().await.unwrap().contains("ignored"), "{forged}");
+    }
+    let landing = browser().get(&login.url).send().await.unwrap();
+    assert_eq!(landing.status(), 200);
+    let out = login.finish().await;
+    assert_eq!(out.status.code(), Some(0), "{}", all_output(&out));
+    assert!(
+        stderr(&out).contains("the redirect carries no state; ignored"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// REGRESSION: the hand-written callback listener served one connection at a time, each with
+/// a 5 s read timeout, so connections that stay idle (or send half a request) held up the
+/// browser's redirect by 5 s each. Served by axum, the redirect is answered while they stay
+/// open. (With the old listener, these twenty would have held it up for 100 s, well past the
+/// 30 s this file gives any login step.)
+#[tokio::test]
+async fn idle_connections_to_the_callback_do_not_hold_up_the_real_redirect() {
+    let (app, port) = login_app().await;
+    let login = start_login(&app, &["auth", "login"]).await;
+    let mut idle = Vec::new();
+    for n in 0..20 {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        if n % 2 == 0 {
+            stream.write_all(b"GET /callback?sta").await.unwrap();
+        }
+        idle.push(stream);
+    }
+    let landing = tokio::time::timeout(Duration::from_secs(30), browser().get(&login.url).send())
+        .await
+        .expect("the redirect is answered while the idle connections stay open")
+        .unwrap();
+    assert_eq!(landing.status(), 200);
+    let out = login.finish().await;
+    assert_eq!(out.status.code(), Some(0), "{}", all_output(&out));
+    drop(idle);
+}
+
 #[tokio::test]
 async fn oauth1_login_runs_the_handshake_then_resyncs_converge_and_status_warns_before_expiry() {
     let app = spawn_app_with(Setup {

@@ -7,6 +7,7 @@ mod common;
 mod concurrency;
 mod daemon;
 mod hardening;
+mod hostile_portal;
 mod portals;
 mod properties;
 mod reliability;
