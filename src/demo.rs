@@ -159,9 +159,21 @@ pub async fn run_demo() -> anyhow::Result<Exit> {
     portal.shutdown().await;
     if converged {
         println!("Demo finished: Bynder matches the CMS.");
+        println!("{NEXT_STEPS}");
         Ok(Exit::Ok)
     } else {
         println!("Demo finished, but the portal does not match the CMS: this is a bug.");
         Ok(Exit::Unexpected)
     }
 }
+
+/// What the demo suggests trying next: the daemon with its status page, against a real portal.
+const NEXT_STEPS: &str = "
+Try next:
+  1. Point a config at your portal: cp config/example.toml my.toml, then set bynder.base_url,
+     bynder.integration_id, the token and database.path (`config check --config my.toml`
+     validates it offline; `check --config my.toml` also reaches the portal).
+  2. bynder-usage-sync --config my.toml migrate && bynder-usage-sync --config my.toml resync --dry-run
+  3. bynder-usage-sync --config my.toml run
+     then open http://127.0.0.1:9464/ (the status page; /healthz, /readyz and /metrics beside it).
+  4. bynder-usage-sync --config my.toml probe --asset <an asset id> learns how your portal behaves.";

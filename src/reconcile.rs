@@ -370,6 +370,10 @@ async fn record_run(
     ctx.store
         .finish_run(run_id, outcome.label(), &counts, message)
         .await?;
+    let pruned = ctx.store.prune_runs(ctx.config.runs.keep).await?;
+    if pruned > 0 {
+        tracing::debug!(pruned, "old runs removed from the history (runs.keep)");
+    }
     metrics::counter!("sync_runs_total", "outcome" => outcome.label()).increment(1);
     // Only a run that read the CMS (not a plain drain of the queue) can say Bynder matches it.
     if reconciled && matches!(outcome, RunOutcome::Converged | RunOutcome::NothingToDo) {

@@ -766,6 +766,24 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes finished runs that ended before `keep` ago, except the last successful reconcile
+    /// (which `status`, the status page and the staleness gauge go by). Returns how many went.
+    pub async fn prune_runs(&self, keep: std::time::Duration) -> Result<u64, sqlx::Error> {
+        let keep = chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::MAX);
+        let cutoff = Utc::now()
+            .checked_sub_signed(keep)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        Ok(sqlx::query(
+            "DELETE FROM runs WHERE finished_at IS NOT NULL AND finished_at < ?1 \
+             AND id IS NOT (SELECT max(id) FROM runs WHERE command <> 'drain' \
+                            AND outcome IN ('converged', 'nothing_to_do'))",
+        )
+        .bind(format_time(cutoff))
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
     pub async fn recent_runs(&self, limit: i64) -> Result<Vec<RunRecord>, sqlx::Error> {
         sqlx::query(
             "SELECT id, command, started_at, finished_at, outcome, creates, updates, deletes, skipped_rows, \

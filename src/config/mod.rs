@@ -558,6 +558,7 @@ fn load_config_from(source: &ConfigSource, env: Env) -> Result<Config, ConfigErr
         .map_err(explain)?;
     warnings.extend(secret_files_readable_by_others(&raw));
     let mut config = validate(raw).map_err(explain)?;
+    warnings.extend(schedules_that_never_fire(&config.sync));
     config.warnings = warnings;
     Ok(config)
 }
@@ -769,6 +770,44 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         runs,
         warnings: Vec::new(),
     })
+}
+
+/// When a schedule (six fields, seconds first, UTC, as the scheduler reads it) next fires after
+/// `after`; `None` when it never does (e.g. February 30th).
+pub fn next_fire(
+    schedule: &str,
+    after: chrono::DateTime<chrono::Utc>,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .dom_and_dow(true)
+        .build()
+        .parse(schedule)
+        .ok()?
+        .find_next_occurrence(&after, false)
+        .ok()
+}
+
+/// A warning for each schedule that never fires.
+fn schedules_that_never_fire(sync: &SyncSettings) -> Vec<String> {
+    [
+        ("sync.schedule", &sync.schedule, "reconcile"),
+        (
+            "sync.verify_schedule",
+            &sync.verify_schedule,
+            "repair drift",
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, schedule, _)| next_fire(schedule, chrono::Utc::now()).is_none())
+    .map(|(key, schedule, what)| {
+        format!(
+            "`{key}` = {schedule:?} never fires (no date matches it), so `run` would {what} only \
+             at start. Fix: check the day-of-month and month fields, e.g. \"0 */5 * * * *\" for \
+             every 5 minutes"
+        )
+    })
+    .collect()
 }
 
 /// A cron expression as tokio-cron-scheduler reads it (six fields, seconds first, UTC).
@@ -2085,5 +2124,33 @@ path = "state.db"
         )
         .unwrap_err();
         assert!(e.message.contains("sync.uri_schemes"), "{e}");
+    }
+
+    #[test]
+    fn a_schedule_that_never_fires_is_accepted_with_a_warning() {
+        let c = load(
+            &GOOD.replace(
+                "[database]",
+                "[sync]\nschedule = \"0 0 0 30 2 *\"\n[database]",
+            ),
+            &[],
+        )
+        .unwrap();
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("`sync.schedule`") && w.contains("never fires")),
+            "{:?}",
+            c.warnings
+        );
+        let c = load(GOOD, &[]).unwrap();
+        assert!(
+            !c.warnings.iter().any(|w| w.contains("never fires")),
+            "{:?}",
+            c.warnings
+        );
+        let now = chrono::Utc::now();
+        let next = next_fire(DEFAULT_SCHEDULE, now).unwrap();
+        assert!(next > now && next - now <= chrono::Duration::minutes(5));
     }
 }

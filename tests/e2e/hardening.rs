@@ -408,3 +408,38 @@ async fn the_report_counts_failed_attempts_not_retries_that_never_happened() {
     app.resync_expecting(0).await;
     app.assert_converged().await;
 }
+
+/// The run history no longer grows forever: runs older than `runs.keep` go, except the last
+/// successful reconcile.
+#[tokio::test]
+async fn old_runs_are_pruned_but_the_last_success_stays() {
+    let app = spawn_app().await;
+    app.insert(&asset(1), &page(1), None).await;
+    app.resync_expecting(0).await;
+    app.exec("UPDATE runs SET started_at = '2020-01-01T00:00:00.000Z', finished_at = '2020-01-01T00:00:01.000Z'")
+        .await;
+    for n in 0..3 {
+        app.exec(&format!(
+            "INSERT INTO runs (command, started_at, finished_at, outcome) \
+             VALUES ('resync', '2020-01-0{}T00:00:00.000Z', '2020-01-0{}T00:00:01.000Z', 'partial')",
+            n + 2,
+            n + 2
+        ))
+        .await;
+    }
+    // A partial run now: the old success is still the last one, so it is kept.
+    app.portal.set_faults(bynder_usage_sync::simulator::Faults {
+        server_error_rate: 1.0,
+        ..Default::default()
+    });
+    app.insert(&asset(2), &page(2), None).await;
+    app.run(&["resync"]).await;
+    let runs: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT started_at, outcome FROM runs ORDER BY id")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert_eq!(runs[0].0, "2020-01-01T00:00:00.000Z", "{runs:?}");
+    assert_eq!(runs[0].1.as_deref(), Some("converged"), "{runs:?}");
+}
