@@ -436,14 +436,14 @@ impl Client {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let started = std::time::Instant::now();
         let response = self.http.execute(request).await.map_err(|e| {
-            metrics::counter!("bynder_requests_total", "method" => method.to_string(), "status" => "error")
+            metrics::counter!("bynder_usage_sync_requests_total", "method" => method.to_string(), "status" => "error")
                 .increment(1);
             self.classify(e, &url)
         })?;
         let status = response.status();
-        metrics::histogram!("bynder_request_duration_seconds", "method" => method.to_string())
+        metrics::histogram!("bynder_usage_sync_request_duration_seconds", "method" => method.to_string())
             .record(started.elapsed().as_secs_f64());
-        metrics::counter!("bynder_requests_total", "method" => method.to_string(), "status" => status.as_u16().to_string())
+        metrics::counter!("bynder_usage_sync_requests_total", "method" => method.to_string(), "status" => status.as_u16().to_string())
             .increment(1);
         if status.is_redirection() {
             let location = response
@@ -456,7 +456,7 @@ impl Client {
         }
         tracing::debug!(%method, path = url.path(), status = status.as_u16(), "bynder request");
         if status == StatusCode::TOO_MANY_REQUESTS {
-            metrics::counter!("bynder_rate_limited_total").increment(1);
+            metrics::counter!("bynder_usage_sync_rate_limited_total").increment(1);
             self.gate.pause();
         }
         if !status.is_success() {

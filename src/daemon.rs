@@ -471,28 +471,46 @@ async fn start_scheduler(
     let scheduler = JobScheduler::new()
         .await
         .context("starting the scheduler")?;
-    let add = |schedule: &str, key: &str, pick: fn(&Triggers) -> &Notify| {
+    let add = |schedule: &str, key: &str, label: &'static str, pick: fn(&Triggers) -> &Notify| {
         let triggers = triggers.clone();
+        let owned = schedule.to_owned();
         Job::new_async(schedule, move |_, _| {
             let triggers = triggers.clone();
-            Box::pin(async move { pick(&triggers).notify_one() })
+            let schedule = owned.clone();
+            Box::pin(async move {
+                crate::metrics::set_next_run(label, &schedule);
+                pick(&triggers).notify_one()
+            })
         })
         .with_context(|| format!("`{key}` = {schedule:?} is not a schedule"))
     };
     scheduler
-        .add(add(&sync.schedule, "sync.schedule", |t| &t.reconcile)?)
+        .add(add(&sync.schedule, "sync.schedule", "reconcile", |t| {
+            &t.reconcile
+        })?)
         .await
         .context("scheduling the reconcile")?;
     scheduler
-        .add(add(&sync.verify_schedule, "sync.verify_schedule", |t| {
-            &t.verify
-        })?)
+        .add(add(
+            &sync.verify_schedule,
+            "sync.verify_schedule",
+            "verify",
+            |t| &t.verify,
+        )?)
         .await
         .context("scheduling the drift repair")?;
     scheduler.start().await.context("starting the scheduler")?;
+    let when = |next: Option<DateTime<Utc>>| {
+        next.map_or_else(
+            || "never".to_owned(),
+            |t| t.format("%Y-%m-%d %H:%M:%SZ").to_string(),
+        )
+    };
     tracing::info!(
         schedule = %sync.schedule,
         verify_schedule = %sync.verify_schedule,
+        next_reconcile = %when(crate::metrics::set_next_run("reconcile", &sync.schedule)),
+        next_verify = %when(crate::metrics::set_next_run("verify", &sync.verify_schedule)),
         "scheduled (cron, seconds first, UTC)"
     );
     Ok(scheduler)
@@ -692,7 +710,7 @@ impl Worker {
 
     async fn observe_error(&mut self, command: &'static str, error: anyhow::Error) {
         tracing::error!(command, "run failed: {error:#}");
-        metrics::counter!("sync_runs_total", "outcome" => "error").increment(1);
+        metrics::counter!("bynder_usage_sync_runs_total", "outcome" => "error").increment(1);
         self.health.record_error(command, &error);
         self.publish_status(command, "error").await;
     }

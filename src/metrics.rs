@@ -22,15 +22,25 @@ const LATENCY_BUCKETS: &[f64] = &[
 /// The names `/metrics` always shows (a counter appears at zero before its first event, so an
 /// alert on `rate()` or `increase()` works from the first scrape).
 pub const ALWAYS_PRESENT: &[&str] = &[
-    "bynder_rate_limited_total",
-    "bynder_token_renewals_total",
-    "sync_queue_pending",
-    "sync_queue_in_flight",
-    "sync_dead_letters",
-    "sync_queue_oldest_age_seconds",
-    "sync_rate_limit_paused",
-    "sync_ready",
+    "bynder_usage_sync_rate_limited_total",
+    "bynder_usage_sync_token_renewals_total",
+    "bynder_usage_sync_queue_pending",
+    "bynder_usage_sync_queue_in_flight",
+    "bynder_usage_sync_dead_letters",
+    "bynder_usage_sync_queue_oldest_age_seconds",
+    "bynder_usage_sync_rate_limit_paused",
+    "bynder_usage_sync_ready",
+    "bynder_usage_sync_build_info",
 ];
+
+/// The commit the binary was built from (`unknown` outside a git checkout).
+pub const BUILD_COMMIT: &str = env!("BUILD_COMMIT");
+
+/// Process metrics (CPU, memory, open descriptors), named `bynder_usage_sync_process_*`.
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(|| metrics_process::Collector::new("bynder_usage_sync_"))
+}
 
 /// Installs the Prometheus recorder as the process-wide `metrics` recorder, once; later calls
 /// return the same handle (the recorder cannot be replaced once set).
@@ -47,76 +57,92 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     }
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
-            Matcher::Full("bynder_request_duration_seconds".to_owned()),
+            Matcher::Full("bynder_usage_sync_request_duration_seconds".to_owned()),
             LATENCY_BUCKETS,
         )
         .context("configuring the latency histogram")?
         .install_recorder()
         .context("installing the Prometheus recorder")?;
     describe();
-    metrics::counter!("bynder_rate_limited_total").increment(0);
-    metrics::counter!("bynder_token_renewals_total").increment(0);
+    process_collector().describe();
+    metrics::gauge!(
+        "bynder_usage_sync_build_info",
+        "version" => env!("CARGO_PKG_VERSION"),
+        "commit" => BUILD_COMMIT
+    )
+    .set(1.0);
+    metrics::counter!("bynder_usage_sync_rate_limited_total").increment(0);
+    metrics::counter!("bynder_usage_sync_token_renewals_total").increment(0);
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
 /// Help text and units, rendered as `# HELP` lines.
 fn describe() {
     describe_counter!(
-        "bynder_requests_total",
+        "bynder_usage_sync_requests_total",
         "Requests sent to Bynder, by HTTP method and status (\"error\" when no answer came)"
     );
     describe_histogram!(
-        "bynder_request_duration_seconds",
+        "bynder_usage_sync_request_duration_seconds",
         Unit::Seconds,
         "Time from sending a request to Bynder to its answer's headers, by HTTP method"
     );
     describe_counter!(
-        "bynder_rate_limited_total",
+        "bynder_usage_sync_rate_limited_total",
         "429 answers from Bynder; each one pauses all sending for limits.block_pause"
     );
     describe_counter!(
-        "bynder_token_renewals_total",
+        "bynder_usage_sync_token_renewals_total",
         "OAuth access tokens obtained (at expiry, or once after a 401)"
     );
     describe_counter!(
-        "sync_runs_total",
+        "bynder_usage_sync_runs_total",
         "Finished runs (reconcile, verify, queue drain) by outcome; \"error\" when a run failed \
          before recording one"
     );
     describe_counter!(
-        "sync_operations_total",
+        "bynder_usage_sync_operations_total",
         "Attempts at queued operations, by action (upsert, delete) and result (done, retry, dead)"
     );
     describe_gauge!(
-        "sync_last_success_timestamp_seconds",
+        "bynder_usage_sync_last_success_timestamp_seconds",
         Unit::Seconds,
         "Unix time of the last reconcile that converged or found nothing to do"
     );
     describe_gauge!(
-        "sync_queue_pending",
+        "bynder_usage_sync_queue_pending",
         "Operations waiting in the queue (to send, or to retry after a backoff)"
     );
     describe_gauge!(
-        "sync_queue_in_flight",
+        "bynder_usage_sync_queue_in_flight",
         "Operations being sent right now (left over after a crash until the next start)"
     );
     describe_gauge!(
-        "sync_dead_letters",
+        "bynder_usage_sync_dead_letters",
         "Operations Bynder rejected for good; see the status page or `queue list --dead`"
     );
     describe_gauge!(
-        "sync_queue_oldest_age_seconds",
+        "bynder_usage_sync_queue_oldest_age_seconds",
         Unit::Seconds,
         "Age of the oldest operation that is not a dead letter; 0 when the queue is empty"
     );
     describe_gauge!(
-        "sync_rate_limit_paused",
+        "bynder_usage_sync_rate_limit_paused",
         "1 while a Bynder rate-limit block (429) pauses all sending"
     );
-    describe_gauge!("sync_ready", "1 when /readyz answers 200");
+    describe_gauge!("bynder_usage_sync_ready", "1 when /readyz answers 200");
+    describe_gauge!(
+        "bynder_usage_sync_build_info",
+        "Always 1; the labels name the version and the commit built"
+    );
+    describe_gauge!(
+        "bynder_usage_sync_next_run_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time of the next scheduled run, by schedule (reconcile, verify)"
+    );
 }
 
-/// Sets `sync_last_success_timestamp_seconds` from the run history, so the gauge survives a
+/// Sets `bynder_usage_sync_last_success_timestamp_seconds` from the run history, so the gauge survives a
 /// restart instead of being absent until the next success.
 pub async fn seed_last_success(store: &Store) -> anyhow::Result<()> {
     let runs = store.recent_runs(100).await?;
@@ -130,7 +156,8 @@ pub async fn seed_last_success(store: &Store) -> anyhow::Result<()> {
         .filter_map(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
         .max();
     if let Some(t) = last {
-        metrics::gauge!("sync_last_success_timestamp_seconds").set(t.timestamp() as f64);
+        metrics::gauge!("bynder_usage_sync_last_success_timestamp_seconds")
+            .set(t.timestamp() as f64);
     }
     Ok(())
 }
@@ -145,9 +172,9 @@ pub struct Snapshot {
 /// Sets the scrape-time gauges and renders everything in the Prometheus text format.
 pub fn render(handle: &PrometheusHandle, snapshot: &Snapshot) -> String {
     let queue = &snapshot.queue;
-    metrics::gauge!("sync_queue_pending").set(queue.pending as f64);
-    metrics::gauge!("sync_queue_in_flight").set(queue.in_flight as f64);
-    metrics::gauge!("sync_dead_letters").set(queue.dead as f64);
+    metrics::gauge!("bynder_usage_sync_queue_pending").set(queue.pending as f64);
+    metrics::gauge!("bynder_usage_sync_queue_in_flight").set(queue.in_flight as f64);
+    metrics::gauge!("bynder_usage_sync_dead_letters").set(queue.dead as f64);
     let oldest = queue
         .oldest_pending_at
         .as_deref()
@@ -155,10 +182,21 @@ pub fn render(handle: &PrometheusHandle, snapshot: &Snapshot) -> String {
         .map(|t| (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_milliseconds() as f64)
         .map(|ms| (ms / 1000.0).max(0.0))
         .unwrap_or(0.0);
-    metrics::gauge!("sync_queue_oldest_age_seconds").set(oldest);
-    metrics::gauge!("sync_rate_limit_paused").set(f64::from(u8::from(snapshot.paused)));
-    metrics::gauge!("sync_ready").set(f64::from(u8::from(snapshot.ready)));
+    metrics::gauge!("bynder_usage_sync_queue_oldest_age_seconds").set(oldest);
+    metrics::gauge!("bynder_usage_sync_rate_limit_paused")
+        .set(f64::from(u8::from(snapshot.paused)));
+    metrics::gauge!("bynder_usage_sync_ready").set(f64::from(u8::from(snapshot.ready)));
+    process_collector().collect();
     // Histograms keep samples until upkeep folds them in; a scrape is the natural moment.
     handle.run_upkeep();
     handle.render()
+}
+
+/// Sets `bynder_usage_sync_next_run_timestamp_seconds{schedule=label}` from `schedule`, and
+/// returns that time (`None`: the schedule never fires).
+pub fn set_next_run(label: &'static str, schedule: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    let next = crate::config::next_fire(schedule, chrono::Utc::now())?;
+    metrics::gauge!("bynder_usage_sync_next_run_timestamp_seconds", "schedule" => label)
+        .set(next.timestamp() as f64);
+    Some(next)
 }

@@ -260,7 +260,7 @@ pub async fn reconcile_with_progress(
             {
                 tracing::warn!(error = %e, "could not record the failed run");
             }
-            metrics::counter!("sync_runs_total", "outcome" => "failed").increment(1);
+            metrics::counter!("bynder_usage_sync_runs_total", "outcome" => "failed").increment(1);
             Err(error)
         }
     }
@@ -374,10 +374,10 @@ async fn record_run(
     if pruned > 0 {
         tracing::debug!(pruned, "old runs removed from the history (runs.keep)");
     }
-    metrics::counter!("sync_runs_total", "outcome" => outcome.label()).increment(1);
+    metrics::counter!("bynder_usage_sync_runs_total", "outcome" => outcome.label()).increment(1);
     // Only a run that read the CMS (not a plain drain of the queue) can say Bynder matches it.
     if reconciled && matches!(outcome, RunOutcome::Converged | RunOutcome::NothingToDo) {
-        metrics::gauge!("sync_last_success_timestamp_seconds")
+        metrics::gauge!("bynder_usage_sync_last_success_timestamp_seconds")
             .set(chrono::Utc::now().timestamp() as f64);
     }
     tracing::info!(
@@ -975,7 +975,7 @@ async fn attempt(
     let mut tally = Tally::default();
     match result {
         Ok(()) => {
-            metrics::counter!("sync_operations_total", "action" => action_label(&op.target), "result" => "done")
+            metrics::counter!("bynder_usage_sync_operations_total", "action" => action_label(&op.target), "result" => "done")
                 .increment(1);
             tally.done = 1;
         }
@@ -1021,7 +1021,7 @@ async fn fail(
             counts,
         } => {
             tracing::debug!(%error, "attempt failed; will retry");
-            metrics::counter!("sync_operations_total", "action" => action, "result" => "retry")
+            metrics::counter!("bynder_usage_sync_operations_total", "action" => action, "result" => "retry")
                 .increment(1);
             store
                 .fail_operation(op.id, false, *uncertain, *at, *counts, &error.to_string())
@@ -1030,7 +1030,7 @@ async fn fail(
         }
         Next::Dead { reason } => {
             tracing::warn!(asset_id = %op.asset_id, uri = %op.uri, %reason, "operation moved to the dead letters");
-            metrics::counter!("sync_operations_total", "action" => action, "result" => "dead")
+            metrics::counter!("bynder_usage_sync_operations_total", "action" => action, "result" => "dead")
                 .increment(1);
             store
                 .fail_operation(op.id, true, false, now, true, reason)
@@ -1182,13 +1182,13 @@ async fn attempt_batch(
                 unsettled.push((op, omitted));
             }
             SyncOpOutcome::Rejected(_) => {
-                metrics::counter!("sync_operations_total", "action" => action_label(&op.target), "result" => "dead")
+                metrics::counter!("bynder_usage_sync_operations_total", "action" => action_label(&op.target), "result" => "dead")
                     .increment(1);
                 tracing::warn!(asset_id = %op.asset_id, uri = %op.uri, "Bynder rejected the usage; moved to the dead letters");
                 tally.dead += 1;
             }
             _ => {
-                metrics::counter!("sync_operations_total", "action" => action_label(&op.target), "result" => "done")
+                metrics::counter!("bynder_usage_sync_operations_total", "action" => action_label(&op.target), "result" => "done")
                     .increment(1);
                 tally.done += 1;
             }
@@ -1381,7 +1381,7 @@ async fn settle(
             };
             match result {
                 Ok(()) => {
-                    metrics::counter!("sync_operations_total", "action" => action_label(&op.target), "result" => "done")
+                    metrics::counter!("bynder_usage_sync_operations_total", "action" => action_label(&op.target), "result" => "done")
                         .increment(1);
                     tally.done += 1;
                 }

@@ -160,7 +160,7 @@ impl TokenCache {
         }
         match fetch().await {
             Ok(issued) => {
-                metrics::counter!("bynder_token_renewals_total").increment(1);
+                metrics::counter!("bynder_usage_sync_token_renewals_total").increment(1);
                 slot.generations += 1;
                 slot.failures = 0;
                 slot.cooldown = None;

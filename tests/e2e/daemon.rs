@@ -690,17 +690,22 @@ async fn metrics_parse_as_prometheus_text_and_readyz_turns_not_ready_when_the_cr
         .starts_with("text/plain; version=0.0.4"));
     let metrics = parse_prometheus(&response.text().await.unwrap());
     for name in [
-        "sync_runs_total",
-        "sync_operations_total",
-        "sync_queue_pending",
-        "sync_queue_in_flight",
-        "sync_dead_letters",
-        "bynder_request_duration_seconds_bucket",
-        "bynder_requests_total",
-        "bynder_rate_limited_total",
-        "bynder_token_renewals_total",
-        "sync_last_success_timestamp_seconds",
-        "sync_ready",
+        "bynder_usage_sync_runs_total",
+        "bynder_usage_sync_operations_total",
+        "bynder_usage_sync_queue_pending",
+        "bynder_usage_sync_queue_in_flight",
+        "bynder_usage_sync_dead_letters",
+        "bynder_usage_sync_request_duration_seconds_bucket",
+        "bynder_usage_sync_requests_total",
+        "bynder_usage_sync_rate_limited_total",
+        "bynder_usage_sync_token_renewals_total",
+        "bynder_usage_sync_last_success_timestamp_seconds",
+        "bynder_usage_sync_ready",
+        "bynder_usage_sync_build_info",
+        "bynder_usage_sync_next_run_timestamp_seconds",
+        "bynder_usage_sync_process_resident_memory_bytes",
+        "bynder_usage_sync_process_open_fds",
+        "bynder_usage_sync_process_cpu_seconds_total",
     ] {
         assert!(
             metrics.contains_key(name),
@@ -708,19 +713,30 @@ async fn metrics_parse_as_prometheus_text_and_readyz_turns_not_ready_when_the_cr
             metrics.keys()
         );
     }
-    let runs = &metrics["sync_runs_total"];
+    // Every metric is the daemon's own, by name.
+    for name in metrics.keys() {
+        assert!(name.starts_with("bynder_usage_sync_"), "{name}");
+    }
+    let build = &metrics["bynder_usage_sync_build_info"];
+    assert_eq!(build[0].1, 1.0);
+    assert_eq!(
+        build[0].0.get("version").map(String::as_str),
+        Some(env!("CARGO_PKG_VERSION"))
+    );
+    assert!(build[0].0.contains_key("commit"), "{build:?}");
+    let runs = &metrics["bynder_usage_sync_runs_total"];
     assert!(
         runs.iter()
             .any(|(l, v)| l.get("outcome").map(String::as_str) == Some("converged") && *v >= 1.0),
         "{runs:?}"
     );
-    let ops = &metrics["sync_operations_total"];
+    let ops = &metrics["bynder_usage_sync_operations_total"];
     assert!(ops.iter().any(
         |(l, _)| l.get("action").map(String::as_str) == Some("upsert")
             && l.get("result").map(String::as_str) == Some("done")
     ));
-    assert_eq!(metrics["sync_ready"][0].1, 1.0);
-    let last_success = metrics["sync_last_success_timestamp_seconds"][0].1;
+    assert_eq!(metrics["bynder_usage_sync_ready"][0].1, 1.0);
+    let last_success = metrics["bynder_usage_sync_last_success_timestamp_seconds"][0].1;
     assert!((last_success - chrono::Utc::now().timestamp() as f64).abs() < 60.0);
 
     // The portal revokes the token; the next reconcile with something to send hears 401.
@@ -751,7 +767,7 @@ async fn metrics_parse_as_prometheus_text_and_readyz_turns_not_ready_when_the_cr
     // It keeps running (not-ready, not dead), and says so in the metrics.
     assert_eq!(daemon.get("/healthz").await.0, 200);
     let metrics = parse_prometheus(&daemon.get("/metrics").await.1);
-    assert_eq!(metrics["sync_ready"][0].1, 0.0);
+    assert_eq!(metrics["bynder_usage_sync_ready"][0].1, 0.0);
     assert_eq!(
         app.run_env(&["healthcheck"], &probe).await.status.code(),
         Some(0)
@@ -1111,14 +1127,16 @@ async fn an_old_dead_letter_leaves_later_runs_successful_with_its_own_gauge() {
         Duration::from_secs(20),
         || async {
             let metrics = parse_prometheus(&daemon.get("/metrics").await.1);
-            let quiet_run = metrics.get("sync_runs_total").is_some_and(|runs| {
-                runs.iter().any(|(l, v)| {
-                    l.get("outcome").map(String::as_str) == Some("nothing_to_do") && *v >= 1.0
-                })
-            });
+            let quiet_run = metrics
+                .get("bynder_usage_sync_runs_total")
+                .is_some_and(|runs| {
+                    runs.iter().any(|(l, v)| {
+                        l.get("outcome").map(String::as_str) == Some("nothing_to_do") && *v >= 1.0
+                    })
+                });
             quiet_run
-                && metrics.contains_key("sync_last_success_timestamp_seconds")
-                && metrics["sync_dead_letters"][0].1 == 1.0
+                && metrics.contains_key("bynder_usage_sync_last_success_timestamp_seconds")
+                && metrics["bynder_usage_sync_dead_letters"][0].1 == 1.0
         },
     )
     .await;
