@@ -1256,3 +1256,66 @@ async fn sighup_reloads_the_configuration_and_keeps_the_old_one_on_error() {
     let (status, _, log) = daemon.terminate(Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(0), "{log}");
 }
+
+/// Every `bynder_usage_sync_*` name in a text.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.match_indices("bynder_usage_sync_")
+        .map(|(at, _)| {
+            text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn alert_rules_and_the_dashboard_pass_promtool_and_name_only_exported_metrics() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let rules = root.join("deploy/prometheus/alerts.yml");
+    let check = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .expect("promtool (Debian's prometheus package; scripts/test installs it)");
+    assert!(
+        check.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    let app = spawn_app_with(daemon_setup()).await;
+    app.insert(&asset(1), &page(1), None).await;
+    let daemon = Daemon::start(&app).await;
+    eventually(
+        &daemon,
+        "a successful reconcile",
+        Duration::from_secs(10),
+        || async {
+            parse_prometheus(&daemon.get("/metrics").await.1)
+                .contains_key("bynder_usage_sync_last_success_timestamp_seconds")
+        },
+    )
+    .await;
+    let exported: Vec<String> = parse_prometheus(&daemon.get("/metrics").await.1)
+        .into_keys()
+        .collect();
+    let dashboard = std::fs::read_to_string(root.join("deploy/grafana/dashboard.json")).unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&dashboard).expect("valid JSON");
+    assert!(!parsed["panels"].as_array().unwrap().is_empty());
+    for (file, text) in [
+        ("alerts.yml", std::fs::read_to_string(&rules).unwrap()),
+        ("dashboard.json", dashboard),
+    ] {
+        let named = metric_names(&text);
+        assert!(named.len() >= 5, "{file}: {named:?}");
+        for name in named {
+            assert!(
+                exported.iter().any(|e| *e == name),
+                "{file} names {name}, which /metrics does not export: {exported:?}"
+            );
+        }
+    }
+    daemon.terminate(Duration::from_secs(10)).await;
+}
