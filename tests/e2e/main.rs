@@ -8,6 +8,7 @@ mod concurrency;
 mod daemon;
 mod hardening;
 mod hostile_portal;
+mod operator;
 mod portals;
 mod properties;
 mod reliability;
