@@ -1312,7 +1312,7 @@ async fn alert_rules_and_the_dashboard_pass_promtool_and_name_only_exported_metr
         assert!(named.len() >= 5, "{file}: {named:?}");
         for name in named {
             assert!(
-                exported.iter().any(|e| *e == name),
+                exported.contains(&name),
                 "{file} names {name}, which /metrics does not export: {exported:?}"
             );
         }
