@@ -137,6 +137,12 @@ pub enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// Copy the state database, consistently, while the daemon runs (SQLite's VACUUM INTO), to
+    /// a new file (never overwritten; private like the state itself), and check the copy.
+    Backup {
+        /// The new file to write, e.g. /var/backups/bynder-usage-sync-$(date +%F).db
+        path: PathBuf,
+    },
     /// Print the manual page (roff) covering every subcommand, e.g. `bynder-usage-sync man |
     /// man -l -`.
     Man,
@@ -299,6 +305,10 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
             );
             Ok(Exit::Ok)
         }
+        Command::Backup { path } => {
+            let config = start(&source)?;
+            backup(config, &path).await
+        }
         Command::Man => {
             print_man_page().map_err(anyhow::Error::from)?;
             Ok(Exit::Ok)
@@ -394,6 +404,57 @@ fn start(source: &ConfigSource, log_override: Option<&str>) -> Result<Config, Fa
 /// and wins over `RUST_LOG`.
 pub fn init_tracing(level: &str, format: LogFormat, forced: bool) {
     crate::logging::init(level, format, forced);
+}
+
+/// `backup PATH`: a consistent copy of the state database, checked before it is called done.
+async fn backup(config: Config, path: &std::path::Path) -> Result<Exit, Failure> {
+    if path.exists() {
+        return Err(Failure::Usage(format!(
+            "{} already exists; a backup never overwrites a file. Fix: give a new file name",
+            path.display()
+        )));
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
+            return Err(Failure::Usage(format!(
+                "the folder {} does not exist. Fix: create it, or give a path in an existing folder",
+                parent.display()
+            )));
+        }
+    }
+    let store = open_store(&config.database, OpenMode::Existing).await?;
+    let mode = crate::files::Modes::new(config.database.group_shared).file;
+    let copied = store.copy_to(path, mode).await;
+    store.close().await;
+    copied.map_err(|e| {
+        let _ = std::fs::remove_file(path);
+        Failure::Unexpected(anyhow::anyhow!(
+            "the backup to {} failed: {e}. Fix: check that folder's free space and permissions",
+            path.display()
+        ))
+    })?;
+    let copy = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", path.display())).await?;
+    let integrity: String = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(&copy)
+        .await?;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM cms_asset_references")
+        .fetch_one(&copy)
+        .await?;
+    copy.close().await;
+    if integrity != "ok" {
+        return Err(Failure::Unexpected(anyhow::anyhow!(
+            "the backup {} does not pass SQLite's integrity check ({integrity}); do not rely on it",
+            path.display()
+        )));
+    }
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "backed up {} to {} ({size} bytes, {rows} CMS row(s), integrity ok). To restore: stop the \
+         daemon, copy the backup over database.path and delete the -wal and -shm files beside it",
+        config.database.path.display(),
+        path.display()
+    );
+    Ok(Exit::Ok)
 }
 
 /// `config show` and `config check`: offline, no database, no network.

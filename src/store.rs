@@ -229,20 +229,41 @@ impl Store {
             source: e.into(),
         })?;
         let path = folder.path().join("snapshot.db");
-        crate::files::create_file(&path, 0o600).map_err(|e| StoreError::Open {
-            path: path.clone(),
-            source: e.into(),
-        })?;
-        sqlx::query("VACUUM INTO ?")
-            .bind(path.to_string_lossy().into_owned())
-            .execute(&self.pool)
-            .await?;
+        self.copy_to(&path, 0o600).await?;
         let settings = DatabaseSettings {
             path,
             ..settings.clone()
         };
         let store = open_store(&settings, OpenMode::Existing).await?;
         Ok((folder, store))
+    }
+
+    /// A consistent copy of the whole database at `path`, which must not exist, made while
+    /// other connections keep reading and writing (`VACUUM INTO`: one read transaction, WAL
+    /// content included). The new file gets `mode` whatever the umask.
+    pub async fn copy_to(&self, path: &Path, mode: u32) -> Result<(), StoreError> {
+        // `create_new`: never overwrite an existing file (VACUUM INTO needs it absent or empty).
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
+        let created = options.open(path).and_then(|_| {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+            }
+            Ok(())
+        });
+        created.map_err(|e| StoreError::Open {
+            path: path.to_path_buf(),
+            source: e.into(),
+        })?;
+        sqlx::query("VACUUM INTO ?")
+            .bind(path.to_string_lossy().into_owned())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     pub async fn close(&self) {

@@ -135,3 +135,42 @@ async fn quiet_and_verbose_flags_win_over_log_level() {
         "the flags contradict each other"
     );
 }
+
+#[tokio::test]
+async fn backup_copies_the_live_database_privately_and_never_overwrites() {
+    use std::os::unix::fs::PermissionsExt;
+    let app = spawn_app().await;
+    for n in 1..=5 {
+        app.insert(&asset(n), &page(n), Some("note")).await;
+    }
+    app.resync_expecting(0).await;
+    // Written through the CMS's open connection: still in the WAL, not yet in state.db.
+    app.insert(&asset(6), &page(6), None).await;
+    let dest = app.dir.path().join("backup.db");
+    let out = app.run(&["backup", dest.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("6 CMS row(s), integrity ok"),
+        "{}",
+        stdout(&out)
+    );
+    let mode = std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let copy = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", dest.display()))
+        .await
+        .unwrap();
+    let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM recorded_usages")
+        .fetch_one(&copy)
+        .await
+        .unwrap();
+    assert_eq!(recorded, 5);
+    copy.close().await;
+
+    let out = app.run(&["backup", dest.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("never overwrites"),
+        "{}",
+        stderr(&out)
+    );
+}
