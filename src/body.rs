@@ -124,45 +124,13 @@ pub async fn read_snippet(response: &mut Response, chars: usize) -> String {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
-
     use super::*;
 
-    /// A server answering every request with `200 OK` and a chunked JSON-ish body that never
-    /// ends, the way a broken gateway can. Returns its base URL and, for each connection in
-    /// turn, how many body bytes it wrote before the client hung up.
+    /// The simulator's endless-body server, filled with spaces.
     pub(crate) async fn endless_server() -> (String, tokio::sync::mpsc::UnboundedReceiver<u64>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let start = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
-                                 transfer-encoding: chunked\r\n\r\n";
-                    if stream.write_all(start.as_bytes()).await.is_err() {
-                        return;
-                    }
-                    let chunk = format!("10000\r\n{}\r\n", " ".repeat(0x10000));
-                    let mut written = 0u64;
-                    while stream.write_all(chunk.as_bytes()).await.is_ok() {
-                        written += 0x10000;
-                    }
-                    let _ = tx.send(written);
-                });
-            }
-        });
-        (url, rx)
+        crate::simulator::endless_body_server(b' ')
+            .await
+            .expect("start the endless server")
     }
 
     #[tokio::test]

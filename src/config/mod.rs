@@ -1629,21 +1629,32 @@ permanent_token = "s3cret-token"
 path = "state.db"
 "#;
 
+    /// Runs `f` on a config file holding `toml`, with exactly the environment `env`.
     #[allow(clippy::result_large_err)] // figment::Jail's closure type, test only
-    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    pub(super) fn with_config_file<T>(
+        toml: &str,
+        env: &[(&str, &str)],
+        f: impl FnOnce(&ConfigSource) -> T,
+    ) -> T {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.toml");
         std::fs::write(&path, toml).unwrap();
+        let mut f = Some(f);
         let mut out = None;
         figment::Jail::expect_with(|jail| {
             jail.clear_env();
             for (k, v) in env {
                 jail.set_env(k, v);
             }
-            out = Some(load_config(&ConfigSource::Explicit(path.clone())));
+            let f = f.take().expect("called once");
+            out = Some(f(&ConfigSource::Explicit(path.clone())));
             Ok(())
         });
-        out.unwrap()
+        out.expect("the jail ran")
+    }
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        with_config_file(toml, env, load_config)
     }
 
     #[test]

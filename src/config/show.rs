@@ -252,21 +252,8 @@ pub fn render_text(explained: &Explained) -> String {
 mod tests {
     use super::*;
 
-    #[allow(clippy::result_large_err)] // figment::Jail's closure type, test only
     fn explain_with(toml: &str, env: &[(&str, &str)]) -> Explained {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("config.toml");
-        std::fs::write(&path, toml).unwrap();
-        let mut out = None;
-        figment::Jail::expect_with(|jail| {
-            jail.clear_env();
-            for (k, v) in env {
-                jail.set_env(k, v);
-            }
-            out = Some(explain(&ConfigSource::Explicit(path.clone())));
-            Ok(())
-        });
-        out.unwrap().unwrap()
+        super::super::tests::with_config_file(toml, env, explain).unwrap()
     }
 
     const BASE: &str = "[bynder]\nbase_url = \"https://acme.bynder.com\"\n\

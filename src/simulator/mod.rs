@@ -34,6 +34,7 @@
 //! a request may proceed; `meter` counts and rate-limits; `faults` rolls the dice.
 
 mod auth;
+mod endless;
 mod faults;
 mod http;
 mod meter;
@@ -44,6 +45,8 @@ mod usage;
 
 #[cfg(test)]
 mod tests;
+
+pub use endless::endless_body_server;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};

@@ -5,47 +5,15 @@
 use std::path::PathBuf;
 use std::process::Output;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::common::*;
 
-/// A server answering every request with `200 OK` and a chunked body that never ends, as a
-/// broken gateway or TLS-inspecting proxy can. Returns its base URL and, per connection, how
-/// many body bytes it wrote before the client hung up.
+/// The simulator's endless-body server: `[[[[…`, the start of a JSON array that never closes.
 async fn endless_server() -> (String, mpsc::UnboundedReceiver<u64>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let start = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
-                             transfer-encoding: chunked\r\n\r\n";
-                if stream.write_all(start.as_bytes()).await.is_err() {
-                    return;
-                }
-                // 64 KiB chunks of `[[[[…`: the start of a JSON array that never closes.
-                let chunk = format!("10000\r\n{}\r\n", "[".repeat(0x10000));
-                let mut written = 0u64;
-                while stream.write_all(chunk.as_bytes()).await.is_ok() {
-                    written += 0x10000;
-                }
-                let _ = tx.send(written);
-            });
-        }
-    });
-    (url, rx)
+    bynder_usage_sync::simulator::endless_body_server(b'[')
+        .await
+        .expect("start the endless server")
 }
 
 /// A temp folder with a config for `base_url` (plus `extra` lines in `[bynder]` and the given
