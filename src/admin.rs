@@ -19,9 +19,10 @@ use tokio::sync::{mpsc, oneshot};
 use url::Url;
 
 use crate::auth::{AuthError, AuthFailure, Credentials, OAuth1Login, OAuth2Login, REQUIRED_SCOPES};
-use crate::bynder::{self, Client, Gate};
+use crate::bynder::{self, Client};
 use crate::cli::{Exit, Failure};
 use crate::config::{AuthSettings, Config, ConfigError};
+use crate::gate::Gate;
 use crate::store::{open_store, OpenMode, Store};
 
 impl From<AuthError> for Failure {

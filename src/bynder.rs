@@ -7,18 +7,17 @@
 //! caller should react ([`Reaction`]); this module never retries on its own.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use governor::{DefaultDirectRateLimiter, Quota};
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
-use tokio::time::Instant;
 use url::Url;
 
 use crate::auth::{AuthError, AuthFailure, Credentials};
 use crate::body::{self, CappedError, TooLarge};
 use crate::config::Config;
+use crate::gate::Gate;
 
 const USAGE_PATH: &str = "/api/media/usage/";
 const SYNC_PATH: &str = "/api/media/usage/sync";
@@ -217,79 +216,6 @@ impl Error {
     }
 }
 
-/// The process-wide gate every request passes: Bynder's rate limit is per IP, so one token bucket
-/// and one 429 pause serve every worker.
-pub struct Gate {
-    /// Replaced whole when a configuration reload changes the rate.
-    limiter: std::sync::RwLock<Arc<DefaultDirectRateLimiter>>,
-    paused_until: Mutex<Option<Instant>>,
-    block_pause: Mutex<Duration>,
-}
-
-/// A token bucket for `requests_per_second`. No burst: requests are spaced evenly, so no window
-/// of any length sees more than its share of the configured rate (plus one).
-fn limiter(requests_per_second: u32) -> Arc<DefaultDirectRateLimiter> {
-    let rps = std::num::NonZeroU32::new(requests_per_second.max(1)).expect("at least 1");
-    Arc::new(DefaultDirectRateLimiter::direct(
-        Quota::per_second(rps).allow_burst(std::num::NonZeroU32::MIN),
-    ))
-}
-
-impl Gate {
-    pub fn new(requests_per_second: u32, block_pause: Duration) -> Self {
-        Gate {
-            limiter: std::sync::RwLock::new(limiter(requests_per_second)),
-            paused_until: Mutex::new(None),
-            block_pause: Mutex::new(block_pause),
-        }
-    }
-
-    /// New limits from a configuration reload. A pause in force keeps its end.
-    pub fn set_limits(&self, requests_per_second: u32, block_pause: Duration) {
-        *self.limiter.write().expect("gate lock") = limiter(requests_per_second);
-        *self.block_pause.lock().expect("gate lock") = block_pause;
-    }
-
-    /// Waits for the pause to end and for a token from the bucket.
-    pub async fn pass(&self) {
-        loop {
-            let until = *self.paused_until.lock().expect("gate lock");
-            match until {
-                Some(t) if t > Instant::now() => tokio::time::sleep_until(t).await,
-                _ => break,
-            }
-        }
-        let limiter = self.limiter.read().expect("gate lock").clone();
-        limiter.until_ready().await;
-    }
-
-    /// Starts (or keeps) a pause after a 429. Returns the end of the pause.
-    pub fn pause(&self) -> Instant {
-        let block_pause = *self.block_pause.lock().expect("gate lock");
-        let mut guard = self.paused_until.lock().expect("gate lock");
-        let end = Instant::now() + block_pause;
-        match *guard {
-            Some(t) if t >= end => t,
-            _ => {
-                *guard = Some(end);
-                tracing::warn!(
-                    pause = ?block_pause,
-                    "Bynder's rate limit blocked us (429): all sending stops until the block has passed"
-                );
-                end
-            }
-        }
-    }
-
-    /// The end of the current pause, if one is in force.
-    pub fn paused_until(&self) -> Option<Instant> {
-        self.paused_until
-            .lock()
-            .expect("gate lock")
-            .filter(|t| *t > Instant::now())
-    }
-}
-
 /// The Bynder client for one portal and one integration.
 pub struct Client {
     http: reqwest::Client,
@@ -345,26 +271,7 @@ impl WireUsage {
 impl Client {
     /// Builds the client: one connection pool, timeouts, rustls with an optional extra root.
     pub fn new(config: &Config, credentials: Credentials, gate: Arc<Gate>) -> Result<Self, Error> {
-        let mut builder = reqwest::Client::builder()
-            .user_agent(concat!("bynder-usage-sync/", env!("CARGO_PKG_VERSION")))
-            .timeout(config.bynder.timeout)
-            .connect_timeout(config.bynder.connect_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .use_rustls_tls();
-        if let Some(path) = &config.bynder.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|e| Error::Tls(format!("cannot read {}: {e}", path.display())))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                Error::Tls(format!(
-                    "{} holds no usable PEM certificate: {e}",
-                    path.display()
-                ))
-            })?;
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        let http = builder.build().map_err(|e| Error::Tls(e.to_string()))?;
+        let http = crate::gate::http_client(&config.bynder).map_err(Error::Tls)?;
         Ok(Client {
             http,
             base_url: config.bynder.base_url.clone(),

@@ -9,8 +9,9 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::auth::Credentials;
-use crate::bynder::{Client, Gate};
+use crate::bynder::Client;
 use crate::config::{load_config, Config, ConfigError, ConfigSource, LogFormat};
+use crate::gate::Gate;
 use crate::plan::Change;
 use crate::reconcile::{self, Context, Progress, RunOptions, RunOutcome, RunReport};
 use crate::store::{self, open_store, OpenMode, StoreError};

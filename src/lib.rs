@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod files;
+pub mod gate;
 pub mod http;
 pub mod logging;
 pub mod metrics;

@@ -23,8 +23,8 @@ use std::sync::Arc;
 
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::bynder::Gate;
 use crate::config::{AuthSettings, Config, OAuth1Settings, OAuth2Settings};
+use crate::gate::Gate;
 use crate::store::Store;
 
 pub use self::oauth2::{OFFLINE_SCOPE, REQUIRED_SCOPES};

@@ -469,8 +469,8 @@ mod tests {
 
     use super::*;
     use crate::auth::token::{Schedule, MAX_LIFETIME};
-    use crate::bynder::Gate;
     use crate::config::{AuthSettings, Config};
+    use crate::gate::Gate;
 
     /// A client-credentials config whose token endpoint is `server`.
     fn config(server: &str, dir: &std::path::Path) -> Config {

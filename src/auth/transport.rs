@@ -16,8 +16,8 @@ use oauth2::{AsyncHttpClient, HttpRequest, HttpResponse};
 use reqwest::StatusCode;
 
 use crate::body::{self, CappedError, TooLarge};
-use crate::bynder::Gate;
 use crate::config::BynderSettings;
+use crate::gate::Gate;
 
 use super::AuthError;
 
@@ -60,30 +60,7 @@ pub(crate) struct Transport {
 
 impl Transport {
     pub fn new(settings: &BynderSettings, gate: Arc<Gate>) -> Result<Transport, AuthError> {
-        let mut builder = reqwest::Client::builder()
-            .user_agent(concat!("bynder-usage-sync/", env!("CARGO_PKG_VERSION")))
-            .timeout(settings.timeout)
-            .connect_timeout(settings.connect_timeout)
-            // A redirected POST would become a GET, and a redirect could carry the client
-            // secret (HTTP Basic) to another origin.
-            .redirect(reqwest::redirect::Policy::none())
-            .use_rustls_tls();
-        if let Some(path) = &settings.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|e| AuthError::Setup(format!("cannot read {}: {e}", path.display())))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                AuthError::Setup(format!(
-                    "{} holds no usable PEM certificate: {e}",
-                    path.display()
-                ))
-            })?;
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        let http = builder
-            .build()
-            .map_err(|e| AuthError::Setup(e.to_string()))?;
+        let http = crate::gate::http_client(settings).map_err(AuthError::Setup)?;
         Ok(Transport {
             http,
             gate,
