@@ -229,12 +229,7 @@ pub async fn run_until_stopped(
     let address = listener
         .local_addr()
         .context("reading the listening address")?;
-    let state = crate::http::AppState {
-        ctx: ctx.clone(),
-        health: health.clone(),
-        metrics,
-        stopping: stop_rx.clone(),
-    };
+    let state = crate::http::AppState::new(ctx.clone(), health.clone(), metrics, stop_rx.clone());
     let mut server = Some(tokio::spawn(crate::http::serve(
         listener,
         state,

@@ -51,6 +51,9 @@ pub enum OpenMode {
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
+    /// One connection of its own for health checks: however busy the pool is (searches, a big
+    /// reconcile), readiness is answered from the database within its time limit.
+    probe: SqlitePool,
     path: PathBuf,
 }
 
@@ -170,13 +173,19 @@ pub async fn open_store(settings: &DatabaseSettings, mode: OpenMode) -> Result<S
     let pool = SqlitePoolOptions::new()
         .max_connections(8)
         .acquire_timeout(settings.busy_timeout + std::time::Duration::from_secs(5))
-        .connect_with(options)
+        .connect_with(options.clone())
         .await
         .map_err(|e| StoreError::Open {
             path: path.clone(),
             source: e,
         })?;
-    let store = Store { pool, path };
+    // Opened on first use, so commands that never check health never open it.
+    let probe = SqlitePoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        .acquire_timeout(settings.busy_timeout + std::time::Duration::from_secs(5))
+        .connect_lazy_with(options.create_if_missing(false));
+    let store = Store { pool, probe, path };
     match mode {
         OpenMode::Create => store.migrate().await?,
         OpenMode::Existing => store.check_schema().await?,
@@ -267,6 +276,7 @@ impl Store {
     }
 
     pub async fn close(&self) {
+        self.probe.close().await;
         self.pool.close().await;
     }
 
@@ -902,6 +912,21 @@ impl Store {
         sqlx::query_scalar("SELECT value FROM settings WHERE key = ?")
             .bind(key)
             .fetch_optional(&self.pool)
+            .await
+    }
+
+    /// Health check: the CMS table can be read, on the connection kept for health checks.
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1 FROM cms_asset_references LIMIT 1")
+            .fetch_optional(&self.probe)
+            .await
+            .map(drop)
+    }
+
+    /// The end of a rate-limit pause another process recorded, read like [`Store::ping`].
+    pub async fn recorded_pause(&self) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar("SELECT value FROM settings WHERE key = 'rate_limit_paused_until'")
+            .fetch_optional(&self.probe)
             .await
     }
 }

@@ -17,7 +17,7 @@ use bynder_usage_sync::simulator::{Faults, Options};
 
 /// The `[server]` and `[daemon]` sections of a daemon under test: a port picked by the OS, a
 /// short grace period.
-fn daemon_sections(shutdown_timeout: &str) -> String {
+pub(crate) fn daemon_sections(shutdown_timeout: &str) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n[daemon]\nshutdown_timeout = \"{shutdown_timeout}\"\n"
     )
@@ -42,20 +42,20 @@ fn per_usage_daemon_setup() -> Setup {
 }
 
 /// A running `bynder-usage-sync run`.
-struct Daemon {
-    child: Child,
-    address: SocketAddr,
+pub(crate) struct Daemon {
+    pub(crate) child: Child,
+    pub(crate) address: SocketAddr,
     log: Arc<Mutex<String>>,
     http: reqwest::Client,
 }
 
 impl Daemon {
     /// Starts `run` with the app's config and waits for the line naming the bound address.
-    async fn start(app: &App) -> Daemon {
+    pub(crate) async fn start(app: &App) -> Daemon {
         Daemon::start_env(app, &[]).await
     }
 
-    async fn start_env(app: &App, env: &[(&str, &str)]) -> Daemon {
+    pub(crate) async fn start_env(app: &App, env: &[(&str, &str)]) -> Daemon {
         let mut cmd = binary();
         cmd.arg("--config")
             .arg(&app.config_path)
@@ -109,22 +109,22 @@ impl Daemon {
         }
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.address)
     }
 
-    async fn get(&self, path: &str) -> (u16, String) {
+    pub(crate) async fn get(&self, path: &str) -> (u16, String) {
         let response = self.http.get(self.url(path)).send().await.unwrap();
         let status = response.status().as_u16();
         (status, response.text().await.unwrap())
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
 
     /// Sends SIGTERM and waits for the exit, at most `within`.
-    async fn terminate(mut self, within: Duration) -> (ExitStatus, Duration, String) {
+    pub(crate) async fn terminate(mut self, within: Duration) -> (ExitStatus, Duration, String) {
         let pid = self.child.id().expect("still running").to_string();
         let started = std::time::Instant::now();
         let kill = tokio::process::Command::new("kill")

@@ -13,4 +13,5 @@ mod portals;
 mod properties;
 mod reliability;
 mod resync;
+mod server;
 mod strategies;

@@ -3,8 +3,16 @@
 //! asset tracking search.
 //!
 //! Everything here reads; nothing changes state, and no secret is ever rendered. The page is
-//! server-rendered HTML without scripts; every value from the database goes through [`escape`].
-//! Health itself is the daemon's ([`crate::daemon::Health`]); this module only reports it.
+//! server-rendered HTML without scripts; every value from the database goes through [`escape`]
+//! and long ones are cut ([`shown`]). Health itself is the daemon's ([`crate::daemon::Health`]);
+//! this module only reports it. Connections are bounded in [`serve`], callers checked in
+//! [`guard`]; searches are bounded here (a few at once, each with a time limit), and readiness
+//! reads the database on a connection of its own, so no number of searches can fail `/readyz`.
+
+mod guard;
+mod serve;
+
+pub use self::serve::Limits;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -20,7 +28,7 @@ use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::Row;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::daemon::{CredentialState, Health};
 use crate::model::{RawRow, Reference, SkipReason};
@@ -31,6 +39,13 @@ use crate::store::{self, QueueSummary, RunRecord};
 const DATABASE_PROBE: Duration = Duration::from_secs(2);
 /// Search results shown at most.
 const SEARCH_LIMIT: usize = 100;
+/// Searches answered at once; more are told to try again. A search of a substring reads whole
+/// tables, so a handful at once already keeps the database busy.
+const SEARCHES_AT_ONCE: usize = 4;
+/// A search that takes longer is stopped.
+const SEARCH_TIME: Duration = Duration::from_secs(5);
+/// Characters of one value shown on the page; the rest is cut.
+const SHOWN: usize = 300;
 /// Dead letters and runs listed on the page.
 const LISTED: i64 = 20;
 
@@ -42,10 +57,30 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Raised when the daemon stops: `/readyz` turns not-ready at once.
     pub stopping: watch::Receiver<bool>,
+    /// Permits for searches running now ([`SEARCHES_AT_ONCE`]).
+    pub searches: Arc<Semaphore>,
 }
 
-/// The router: every endpoint of the daemon.
+impl AppState {
+    pub fn new(
+        ctx: Arc<Context>,
+        health: Arc<Health>,
+        metrics: PrometheusHandle,
+        stopping: watch::Receiver<bool>,
+    ) -> Self {
+        AppState {
+            ctx,
+            health,
+            metrics,
+            stopping,
+            searches: Arc::new(Semaphore::new(SEARCHES_AT_ONCE)),
+        }
+    }
+}
+
+/// The router: every endpoint of the daemon, behind the host and token check.
 pub fn router(state: AppState) -> Router {
+    let guard = guard::Guard::new(&state.ctx.config.server);
     Router::new()
         .route("/", get(status_page))
         .route("/healthz", get(healthz))
@@ -53,18 +88,30 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(guard, guard::check))
 }
 
-/// Serves the endpoints on an already-bound listener until `shutdown` resolves; requests being
-/// answered then are finished.
+/// Serves the endpoints on an already-bound listener until `shutdown` resolves, with the
+/// connection limits of `server` (see [`serve`](self::serve)).
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let server = &state.ctx.config.server;
+    let limits = Limits {
+        max_connections: server.max_connections,
+        header_timeout: server.header_timeout,
+        idle_timeout: server.idle_timeout,
+    };
+    if server.token.is_none() && !server.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %server.listen,
+            "the status page and /metrics are served beyond loopback without a token: set \
+             server.token_file, or keep them behind a proxy that authenticates"
+        );
+    }
+    serve::serve(listener, router(state), limits, shutdown).await
 }
 
 /// `healthcheck`: asks a running daemon's `path` on `listen` (loopback when it listens on every
@@ -189,13 +236,8 @@ pub fn readiness(
 /// Observes and applies [`readiness`].
 async fn assess(state: &AppState) -> Readiness {
     let store = &state.ctx.store;
-    let database = match tokio::time::timeout(
-        DATABASE_PROBE,
-        sqlx::query("SELECT 1 FROM cms_asset_references LIMIT 1").fetch_optional(store.pool()),
-    )
-    .await
-    {
-        Ok(Ok(_)) => Ok(()),
+    let database = match tokio::time::timeout(DATABASE_PROBE, store.ping()).await {
+        Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("the state database failed: {e}")),
         Err(_) => Err(format!(
             "the state database did not answer within {DATABASE_PROBE:?}"
@@ -221,7 +263,7 @@ async fn paused_until(state: &AppState) -> Option<String> {
     let recorded = state
         .ctx
         .store
-        .setting("rate_limit_paused_until")
+        .recorded_pause()
         .await
         .ok()
         .flatten()
@@ -336,7 +378,8 @@ struct Page {
     runs: Vec<RunRecord>,
     last_success: Option<String>,
     dead: Vec<DeadLetter>,
-    matches: Option<Vec<Match>>,
+    /// The search's results, or why it was not run to the end.
+    matches: Option<Result<Vec<Match>, &'static str>>,
 }
 
 async fn gather(state: &AppState, query: Option<&str>) -> anyhow::Result<Page> {
@@ -347,7 +390,7 @@ async fn gather(state: &AppState, query: Option<&str>) -> anyhow::Result<Page> {
     let last_success = last_success(store).await?;
     let dead = dead_letters(store).await?;
     let matches = match query {
-        Some(q) => Some(search(&state.ctx, q).await?),
+        Some(q) => Some(bounded_search(state, q).await?),
         None => None,
     };
     Ok(Page {
@@ -358,6 +401,26 @@ async fn gather(state: &AppState, query: Option<&str>) -> anyhow::Result<Page> {
         dead,
         matches,
     })
+}
+
+/// [`search`], unless [`SEARCHES_AT_ONCE`] are running already, and never longer than
+/// [`SEARCH_TIME`]. The `Err` inside says why there are no results.
+async fn bounded_search(
+    state: &AppState,
+    q: &str,
+) -> anyhow::Result<Result<Vec<Match>, &'static str>> {
+    let Ok(_permit) = state.searches.try_acquire() else {
+        return Ok(Err(
+            "Too many searches are running at once: try again in a moment.",
+        ));
+    };
+    match tokio::time::timeout(SEARCH_TIME, search(&state.ctx, q)).await {
+        Ok(found) => found.map(Ok),
+        Err(_) => Ok(Err(
+            "The search took longer than 5 seconds and was stopped: search for a whole asset id \
+             or uri, or a longer part of a uri.",
+        )),
+    }
 }
 
 // The page's read-only queries, kept beside their only caller.
@@ -650,6 +713,19 @@ pub fn escape(text: &str) -> String {
     out
 }
 
+/// `text` escaped, cut to [`SHOWN`] characters: a uri, note or error of any length cannot make
+/// the page huge.
+fn shown(text: &str) -> String {
+    match text.char_indices().nth(SHOWN) {
+        None => escape(text),
+        Some((cut, _)) => format!(
+            "{}… ({} more characters)",
+            escape(&text[..cut]),
+            text[cut..].chars().count()
+        ),
+    }
+}
+
 fn lossy(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -705,7 +781,7 @@ fn render_page(state: &AppState, page: &Page, query: Option<&str>) -> String {
             escape(check.name),
             if check.ok { "ok" } else { "bad" },
             if check.ok { "ok" } else { "failing" },
-            escape(&check.detail)
+            shown(&check.detail)
         );
     }
     let last_run = state
@@ -728,7 +804,7 @@ fn render_page(state: &AppState, page: &Page, query: Option<&str>) -> String {
          <tr><th scope=\"row\">schedule</th><td></td><td><span class=\"mono\">{}</span> (reconcile), \
          <span class=\"mono\">{}</span> (drift repair); cron with seconds, UTC</td></tr>\
          </tbody></table></section>",
-        escape(&last_run),
+        shown(&last_run),
         escape(page.last_success.as_deref().unwrap_or("never")),
         escape(&config.sync.schedule),
         escape(&config.sync.verify_schedule),
@@ -767,9 +843,9 @@ fn render_page(state: &AppState, page: &Page, query: Option<&str>) -> String {
                 "<tr id=\"profile-{}\"><th scope=\"row\">{}</th><td class=\"mono\">{}</td><td>{}</td><td>{}</td></tr>",
                 l.fact.key(),
                 escape(l.fact.question()),
-                escape(&l.value),
+                shown(&l.value),
                 escape(&l.learned_at),
-                escape(&l.evidence)
+                shown(&l.evidence)
             );
         }
         h.push_str("</tbody></table>");
@@ -802,7 +878,7 @@ fn render_page(state: &AppState, page: &Page, query: Option<&str>) -> String {
                 escape(outcome),
                 r.message
                     .as_deref()
-                    .map(|m| format!("<br><small>{}</small>", escape(m)))
+                    .map(|m| format!("<br><small>{}</small>", shown(m)))
                     .unwrap_or_default(),
                 r.creates,
                 r.updates,
@@ -833,11 +909,11 @@ fn render_page(state: &AppState, page: &Page, query: Option<&str>) -> String {
                 "<tr><td>{}</td><td class=\"mono id\">{}</td><td class=\"mono uri\">{}</td><td>{}</td><td>{}</td>\
                  <td>{}</td><td class=\"mono\">{}</td></tr>",
                 d.id,
-                escape(&d.asset_id),
-                escape(&d.uri),
+                shown(&d.asset_id),
+                shown(&d.uri),
                 escape(&d.action),
                 d.attempts,
-                escape(d.last_error.as_deref().unwrap_or("")),
+                shown(d.last_error.as_deref().unwrap_or("")),
                 escape(&d.updated_at)
             );
         }
@@ -872,11 +948,22 @@ fn render_search(h: &mut String, page: &Page, query: Option<&str>, uri_prefixes:
         );
         return;
     };
+    let matches = match matches {
+        Ok(matches) => matches,
+        Err(why) => {
+            let _ = write!(
+                h,
+                "<p id=\"search-refused\" class=\"wait\">{}</p></section>",
+                escape(why)
+            );
+            return;
+        }
+    };
     if matches.is_empty() {
         let _ = write!(
             h,
             "<p id=\"no-match\">Nothing in the CMS table, the recorded usages or the queue matches <strong>{}</strong>.</p></section>",
-            escape(q)
+            shown(q)
         );
         return;
     }
@@ -887,7 +974,7 @@ fn render_search(h: &mut String, page: &Page, query: Option<&str>, uri_prefixes:
          <col style=\"width:25%\"><col style=\"width:18%\"><col style=\"width:20%\"></colgroup><thead><tr><th>asset id</th><th>uri</th><th>state</th><th>in the CMS</th><th>in Bynder</th></tr></thead><tbody>",
         if matches.len() > SEARCH_LIMIT { "first " } else { "" },
         matches.len().min(SEARCH_LIMIT),
-        escape(q)
+        shown(q)
     );
     for m in matches.iter().take(SEARCH_LIMIT) {
         let cms = match &m.cms {
@@ -919,11 +1006,11 @@ fn render_search(h: &mut String, page: &Page, query: Option<&str>, uri_prefixes:
             h,
             "<tr class=\"result\"><td class=\"mono id\">{}</td><td class=\"mono uri\">{}</td>\
              <td class=\"state {class}\">{}</td><td>{}</td><td class=\"bynder\">{}</td></tr>",
-            escape(&lossy(&m.asset_id)),
-            escape(&lossy(&m.uri)),
-            escape(&summary),
-            escape(&cms),
-            escape(&bynder),
+            shown(&lossy(&m.asset_id)),
+            shown(&lossy(&m.uri)),
+            shown(&summary),
+            shown(&cms),
+            shown(&bynder),
         );
     }
     h.push_str("</tbody></table></section>");
@@ -940,6 +1027,16 @@ mod tests {
             "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#39;y&#39;"
         );
         assert_eq!(escape("plain C078E8EE-1"), "plain C078E8EE-1");
+    }
+
+    /// REGRESSION: a uri, note or portal error of any length was shown whole on the page.
+    #[test]
+    fn long_values_are_cut_and_say_how_much_was_cut() {
+        let long = "é".repeat(SHOWN + 5);
+        let cut = shown(&long);
+        assert!(cut.starts_with(&"é".repeat(SHOWN)), "{cut}");
+        assert!(cut.ends_with("… (5 more characters)"), "{cut}");
+        assert_eq!(shown("<b>"), "&lt;b&gt;");
     }
 
     #[test]
