@@ -17,7 +17,8 @@ use url::Url;
 use crate::auth::{AuthError, AuthFailure, Credentials};
 use crate::body::{self, CappedError, TooLarge};
 use crate::config::Config;
-use crate::gate::Gate;
+use crate::gate::{describe_certificate_error, Gate};
+use crate::model::SyncUsage;
 
 const USAGE_PATH: &str = "/api/media/usage/";
 const SYNC_PATH: &str = "/api/media/usage/sync";
@@ -32,14 +33,6 @@ pub struct Usage {
     pub additional: String,
     /// The integration the usage belongs to, when Bynder says.
     pub integration_id: Option<String>,
-}
-
-/// One usage listed in a sync request.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct SyncUsage {
-    pub asset_id: String,
-    pub uri: String,
-    pub additional: String,
 }
 
 /// Bynder's answer to a sync request. Missing arrays count as empty.
@@ -632,33 +625,6 @@ impl Client {
             body,
         })
     }
-}
-
-/// What is wrong with the portal's certificate, and the fix, when a connection failed on it
-/// (`detail` is the innermost error); `None` when the failure is not about a certificate. Shared
-/// by the API client and the token transport.
-pub(crate) fn describe_certificate_error(detail: &str) -> Option<String> {
-    if detail.contains("CaUsedAsEndEntity") {
-        // The certificate may well be the very CA in bynder.ca_file: "set bynder.ca_file"
-        // would send the reader in circles.
-        return Some(format!(
-            "the portal (or a TLS-inspecting proxy in between) presents a CA certificate as its \
-             own server certificate ({detail}); TLS accepts only a leaf certificate there, even \
-             from a trusted CA. Fix: have the portal or proxy serve a leaf (end-entity) \
-             certificate for its host name signed by that CA, and keep the CA's certificate in \
-             bynder.ca_file"
-        ));
-    }
-    detail
-        .to_ascii_lowercase()
-        .contains("certificate")
-        .then(|| {
-            format!(
-                "the portal's certificate is not trusted ({detail}). Fix: if the portal, or a \
-             TLS-inspecting proxy in between, uses a private CA, set bynder.ca_file to that \
-             CA's PEM certificate"
-            )
-        })
 }
 
 /// The answer to [`Client::raw`], whatever its status.

@@ -8,12 +8,10 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::auth::Credentials;
-use crate::bynder::Client;
+use crate::app::{build_context, BuildError};
 use crate::config::{load_config, Config, ConfigError, ConfigSource, LogFormat};
-use crate::gate::Gate;
 use crate::plan::Change;
-use crate::reconcile::{self, Context, Progress, RunOptions, RunOutcome, RunReport};
+use crate::reconcile::{self, Progress, RunOptions, RunOutcome, RunReport};
 use crate::store::{self, open_store, OpenMode, StoreError};
 use crate::text::printable;
 
@@ -257,6 +255,17 @@ impl From<StoreError> for Failure {
             | StoreError::MigrationsNotRun(_)
             | StoreError::Open { .. } => Failure::Setup(e),
             other => Failure::Unexpected(other.into()),
+        }
+    }
+}
+
+impl From<BuildError> for Failure {
+    fn from(e: BuildError) -> Self {
+        match e {
+            BuildError::Store(e) => e.into(),
+            BuildError::Auth(e) => e.into(),
+            BuildError::Config(e) => Failure::Config(e),
+            e @ BuildError::Profile(_) => Failure::Unexpected(e.into()),
         }
     }
 }
@@ -505,31 +514,6 @@ fn print_man_page() -> std::io::Result<()> {
     }
     sections(&mut out, "bynder-usage-sync", &command)?;
     std::io::stdout().write_all(&out)
-}
-
-/// Builds the run context: store, credentials, client.
-pub async fn build_context(config: Config) -> Result<Context, Failure> {
-    let store = open_store(&config.database, OpenMode::Existing).await?;
-    let gate = Arc::new(Gate::new(
-        config.limits.requests_per_second,
-        config.limits.block_pause,
-    ));
-    let credentials = Credentials::load(&config, Some(&store), gate.clone()).await?;
-    let client = Client::new(&config, credentials, gate)
-        .map_err(|e| ConfigError::new(format!("{e}. Fix: check bynder.ca_file")))?;
-    let source = crate::source::open_source(&config)
-        .await
-        .map_err(|crate::source::SourceError::Config(e)| e)?;
-    let profile = crate::profile::PortalProfile::load(&store, config.bynder.base_url.as_str())
-        .await
-        .map_err(Failure::from)?;
-    Ok(Context {
-        config,
-        store,
-        source,
-        client: Arc::new(client),
-        profile: Arc::new(profile),
-    })
 }
 
 async fn resync(

@@ -1,9 +1,10 @@
 //! `run`: the daemon. Owns the schedule (a reconcile on `sync.schedule`, drift repair on
 //! `sync.verify_schedule`, the queue drained in between), the one worker that runs those jobs one
-//! at a time, the graceful shutdown, the health the endpoints report, and the systemd
-//! notifications (READY, STATUS, WATCHDOG, STOPPING).
+//! at a time, the graceful shutdown, and the systemd notifications (READY, STATUS, WATCHDOG,
+//! STOPPING).
 //!
-//! It decides nothing about usages: every run is `reconcile`'s, the endpoints are `http`'s.
+//! It decides nothing about usages: every run is `reconcile`'s, the endpoints are `http`'s, and
+//! the health they report is `health`'s (the worker writes it).
 //!
 //! Runs never overlap: the cron jobs only wake the worker (a tick that arrives while a run is
 //! going is kept, once, for when it ends), and every run takes the run lock beside the database,
@@ -11,7 +12,7 @@
 //! between runs.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -22,9 +23,11 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_cron_scheduler::{Job, JobScheduler};
 
+use crate::app::Context;
 use crate::bynder::Reaction;
 use crate::config::{env_var, ConfigError, ConfigSource, ServerSettings, SyncSettings};
-use crate::reconcile::{self, Context, Progress, RunOptions, RunOutcome, RunReport};
+use crate::health::{CredentialState, Health};
+use crate::reconcile::{self, Progress, RunOptions, RunOutcome, RunReport};
 use crate::store;
 
 /// How often the worker looks for queued operations whose retry is due (one indexed query).
@@ -45,113 +48,6 @@ fn reconcile_options() -> RunOptions {
     RunOptions {
         command: "reconcile",
         ..RunOptions::default()
-    }
-}
-
-// ---- health ---------------------------------------------------------------------------------
-
-/// What the daemon last learned about its credentials.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CredentialState {
-    /// No request has answered yet (the portal was unreachable since start).
-    Unchecked,
-    /// Bynder accepted them on the last request that said anything about them.
-    Accepted,
-    /// Bynder answered 401, with the fix to show.
-    Rejected(String),
-}
-
-/// The last run the daemon finished.
-#[derive(Debug, Clone)]
-pub struct LastRun {
-    pub command: &'static str,
-    /// A [`RunOutcome::label`], or `error`.
-    pub outcome: String,
-    pub message: Option<String>,
-    pub finished_at: DateTime<Utc>,
-}
-
-/// The daemon's view of its own health: written by the worker, read by `/readyz`, `/metrics`
-/// and the status page.
-#[derive(Debug)]
-pub struct Health {
-    // A std mutex: held for a copy, never across an await.
-    state: Mutex<HealthState>,
-}
-
-#[derive(Debug)]
-struct HealthState {
-    credentials: CredentialState,
-    last_run: Option<LastRun>,
-    started_at: DateTime<Utc>,
-}
-
-impl Default for Health {
-    fn default() -> Self {
-        Health {
-            state: Mutex::new(HealthState {
-                credentials: CredentialState::Unchecked,
-                last_run: None,
-                started_at: Utc::now(),
-            }),
-        }
-    }
-}
-
-impl Health {
-    pub fn credentials(&self) -> CredentialState {
-        self.lock().credentials.clone()
-    }
-
-    pub fn last_run(&self) -> Option<LastRun> {
-        self.lock().last_run.clone()
-    }
-
-    pub fn started_at(&self) -> DateTime<Utc> {
-        self.lock().started_at
-    }
-
-    /// Records what a run's outcome says about the credentials: a 401 rejects them; any other
-    /// outcome that made requests shows they were accepted.
-    pub fn record_run(&self, command: &'static str, report: &RunReport) {
-        let mut state = self.lock();
-        match &report.outcome {
-            RunOutcome::CredentialsRejected(m) => {
-                state.credentials = CredentialState::Rejected(m.clone())
-            }
-            RunOutcome::Unreachable(_) => {}
-            _ if report.sent.requests > 0 => state.credentials = CredentialState::Accepted,
-            _ => {}
-        }
-        let message = match &report.outcome {
-            RunOutcome::MassDeleteRefused(m)
-            | RunOutcome::Unreachable(m)
-            | RunOutcome::CredentialsRejected(m) => Some(m.clone()),
-            _ => None,
-        };
-        state.last_run = Some(LastRun {
-            command,
-            outcome: report.outcome.label().to_owned(),
-            message,
-            finished_at: Utc::now(),
-        });
-    }
-
-    fn record_error(&self, command: &'static str, error: &anyhow::Error) {
-        self.lock().last_run = Some(LastRun {
-            command,
-            outcome: "error".to_owned(),
-            message: Some(format!("{error:#}")),
-            finished_at: Utc::now(),
-        });
-    }
-
-    fn set_credentials(&self, credentials: CredentialState) {
-        self.lock().credentials = credentials;
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -739,55 +635,6 @@ async fn due_operations(store: &store::Store) -> Result<bool, sqlx::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reconcile::{PlanReport, SendReport};
-
-    fn report(outcome: RunOutcome, requests: u64) -> RunReport {
-        RunReport {
-            run_id: Some(1),
-            outcome,
-            plan: PlanReport::default(),
-            sent: SendReport {
-                requests,
-                ..SendReport::default()
-            },
-            dead_letters: 0,
-            verify: None,
-        }
-    }
-
-    #[test]
-    fn a_rejected_run_rejects_the_credentials_and_a_later_run_that_sent_accepts_them() {
-        let health = Health::default();
-        assert_eq!(health.credentials(), CredentialState::Unchecked);
-        health.record_run(
-            "reconcile",
-            &report(RunOutcome::CredentialsRejected("401. Fix: x".into()), 1),
-        );
-        assert!(matches!(health.credentials(), CredentialState::Rejected(m) if m.contains("Fix")));
-        // A run that sent nothing says nothing about the credentials.
-        health.record_run("reconcile", &report(RunOutcome::NothingToDo, 0));
-        assert!(matches!(health.credentials(), CredentialState::Rejected(_)));
-        health.record_run("drain", &report(RunOutcome::Converged, 3));
-        assert_eq!(health.credentials(), CredentialState::Accepted);
-        let last = health.last_run().unwrap();
-        assert_eq!(
-            (last.command, last.outcome.as_str()),
-            ("drain", "converged")
-        );
-    }
-
-    #[test]
-    fn an_unreachable_portal_says_nothing_about_the_credentials() {
-        let health = Health::default();
-        health.record_run("reconcile", &report(RunOutcome::Converged, 2));
-        health.record_run(
-            "reconcile",
-            &report(RunOutcome::Unreachable("down".into()), 6),
-        );
-        assert_eq!(health.credentials(), CredentialState::Accepted);
-        assert_eq!(health.last_run().unwrap().message.as_deref(), Some("down"));
-    }
-
     #[test]
     fn the_scheduled_jobs_are_recorded_under_their_own_names() {
         assert_eq!(reconcile_options().command, "reconcile");

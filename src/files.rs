@@ -198,7 +198,7 @@ impl RunLock {
                     let note = format!(
                         "process {} ({what}) since {}\n",
                         std::process::id(),
-                        crate::store::now_text()
+                        crate::model::now_text()
                     );
                     // Best effort: the note only helps a waiting process name the holder.
                     let _ = file

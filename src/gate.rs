@@ -1,7 +1,7 @@
 //! What every request to the portal shares: the process-wide [`Gate`] (one token bucket and one
 //! 429 pause, because Bynder's rate limit is per IP) and the one way the HTTP client is built
 //! (rustls, the extra CA, timeouts, no redirects), used by the usage client and the token
-//! transport alike.
+//! transport alike, with what a failure on the portal's certificate means for the operator.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -104,5 +104,59 @@ impl Gate {
             .lock()
             .expect("gate lock")
             .filter(|t| *t > Instant::now())
+    }
+}
+
+/// What is wrong with the portal's certificate, and the fix, when a connection failed on it
+/// (`detail` is the innermost error); `None` when the failure is not about a certificate. Shared
+/// by the API client and the token transport.
+pub fn describe_certificate_error(detail: &str) -> Option<String> {
+    if detail.contains("CaUsedAsEndEntity") {
+        // The certificate may well be the very CA in bynder.ca_file: "set bynder.ca_file"
+        // would send the reader in circles.
+        return Some(format!(
+            "the portal (or a TLS-inspecting proxy in between) presents a CA certificate as its \
+             own server certificate ({detail}); TLS accepts only a leaf certificate there, even \
+             from a trusted CA. Fix: have the portal or proxy serve a leaf (end-entity) \
+             certificate for its host name signed by that CA, and keep the CA's certificate in \
+             bynder.ca_file"
+        ));
+    }
+    detail
+        .to_ascii_lowercase()
+        .contains("certificate")
+        .then(|| {
+            format!(
+                "the portal's certificate is not trusted ({detail}). Fix: if the portal, or a \
+             TLS-inspecting proxy in between, uses a private CA, set bynder.ca_file to that \
+             CA's PEM certificate"
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// REGRESSION: rustls' `CaUsedAsEndEntity` was answered with "set bynder.ca_file", even when
+    /// that was set; it is a CA certificate served where a leaf belongs.
+    #[test]
+    fn a_ca_used_as_the_server_certificate_is_not_told_to_set_ca_file() {
+        let ca = describe_certificate_error(
+            "invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))",
+        )
+        .unwrap();
+        assert!(
+            ca.contains("CA certificate as its own server certificate"),
+            "{ca}"
+        );
+        assert!(
+            ca.contains("leaf") && !ca.contains("set bynder.ca_file"),
+            "{ca}"
+        );
+        let unknown =
+            describe_certificate_error("invalid peer certificate: UnknownIssuer").unwrap();
+        assert!(unknown.contains("set bynder.ca_file"), "{unknown}");
+        assert!(describe_certificate_error("connection refused").is_none());
     }
 }

@@ -1,6 +1,7 @@
 //! bynder-usage-sync: keeps Bynder's asset-usage records true to what a CMS uses.
 
 pub mod admin;
+pub mod app;
 pub mod auth;
 pub mod body;
 pub mod bynder;
@@ -10,6 +11,7 @@ pub mod daemon;
 pub mod demo;
 pub mod files;
 pub mod gate;
+pub mod health;
 pub mod http;
 pub mod logging;
 pub mod metrics;

@@ -289,6 +289,24 @@ pub fn is_managed_uri(uri: &str, uri_prefixes: &[String]) -> bool {
     uri_prefixes.is_empty() || uri_prefixes.iter().any(|p| uri.starts_with(p.as_str()))
 }
 
+/// One usage listed in a sync request.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SyncUsage {
+    pub asset_id: String,
+    pub uri: String,
+    pub additional: String,
+}
+
+/// Now, in the one timestamp format stored everywhere (sorts as text).
+pub fn now_text() -> String {
+    format_time(chrono::Utc::now())
+}
+
+/// `t` in that format.
+pub fn format_time(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,10 +9,11 @@
 //! It touches no usage but its own: every request names a probe uri (a sync lists only probe
 //! uris; a delete always names the uri), and no CMS row ever has such a uri.
 
-use crate::bynder::{self, Client, SyncAnswer, SyncUsage};
+use crate::app::Context;
+use crate::bynder::{self, Client, SyncAnswer};
 use crate::cli::{Exit, Failure};
+use crate::model::SyncUsage;
 use crate::profile::{Fact, PortalProfile};
-use crate::reconcile::Context;
 
 /// The reserved prefix of every uri a probe creates usages on.
 pub const PROBE_URI_PREFIX: &str = "urn:bynder-usage-sync:probe:";

@@ -13,6 +13,7 @@ use futures::stream::BoxStream;
 use futures::TryStreamExt;
 use tokio::task::JoinSet;
 
+use crate::app::Context;
 use crate::bynder::{self, Client, SyncAnswer};
 use crate::profile::{Fact, PortalProfile};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -23,7 +24,6 @@ use crate::files::{LockError, Modes, RunLock};
 use crate::model::{folded_key, key_order, same_asset, AssetId, Reference, SkipReason, UsageUri};
 use crate::plan::{decide, Change, Decision, Desired, Queued, Target};
 use crate::queue::{self, Next, RunEffect};
-use crate::source::Source;
 use crate::store::{self, Operation, RunCounts, SourceRow, Store, SyncBatch, SyncOpOutcome};
 use crate::verify::{verify_assets, VerifyReport, VerifyStop};
 
@@ -51,27 +51,6 @@ impl Default for RunOptions {
             allow_mass_delete: false,
             keep_all_items: false,
             verify: false,
-        }
-    }
-}
-
-/// Everything a run needs.
-#[derive(Clone)]
-pub struct Context {
-    pub config: Config,
-    pub store: Store,
-    pub source: Source,
-    pub client: Arc<Client>,
-    /// What the daemon learned about this portal; the sending side reads and extends it.
-    pub profile: Arc<PortalProfile>,
-}
-
-impl Context {
-    /// The same connections and credentials with another configuration (a reload).
-    pub fn with_config(&self, config: Config) -> Context {
-        Context {
-            config,
-            ..self.clone()
         }
     }
 }

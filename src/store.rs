@@ -7,15 +7,15 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
-use crate::bynder::SyncUsage;
 use crate::config::DatabaseSettings;
 use crate::model::RawRow;
+use crate::model::SyncUsage;
 use crate::plan::{Queued, Target};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -113,14 +113,7 @@ pub struct QueueSummary {
     pub oldest_pending_at: Option<String>,
 }
 
-/// Now, in the one timestamp format stored everywhere (sorts as text).
-pub fn now_text() -> String {
-    format_time(Utc::now())
-}
-
-pub fn format_time(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Millis, true)
-}
+pub use crate::model::{format_time, now_text};
 
 /// Opens the state database with the one set of connection options the project uses.
 pub async fn open_store(settings: &DatabaseSettings, mode: OpenMode) -> Result<Store, StoreError> {

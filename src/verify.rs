@@ -12,9 +12,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::Context as _;
 use futures::{StreamExt, TryStreamExt};
 
+use crate::app::Context;
 use crate::bynder::{Error, Reaction};
 use crate::model::{is_managed_uri, Reference};
-use crate::reconcile::Context;
 
 /// What the read-back found.
 #[derive(Debug, Clone, Default, serde::Serialize)]

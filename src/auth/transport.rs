@@ -83,7 +83,7 @@ impl Transport {
                 let detail = innermost(&e);
                 TransportError::Connect {
                     url: shown.clone(),
-                    detail: crate::bynder::describe_certificate_error(&detail).unwrap_or(detail),
+                    detail: crate::gate::describe_certificate_error(&detail).unwrap_or(detail),
                 }
             } else {
                 TransportError::Broken {

@@ -11,6 +11,7 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use super::*;
 use crate::auth::Credentials;
+use crate::model::SyncUsage;
 
 const INTEGRATION: &str = "0191a303-9d99-433e-ada4-d244f37e1d7d";
 const ASSET: &str = "C078E8EE-C13A-4DA5-86EC8D6F335364EB";
@@ -360,25 +361,4 @@ async fn an_endless_error_page_shows_its_start_only() {
     assert_eq!(status.as_u16(), 502);
     assert_eq!(body.chars().count(), 301, "300 characters and an ellipsis");
     assert!(body.ends_with('…'));
-}
-
-/// REGRESSION: rustls' `CaUsedAsEndEntity` was answered with "set bynder.ca_file", even when
-/// that was set; it is a CA certificate served where a leaf belongs.
-#[test]
-fn a_ca_used_as_the_server_certificate_is_not_told_to_set_ca_file() {
-    let ca = describe_certificate_error(
-        "invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))",
-    )
-    .unwrap();
-    assert!(
-        ca.contains("CA certificate as its own server certificate"),
-        "{ca}"
-    );
-    assert!(
-        ca.contains("leaf") && !ca.contains("set bynder.ca_file"),
-        "{ca}"
-    );
-    let unknown = describe_certificate_error("invalid peer certificate: UnknownIssuer").unwrap();
-    assert!(unknown.contains("set bynder.ca_file"), "{unknown}");
-    assert!(describe_certificate_error("connection refused").is_none());
 }

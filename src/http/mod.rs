@@ -30,9 +30,9 @@ use sqlx::Row;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-use crate::daemon::{CredentialState, Health};
+use crate::app::Context;
+use crate::health::{CredentialState, Health};
 use crate::model::{RawRow, Reference, SkipReason};
-use crate::reconcile::Context;
 use crate::store::{self, QueueSummary, RunRecord};
 
 /// How long a readiness probe waits for the database.

@@ -363,7 +363,7 @@ async fn check(world: World) -> Result<(), TestCaseError> {
         verify: world.verify(),
         ..RunOptions::default()
     };
-    let ctx = bynder_usage_sync::cli::build_context(config).await.unwrap();
+    let ctx = bynder_usage_sync::app::build_context(config).await.unwrap();
     let report = reconcile_once(&ctx, &options).await.unwrap();
     prop_assert!(
         matches!(
