@@ -1,6 +1,5 @@
 //! bynder-usage-sync: keeps Bynder's asset-usage records true to what a CMS uses.
 
-pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod body;
@@ -8,7 +7,6 @@ pub mod bynder;
 pub mod cli;
 pub mod config;
 pub mod daemon;
-pub mod demo;
 pub mod files;
 pub mod gate;
 pub mod health;
@@ -17,7 +15,6 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod plan;
-pub mod probe;
 pub mod profile;
 pub mod queue;
 pub mod reconcile;

@@ -9,9 +9,10 @@
 //! It touches no usage but its own: every request names a probe uri (a sync lists only probe
 //! uris; a delete always names the uri), and no CMS row ever has such a uri.
 
+use super::status::print_profile;
+use super::{Exit, Failure};
 use crate::app::Context;
 use crate::bynder::{self, Client, SyncAnswer};
-use crate::cli::{Exit, Failure};
 use crate::model::SyncUsage;
 use crate::profile::{Fact, PortalProfile};
 
@@ -144,7 +145,7 @@ pub async fn probe(ctx: &Context, args: &ProbeArgs) -> Result<Exit, Failure> {
                 crate::text::printable(&s.detail)
             );
         }
-        crate::cli::print_profile(&profile);
+        print_profile(&profile);
     }
     outcome?;
     if leftovers.is_empty() {

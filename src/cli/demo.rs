@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 
+use super::{print_report, Exit};
 use crate::app::build_context;
-use crate::cli::{print_report, Exit};
 use crate::config::Config;
 use crate::reconcile::{reconcile_with_progress, Progress, RunOptions, RunOutcome};
 use crate::simulator::{Options, Simulator};
