@@ -27,7 +27,7 @@ use crate::app::Context;
 use crate::bynder::Reaction;
 use crate::config::{env_var, ConfigError, ConfigSource, ServerSettings, SyncSettings};
 use crate::health::{CredentialState, Health};
-use crate::reconcile::{self, Progress, RunOptions, RunOutcome, RunReport};
+use crate::run::{self, Progress, RunOptions, RunOutcome, RunReport};
 use crate::store;
 
 /// How often the worker looks for queued operations whose retry is due (one indexed query).
@@ -490,7 +490,7 @@ impl Worker {
                     return;
                 }
                 match self
-                    .until_stopped(reconcile::drain_queue_once(&ctx, progress))
+                    .until_stopped(run::drain_queue_once(&ctx, progress))
                     .await
                 {
                     None | Some(Ok(None)) => {}
@@ -511,7 +511,7 @@ impl Worker {
                     }
                     None => return,
                 }
-                let run = reconcile::reconcile_with_progress(&ctx, &options, progress);
+                let run = run::reconcile_with_progress(&ctx, &options, progress);
                 match self.until_stopped(run).await {
                     None => {}
                     Some(Ok(report)) => self.observe(options.command, &report).await,

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
 
-use crate::reconcile::{RunOutcome, RunReport};
+use crate::run::{RunOutcome, RunReport};
 
 /// What the daemon last learned about its credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,7 +116,7 @@ impl Health {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reconcile::{PlanReport, SendReport};
+    use crate::run::{PlanReport, SendReport};
 
     fn report(outcome: RunOutcome, requests: u64) -> RunReport {
         RunReport {

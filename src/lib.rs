@@ -17,7 +17,7 @@ pub mod model;
 pub mod plan;
 pub mod profile;
 pub mod queue;
-pub mod reconcile;
+pub mod run;
 pub mod simulator;
 pub mod source;
 pub mod store;

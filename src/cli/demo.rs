@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use super::{print_report, Exit};
 use crate::app::build_context;
 use crate::config::Config;
-use crate::reconcile::{reconcile_with_progress, Progress, RunOptions, RunOutcome};
+use crate::run::{reconcile_with_progress, Progress, RunOptions, RunOutcome};
 use crate::simulator::{Options, Simulator};
 use crate::store::{open_store, OpenMode};
 use crate::text::printable;

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 
 use crate::app::build_context;
 use crate::config::{load_config, Config, ConfigSource, LogFormat};
-use crate::reconcile::RunOptions;
+use crate::run::RunOptions;
 use crate::store::{open_store, OpenMode};
 
 mod backup;

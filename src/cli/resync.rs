@@ -9,7 +9,7 @@ use super::{Exit, Failure};
 use crate::app::build_context;
 use crate::config::Config;
 use crate::plan::Change;
-use crate::reconcile::{self, Progress, RunOptions, RunOutcome, RunReport};
+use crate::run::{self, Progress, RunOptions, RunOutcome, RunReport};
 use crate::text::printable;
 
 pub async fn resync(
@@ -24,7 +24,7 @@ pub async fn resync(
     } else {
         Arc::new(Bar::new())
     };
-    let report = reconcile::reconcile_with_progress(&ctx, &options, progress).await?;
+    let report = run::reconcile_with_progress(&ctx, &options, progress).await?;
     ctx.store.close().await;
     if json {
         println!(

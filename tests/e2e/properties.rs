@@ -15,7 +15,7 @@ use proptest::test_runner::TestCaseError;
 
 use crate::common::*;
 use bynder_usage_sync::config::{load_config, ConfigSource};
-use bynder_usage_sync::reconcile::{reconcile_once, RunOptions, RunOutcome};
+use bynder_usage_sync::run::{reconcile_once, RunOptions, RunOutcome};
 use bynder_usage_sync::simulator::{Options, Simulator, Usage};
 use bynder_usage_sync::store::{now_text, open_store, OpenMode};
 

@@ -1,5 +1,8 @@
-//! The retry policy of the durable queue: one pure function turning a failed attempt into the
-//! operation's next state. The queue's storage lives in `store`, the draining in `reconcile`.
+//! The retry policy of the durable queue, as pure functions: what a failed attempt means for the
+//! operation's next state and for the run ([`verdict`]), and what a failed sync request means for
+//! its batch and for how the run goes on sending ([`batch_verdict`]: fall back to per-usage calls,
+//! halve the batch, or fail each operation). The queue's storage lives in `store`, the draining in
+//! [`super::drain`].
 
 use std::time::Duration;
 
@@ -108,6 +111,40 @@ pub fn verdict(
                 reason: dead_reason(error),
             },
             effect: RunEffect::Continue,
+        },
+    }
+}
+
+/// What a failed sync request means for its batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchVerdict {
+    /// The portal has no sync endpoint (404, 405, 501 in `auto`): per-usage calls for the rest
+    /// of the run; the batch's operations go back to the queue untouched.
+    NoEndpoint,
+    /// The batch was too large (413) and can be halved: halve it and queue the operations again.
+    Halve,
+    /// The portal refused the batch (400 in `auto`): per-usage calls, whose answers name the
+    /// usage at fault; the operations go back to the queue untouched.
+    Refused,
+    /// Anything else: each operation fails as a per-usage attempt would ([`verdict`]), read back
+    /// first when the batch may have been applied.
+    FailEach { maybe_applied: bool },
+}
+
+/// Decides what a failed sync request means. `auto`: `sync.strategy = "auto"` (only then may the
+/// run fall back to per-usage calls); `batch_size`: the run's current batch size.
+pub fn batch_verdict(error: &Error, auto: bool, batch_size: usize) -> BatchVerdict {
+    match error.status().map(|s| s.as_u16()) {
+        Some(404 | 405 | 501) if auto => BatchVerdict::NoEndpoint,
+        Some(413) if batch_size > 1 => BatchVerdict::Halve,
+        Some(400) if auto => BatchVerdict::Refused,
+        _ => BatchVerdict::FailEach {
+            maybe_applied: matches!(
+                error.reaction(),
+                Reaction::Retry {
+                    maybe_applied: true
+                }
+            ),
         },
     }
 }
@@ -283,5 +320,48 @@ mod tests {
         assert!(reason(&status(404)).contains("does not know this asset"));
         assert!(reason(&status(403)).contains("STATISTICS"));
         assert!(reason(&status(400)).contains("rejected"));
+    }
+
+    #[test]
+    fn a_failed_sync_batch_falls_back_halves_or_fails_each_operation() {
+        for code in [404, 405, 501] {
+            assert_eq!(
+                batch_verdict(&status(code), true, 1000),
+                BatchVerdict::NoEndpoint
+            );
+            // Only `auto` may fall back; a forced sync strategy fails the operations.
+            assert!(matches!(
+                batch_verdict(&status(code), false, 1000),
+                BatchVerdict::FailEach { .. }
+            ));
+        }
+        assert_eq!(batch_verdict(&status(413), false, 2), BatchVerdict::Halve);
+        assert_eq!(batch_verdict(&status(413), true, 2), BatchVerdict::Halve);
+        assert!(matches!(
+            batch_verdict(&status(413), true, 1),
+            BatchVerdict::FailEach { .. }
+        ));
+        assert_eq!(batch_verdict(&status(400), true, 10), BatchVerdict::Refused);
+        assert!(matches!(
+            batch_verdict(&status(400), false, 10),
+            BatchVerdict::FailEach { .. }
+        ));
+        assert_eq!(
+            batch_verdict(&connect(), true, 10),
+            BatchVerdict::FailEach {
+                maybe_applied: false
+            }
+        );
+        assert_eq!(
+            batch_verdict(&status(503), true, 10),
+            BatchVerdict::FailEach {
+                maybe_applied: matches!(
+                    status(503).reaction(),
+                    Reaction::Retry {
+                        maybe_applied: true
+                    }
+                )
+            }
+        );
     }
 }

@@ -5,6 +5,8 @@
 //! create followed by a delete before anything was sent simply cancels, and the latest
 //! `additional` wins.
 
+pub mod merge;
+
 /// What the CMS wants for one key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Desired<'a> {

@@ -1,0 +1,370 @@
+//! One run, as the command line, the scheduler and the tests start it: [`reconcile_once`] (read
+//! the CMS rows, plan against the recorded state and the queue, write the plan to the queue in one
+//! transaction, then drain the queue against Bynder) and [`drain_queue_once`] (send what is due),
+//! with the run lock that keeps runs from overlapping, the run history, the outcome callers branch
+//! on and the report they print.
+//!
+//! Data flows one way: CMS rows → plan ([`crate::plan::merge`]) → queue → client ([`crate::queue`])
+//! → recorded state.
+
+use std::sync::Arc;
+
+use crate::app::Context;
+use crate::files::{LockError, Modes, RunLock};
+use crate::plan::merge::{plan_run, PlanOptions};
+use crate::queue::drain::drain;
+use crate::queue::RunEffect;
+use crate::store::RunCounts;
+use crate::verify::{verify_assets, VerifyReport, VerifyStop};
+
+pub use crate::plan::merge::{PlanReport, PlannedItem, SkippedRow, REPORT_SAMPLE};
+pub use crate::queue::drain::{Progress, SendReport};
+
+/// What the caller asked for.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Name recorded in the run history (`resync`, `demo`…).
+    pub command: &'static str,
+    pub dry_run: bool,
+    pub allow_mass_delete: bool,
+    /// Keep every planned item in the report (for `--json`), not just a sample.
+    pub keep_all_items: bool,
+    /// Read Bynder back for every managed asset first and repair drift (`--verify`).
+    pub verify: bool,
+}
+
+impl RunOptions {
+    /// What planning needs of these options; `write`: queue the plan (not a dry run's preview).
+    pub(crate) fn plan(&self, write: bool) -> PlanOptions {
+        PlanOptions {
+            keep_all_items: self.keep_all_items,
+            allow_mass_delete: self.allow_mass_delete,
+            write,
+        }
+    }
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            command: "resync",
+            dry_run: false,
+            allow_mass_delete: false,
+            keep_all_items: false,
+            verify: false,
+        }
+    }
+}
+
+/// How a run ended. Callers branch on it (exit codes, daemon health).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "outcome", content = "message")]
+pub enum RunOutcome {
+    /// Bynder already matched: nothing was sent.
+    NothingToDo,
+    /// Everything planned or queued went through.
+    Converged,
+    /// Some operations of this run failed: they wait in the queue or became dead letters.
+    Partial,
+    /// The plan would delete more usages than `sync.max_deletes` allows; nothing was queued.
+    MassDeleteRefused(String),
+    /// The portal could not be reached; the operations stay queued.
+    Unreachable(String),
+    /// Bynder rejected the credentials; the operations stay queued.
+    CredentialsRejected(String),
+    /// `--dry-run`: the plan was shown, nothing changed.
+    DryRun,
+}
+
+impl RunOutcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            RunOutcome::NothingToDo => "nothing_to_do",
+            RunOutcome::Converged => "converged",
+            RunOutcome::Partial => "partial",
+            RunOutcome::MassDeleteRefused(_) => "mass_delete_refused",
+            RunOutcome::Unreachable(_) => "unreachable",
+            RunOutcome::CredentialsRejected(_) => "credentials_rejected",
+            RunOutcome::DryRun => "dry_run",
+        }
+    }
+}
+
+/// The result of one run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunReport {
+    pub run_id: Option<i64>,
+    #[serde(flatten)]
+    pub outcome: RunOutcome,
+    pub plan: PlanReport,
+    pub sent: SendReport,
+    /// Dead letters in the queue after the run (new and old; `sent.dead` counts the new).
+    pub dead_letters: i64,
+    /// What `--verify` found, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifyReport>,
+}
+
+struct NoProgress;
+
+impl Progress for NoProgress {}
+
+/// Runs one reconcile with no progress display.
+pub async fn reconcile_once(ctx: &Context, options: &RunOptions) -> anyhow::Result<RunReport> {
+    reconcile_with_progress(ctx, options, Arc::new(NoProgress)).await
+}
+
+/// Runs one reconcile: plan, queue, send.
+#[tracing::instrument(skip_all, fields(command = options.command, dry_run = options.dry_run))]
+pub async fn reconcile_with_progress(
+    ctx: &Context,
+    options: &RunOptions,
+    progress: Arc<dyn Progress>,
+) -> anyhow::Result<RunReport> {
+    if options.dry_run {
+        if !options.verify {
+            return Ok(RunReport {
+                run_id: None,
+                outcome: RunOutcome::DryRun,
+                plan: plan_run(ctx, options.plan(false)).await?.0,
+                sent: SendReport::default(),
+                dead_letters: ctx.store.queue_summary().await?.dead,
+                verify: None,
+            });
+        }
+        // The drift repair rewrites the recorded state before planning: done on a private copy,
+        // the plan shows what a real `--verify` run would send, and nothing real changes.
+        let (_folder, snapshot) = ctx.store.snapshot(&ctx.config.database).await?;
+        let scratch = Context {
+            store: snapshot,
+            ..ctx.clone()
+        };
+        let (verify, stop) = verify_assets(&scratch).await?;
+        let outcome = match stop {
+            None => RunOutcome::DryRun,
+            Some(VerifyStop::CredentialsRejected) => credentials_rejected(ctx),
+        };
+        let plan = plan_run(&scratch, options.plan(false)).await?.0;
+        let dead_letters = scratch.store.queue_summary().await?.dead;
+        scratch.store.close().await;
+        return Ok(RunReport {
+            run_id: None,
+            outcome,
+            plan,
+            sent: SendReport::default(),
+            dead_letters,
+            verify: Some(verify),
+        });
+    }
+
+    let _lock = run_lock(ctx, options.command).await?;
+    let recovered = ctx.store.recover_in_flight().await?;
+    if recovered > 0 {
+        tracing::warn!(recovered, "operations were in flight when a previous run stopped; they are read back before anything is re-sent");
+    }
+    let run_id = ctx.store.start_run(options.command).await?;
+    match run_started(ctx, options, progress, run_id).await {
+        Ok(report) => Ok(report),
+        Err(error) => {
+            // Leave an outcome in the run history, so `status` does not show it as running.
+            let message = format!("{error:#}");
+            if let Err(e) = ctx
+                .store
+                .finish_run(run_id, "failed", &RunCounts::default(), Some(&message))
+                .await
+            {
+                tracing::warn!(error = %e, "could not record the failed run");
+            }
+            metrics::counter!("bynder_usage_sync_runs_total", "outcome" => "failed").increment(1);
+            Err(error)
+        }
+    }
+}
+
+/// The part of a run after its record was started: verify, plan, send, record the outcome.
+async fn run_started(
+    ctx: &Context,
+    options: &RunOptions,
+    progress: Arc<dyn Progress>,
+    run_id: i64,
+) -> anyhow::Result<RunReport> {
+    let requests_before = ctx.client.requests_sent();
+
+    let mut verify = None;
+    let mut verify_stopped = false;
+    if options.verify {
+        let (report, stop) = verify_assets(ctx).await?;
+        verify = Some(report);
+        verify_stopped = stop.is_some();
+    }
+    let (plan, refused) = plan_run(ctx, options.plan(true)).await?;
+    let (outcome, sent) = if verify_stopped {
+        (credentials_rejected(ctx), SendReport::default())
+    } else if let Some(why) = refused {
+        (RunOutcome::MassDeleteRefused(why), SendReport::default())
+    } else {
+        let queued = ctx.store.queue_summary().await?.pending;
+        progress.planned(queued as u64);
+        let (stop, sent) = drain(ctx, run_id, progress.as_ref()).await?;
+        progress.finished();
+        let outcome = drain_outcome(ctx, stop, &sent).await?;
+        (outcome, sent)
+    };
+    record_run(
+        ctx,
+        run_id,
+        true,
+        requests_before,
+        outcome,
+        plan,
+        sent,
+        verify,
+    )
+    .await
+}
+
+/// How a drain that stopped with `stop` (or ran out of work) ends the run.
+async fn drain_outcome(
+    ctx: &Context,
+    stop: Option<RunEffect>,
+    sent: &SendReport,
+) -> anyhow::Result<RunOutcome> {
+    let summary = ctx.store.queue_summary().await?;
+    Ok(match stop {
+        Some(RunEffect::StopCredentials) => credentials_rejected(ctx),
+        Some(RunEffect::StopFatal(m)) => {
+            RunOutcome::Unreachable(format!("{m}; the changes stay queued for the next run"))
+        }
+        Some(RunEffect::StopUnreachable(last)) => RunOutcome::Unreachable(format!(
+            "{last} (tried {} times; the changes stay queued for the next run)",
+            ctx.config.retry.max_attempts
+        )),
+        // Not stopping effects: drain never keeps them, but a run that had them is partial at most.
+        Some(RunEffect::Continue | RunEffect::Paused { .. }) => RunOutcome::Partial,
+        // Judged by what this run did: dead letters left from earlier runs wait for a human
+        // (their own gauge and warning) and do not make every later run partial.
+        None if summary.pending > 0 || summary.in_flight > 0 || sent.dead > 0 => {
+            RunOutcome::Partial
+        }
+        None if sent.succeeded == 0 && sent.failed_attempts == 0 => RunOutcome::NothingToDo,
+        None => RunOutcome::Converged,
+    })
+}
+
+/// Completes the run's record, metrics and log line, and builds its report. `reconciled`: the
+/// run planned from the CMS rows (a plain drain of the queue did not).
+#[allow(clippy::too_many_arguments)]
+async fn record_run(
+    ctx: &Context,
+    run_id: i64,
+    reconciled: bool,
+    requests_before: u64,
+    outcome: RunOutcome,
+    plan: PlanReport,
+    mut sent: SendReport,
+    verify: Option<VerifyReport>,
+) -> anyhow::Result<RunReport> {
+    let summary = ctx.store.queue_summary().await?;
+    sent.left_pending = summary.pending as u64;
+    sent.requests = ctx.client.requests_sent() - requests_before;
+    let counts = RunCounts {
+        creates: plan.creates as i64,
+        updates: plan.updates as i64,
+        deletes: plan.deletes as i64,
+        skipped_rows: plan.skipped as i64,
+        succeeded: sent.succeeded as i64,
+        failed: (sent.dead + sent.left_pending) as i64,
+        requests: sent.requests as i64,
+    };
+    let message = match &outcome {
+        RunOutcome::MassDeleteRefused(m)
+        | RunOutcome::Unreachable(m)
+        | RunOutcome::CredentialsRejected(m) => Some(m.as_str()),
+        _ => None,
+    };
+    ctx.store
+        .finish_run(run_id, outcome.label(), &counts, message)
+        .await?;
+    let pruned = ctx.store.prune_runs(ctx.config.runs.keep).await?;
+    if pruned > 0 {
+        tracing::debug!(pruned, "old runs removed from the history (runs.keep)");
+    }
+    metrics::counter!("bynder_usage_sync_runs_total", "outcome" => outcome.label()).increment(1);
+    // Only a run that read the CMS (not a plain drain of the queue) can say Bynder matches it.
+    if reconciled && matches!(outcome, RunOutcome::Converged | RunOutcome::NothingToDo) {
+        metrics::gauge!("bynder_usage_sync_last_success_timestamp_seconds")
+            .set(chrono::Utc::now().timestamp() as f64);
+    }
+    tracing::info!(
+        run_id,
+        outcome = outcome.label(),
+        creates = plan.creates,
+        updates = plan.updates,
+        deletes = plan.deletes,
+        skipped = plan.skipped,
+        succeeded = sent.succeeded,
+        requests = sent.requests,
+        "run finished"
+    );
+    Ok(RunReport {
+        run_id: Some(run_id),
+        outcome,
+        plan,
+        sent,
+        dead_letters: summary.dead,
+        verify,
+    })
+}
+
+fn credentials_rejected(ctx: &Context) -> RunOutcome {
+    RunOutcome::CredentialsRejected(format!(
+        "Bynder rejected the credentials (401). Fix: {}",
+        ctx.client.credentials().rejection_fix()
+    ))
+}
+
+/// The run lock of this state database, waited for at most `database.lock_timeout`.
+async fn run_lock(ctx: &Context, what: &str) -> Result<RunLock, LockError> {
+    let database = &ctx.config.database;
+    RunLock::acquire(
+        ctx.store.path(),
+        Modes::new(database.group_shared),
+        database.lock_timeout,
+        what,
+    )
+    .await
+}
+
+/// Sends what is already queued, without planning: the daemon calls it between reconciles so a
+/// retry does not wait for the next schedule. Takes the run lock like a reconcile and records a
+/// run named `drain`, but only when something is pending; `None` when nothing was.
+#[tracing::instrument(skip_all)]
+pub async fn drain_queue_once(
+    ctx: &Context,
+    progress: Arc<dyn Progress>,
+) -> anyhow::Result<Option<RunReport>> {
+    let _lock = run_lock(ctx, "drain").await?;
+    let recovered = ctx.store.recover_in_flight().await?;
+    if recovered > 0 {
+        tracing::warn!(recovered, "operations were in flight when a previous run stopped; they are read back before anything is re-sent");
+    }
+    if ctx.store.queue_summary().await?.pending == 0 {
+        return Ok(None);
+    }
+    let run_id = ctx.store.start_run("drain").await?;
+    let requests_before = ctx.client.requests_sent();
+    let (stop, sent) = drain(ctx, run_id, progress.as_ref()).await?;
+    let outcome = drain_outcome(ctx, stop, &sent).await?;
+    let report = record_run(
+        ctx,
+        run_id,
+        false,
+        requests_before,
+        outcome,
+        PlanReport::default(),
+        sent,
+        None,
+    )
+    .await?;
+    Ok(Some(report))
+}
