@@ -9,8 +9,9 @@
 //! recorder is process-wide, so in-process daemons running side by side in this test binary
 //! share their metrics. Tests about any of those use the real binary ([`crate::daemon::Daemon`]).
 //!
-//! The configuration is read as `run` reads it, environment included; the suite's other
-//! in-process tests (`properties`) read it the same way.
+//! The configuration is read as `run` reads it, environment included (`BYNDER_USAGE_SYNC_*`,
+//! and `NOTIFY_SOCKET` for systemd notifications, which the binary tests strip and this cannot);
+//! the suite's other in-process tests (`properties`) read it the same way.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
