@@ -4,7 +4,8 @@
 //! Owns permanent tokens, OAuth 2 apps with the access tokens, refresh tokens and
 //! authorization codes issued to them, and OAuth 1.0a consumers and tokens (with the
 //! nonces already seen). The token endpoints themselves live in [`super::oauth2`] and
-//! [`super::oauth1`]; this module only stores and checks.
+//! [`super::oauth1`], and the OAuth 1.0a signature arithmetic in [`super::signature`];
+//! this module only stores and checks.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -13,8 +14,9 @@ use axum::http::header;
 use base64::Engine as _;
 use tokio::time::Instant;
 
-use super::http::{self, Call, Rejection};
-use super::{oauth1, Client, OAuth1Credentials, Shared};
+use super::options::{Client, OAuth1Credentials};
+use super::signature;
+use super::wire::{self, Call, Rejection};
 
 /// An issued OAuth 2 access token.
 pub(super) struct AccessToken {
@@ -186,10 +188,23 @@ impl Credentials {
             return Some(Access::Scopes(access.scopes.clone()));
         }
         if scheme.eq_ignore_ascii_case("oauth") {
-            self.verify_oauth1(call, OAuth1Token::Access, oauth1::unix_now())?;
+            self.verify_oauth1(call, OAuth1Token::Access, signature::unix_now())?;
             return Some(Access::Everything);
         }
         None
+    }
+
+    /// Lets a request to an API endpoint through, or answers 401 (no valid credential) or
+    /// 403 (the credential lacks `scope`).
+    pub fn authorize(&mut self, call: &Call, scope: &str) -> Result<(), Rejection> {
+        let access = self
+            .authenticate(call)
+            .ok_or_else(|| Rejection::from(wire::unauthorized()))?;
+        if access.allows(scope) {
+            Ok(())
+        } else {
+            Err(Rejection::from(wire::access_denied()))
+        }
     }
 
     /// Checks an OAuth 1.0a signed request per RFC 5849: known consumer and token, the
@@ -201,7 +216,7 @@ impl Credentials {
         now_unix: i64,
     ) -> Option<VerifiedOAuth1> {
         let header_parameters =
-            oauth1::parse_authorization(call.header(header::AUTHORIZATION.as_str())?)?;
+            signature::parse_authorization(call.header(header::AUTHORIZATION.as_str())?)?;
         let get = |name: &str| {
             header_parameters
                 .iter()
@@ -218,7 +233,7 @@ impl Credentials {
         if get("oauth_version").is_some_and(|version| version != "1.0") {
             return None;
         }
-        if (now_unix - timestamp).abs() > oauth1::TIMESTAMP_TOLERANCE_SECS {
+        if (now_unix - timestamp).abs() > signature::TIMESTAMP_TOLERANCE_SECS {
             return None;
         }
         let token = get("oauth_token").filter(|token| !token.is_empty());
@@ -244,12 +259,12 @@ impl Credentials {
         let host = call
             .header(header::HOST.as_str())
             .or_else(|| call.uri.authority().map(|authority| authority.as_str()))?;
-        let base_string = oauth1::signature_base_string(
+        let base_string = signature::signature_base_string(
             call.method.as_str(),
-            &oauth1::base_string_uri(host, call.path()),
-            &oauth1::signed_parameters(call, &header_parameters),
+            &signature::base_string_uri(host, call.path()),
+            &signature::signed_parameters(call, &header_parameters),
         );
-        if !oauth1::signature_matches(&base_string, consumer_secret, token_secret, signature) {
+        if !signature::signature_matches(&base_string, consumer_secret, token_secret, signature) {
             return None;
         }
         // Only a correctly signed request may use up a nonce; otherwise anyone could
@@ -312,27 +327,11 @@ impl NonceLog {
     fn record(&mut self, key: String, timestamp: i64, now_unix: i64) -> bool {
         if self.seen.len() >= self.sweep_at_len.max(4096) {
             self.seen
-                .retain(|_, seen| (now_unix - *seen).abs() <= oauth1::TIMESTAMP_TOLERANCE_SECS);
+                .retain(|_, seen| (now_unix - *seen).abs() <= signature::TIMESTAMP_TOLERANCE_SECS);
             // Sweeping again only after the log doubles keeps the cost amortised O(1).
             self.sweep_at_len = self.seen.len() * 2;
         }
         self.seen.insert(key, timestamp).is_none()
-    }
-}
-
-impl Shared {
-    /// Lets a request to an API endpoint through, or answers 401 (no valid credential) or
-    /// 403 (the credential lacks `scope`).
-    pub(super) fn authorize(&self, call: &Call, scope: &str) -> Result<(), Rejection> {
-        let access = self
-            .credentials()
-            .authenticate(call)
-            .ok_or_else(|| Rejection::from(http::unauthorized()))?;
-        if access.allows(scope) {
-            Ok(())
-        } else {
-            Err(Rejection::from(http::access_denied()))
-        }
     }
 }
 

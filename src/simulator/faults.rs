@@ -1,6 +1,6 @@
 //! Injected faults: deciding which one hits a request, and the answers that carry them.
 //!
-//! Owns only the dice and the broken responses; [`super::http`] decides which routes
+//! Owns the fault settings ([`Faults`]), the dice and the broken responses; [`super::http`] decides which routes
 //! are exposed to faults and applies them around the handler.
 
 use std::time::Duration;
@@ -10,7 +10,23 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use rand::Rng;
 
-use super::Faults;
+/// Faults injected into the usage endpoints and `currentUser` (the token endpoint only
+/// honours `token_endpoint_down`). Rates are probabilities in `0.0..=1.0`, rolled
+/// independently in the order server error, dropped connection, slow answer.
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    /// Probability of answering 500, 502 or 503 with an HTML body, without changing state.
+    pub server_error_rate: f64,
+    /// Probability of dropping the connection without an HTTP answer; half of the drops
+    /// happen before the change is applied and half after, so the client cannot tell.
+    pub drop_rate: f64,
+    /// Probability of applying the change, then waiting `slow_delay` before answering.
+    pub slow_rate: f64,
+    /// How long a slow answer waits; make it longer than the client's timeout.
+    pub slow_delay: Duration,
+    /// When true the token endpoint answers 503.
+    pub token_endpoint_down: bool,
+}
 
 /// The fault chosen for one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

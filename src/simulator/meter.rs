@@ -3,12 +3,32 @@
 //! Owns the [`Counters`] and the limiter state; it does not decide what a request does.
 //! The portal listens on loopback only, so "per IP" means one limiter for everything.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use axum::http::StatusCode;
 use tokio::time::Instant;
 
-use super::{Counters, RateLimit};
+use super::options::RateLimit;
+
+/// What the portal has seen since it started or since
+/// [`Simulator::reset_counters`](super::Simulator::reset_counters).
+#[derive(Clone, Debug, Default)]
+pub struct Counters {
+    /// Every HTTP request received, on any route, including rejected ones.
+    pub total: u64,
+    /// Requests per route, keyed `"METHOD /path"` (no query), e.g. `"POST /api/media/usage/"`.
+    pub by_route: BTreeMap<String, u64>,
+    /// 429 answers sent.
+    pub rate_limited: u64,
+    /// 401 answers sent, on any route.
+    pub unauthorized: u64,
+    /// Access tokens issued by the OAuth 2 token endpoint.
+    pub tokens_issued: u64,
+    /// The most token-endpoint requests that were in flight at once.
+    pub max_concurrent_token_requests: u64,
+    /// Server errors, dropped connections and slow answers injected.
+    pub faults_injected: u64,
+}
 
 /// Counters plus the sliding-window limiter.
 pub(super) struct Meter {

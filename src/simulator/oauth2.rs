@@ -18,8 +18,10 @@ use sha2::Digest as _;
 use tokio::time::Instant;
 
 use super::auth::{random_secret, AuthCode, Credentials};
-use super::http::{self, Call, Rejection};
-use super::{faults, lock, Client, ScopePolicy, Shared};
+use super::faults;
+use super::options::{Client, ScopePolicy};
+use super::state::{lock, Shared};
+use super::wire::{self, Call, Rejection};
 
 /// How long an authorization code may wait before it is exchanged.
 const CODE_LIFETIME: Duration = Duration::from_secs(600);
@@ -31,10 +33,10 @@ const OFFLINE_SCOPE: &str = "offline";
 /// approves at once (no login page) with a 302 back to the app.
 pub(super) fn authorize(shared: &Shared, call: &Call) -> Response {
     if call.method != Method::GET {
-        return http::method_not_allowed();
+        return wire::method_not_allowed();
     }
     let query = call.query_pairs();
-    let param = |name: &str| http::field(&query, name);
+    let param = |name: &str| wire::field(&query, name);
     let mut credentials = shared.credentials();
     let Some(client) = param("client_id").and_then(|id| credentials.clients.get(id).cloned())
     else {
@@ -120,7 +122,7 @@ pub(super) fn authorize(shared: &Shared, call: &Call) -> Response {
 /// `POST /v6/authentication/oauth2/token`.
 pub(super) fn token(shared: &Shared, call: &Call) -> Response {
     if call.method != Method::POST {
-        return http::method_not_allowed();
+        return wire::method_not_allowed();
     }
     if lock(&shared.faults).token_endpoint_down {
         return faults::server_error(StatusCode::SERVICE_UNAVAILABLE);
@@ -138,9 +140,9 @@ pub(super) fn token(shared: &Shared, call: &Call) -> Response {
         Ok(client) => client,
         Err(rejection) => return rejection.into_response(),
     };
-    let requested = http::field(&form, "scope");
+    let requested = wire::field(&form, "scope");
     let refused = refused_scope(&client, requested, shared.policy.scope_policy);
-    let outcome = match (http::field(&form, "grant_type"), refused) {
+    let outcome = match (wire::field(&form, "grant_type"), refused) {
         // Checked before the grant itself, so a refused request uses up no code.
         (Some("client_credentials" | "authorization_code" | "refresh_token"), Some(scope)) => {
             Err(Rejection::from(invalid_scope(scope)))
@@ -184,7 +186,7 @@ pub(super) fn token(shared: &Shared, call: &Call) -> Response {
     if let Some(refresh_token) = grant.refresh_token {
         body["refresh_token"] = json!(refresh_token);
     }
-    let mut response = http::json_value(StatusCode::OK, &body);
+    let mut response = wire::json_value(StatusCode::OK, &body);
     response.headers_mut().insert(
         header::CACHE_CONTROL,
         header::HeaderValue::from_static("no-store"),
@@ -210,8 +212,8 @@ fn authenticate_client(
         .and_then(|value| value.trim().split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
         .map(|(_, encoded)| decode_basic(encoded.trim()));
-    let body_id = http::field(form, "client_id");
-    let body_secret = http::field(form, "client_secret");
+    let body_id = wire::field(form, "client_id");
+    let body_secret = wire::field(form, "client_secret");
     let (client_id, secret) = match basic {
         Some(None) => return Err(invalid_client("The Basic credentials are malformed.")),
         Some(Some(_)) if body_secret.is_some() => {
@@ -263,7 +265,7 @@ fn exchange_code(
     client: &Client,
     form: &[(String, String)],
 ) -> Result<Grant, Rejection> {
-    let Some(code) = http::field(form, "code") else {
+    let Some(code) = wire::field(form, "code") else {
         return Err(Rejection::from(oauth_error(
             StatusCode::BAD_REQUEST,
             "invalid_request",
@@ -281,12 +283,12 @@ fn exchange_code(
             "The authorization code is expired or belongs to another client.",
         ));
     }
-    if http::field(form, "redirect_uri") != Some(issued.redirect_uri.as_str()) {
+    if wire::field(form, "redirect_uri") != Some(issued.redirect_uri.as_str()) {
         return Err(invalid_grant(
             "The redirect_uri does not match the authorization request.",
         ));
     }
-    let verifier = http::field(form, "code_verifier");
+    let verifier = wire::field(form, "code_verifier");
     match (&issued.code_challenge, verifier) {
         (None, None) => {}
         (Some(challenge), Some(verifier)) if pkce_s256(verifier) == *challenge => {}
@@ -301,7 +303,7 @@ fn exchange_code(
             ))
         }
     }
-    let scopes = narrow_scopes(issued.scopes, http::field(form, "scope"));
+    let scopes = narrow_scopes(issued.scopes, wire::field(form, "scope"));
     let refresh_token = scopes
         .iter()
         .any(|scope| scope == OFFLINE_SCOPE)
@@ -318,7 +320,7 @@ fn refresh(
     form: &[(String, String)],
     rotate: bool,
 ) -> Result<Grant, Rejection> {
-    let Some(token) = http::field(form, "refresh_token") else {
+    let Some(token) = wire::field(form, "refresh_token") else {
         return Err(Rejection::from(oauth_error(
             StatusCode::BAD_REQUEST,
             "invalid_request",
@@ -335,7 +337,7 @@ fn refresh(
             "The refresh token belongs to another client.",
         ));
     }
-    let scopes = narrow_scopes(stored.scopes.clone(), http::field(form, "scope"));
+    let scopes = narrow_scopes(stored.scopes.clone(), wire::field(form, "scope"));
     let refresh_token = if rotate {
         let kept = stored.scopes.clone();
         credentials.refresh.remove(token);
@@ -418,7 +420,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
-    http::json_value(
+    wire::json_value(
         status,
         &json!({"error": error, "error_description": description}),
     )

@@ -1,4 +1,5 @@
-//! The simulated portal's usage records and the indexes over them.
+//! The simulated portal's usage records ([`Usage`], as the handle shows them) and the
+//! indexes over them.
 //!
 //! Owns storage only: no HTTP, no authorization, no knowledge of which request asked.
 //! Records are indexed by id, by asset and by (integration, uri), so every request
@@ -12,7 +13,22 @@ use std::sync::Arc;
 use chrono::{DateTime, SecondsFormat, Utc};
 use uuid::Uuid;
 
-use super::Usage;
+/// One usage record as the portal stores it (flat; the wire form nests the integration).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    /// The usage id (a UUID).
+    pub id: String,
+    /// The integration that owns the usage.
+    pub integration_id: String,
+    /// The Bynder asset (media) id.
+    pub asset_id: String,
+    /// Where the asset is used.
+    pub uri: String,
+    /// Free text.
+    pub additional: String,
+    /// When the usage was recorded, RFC 3339 with microseconds and a `+00:00` offset.
+    pub timestamp: String,
+}
 
 /// One stored usage.
 pub(super) struct Record {

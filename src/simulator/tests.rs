@@ -1117,7 +1117,7 @@ async fn current_user_needs_the_current_user_scope() {
 }
 
 /// Builds an `Authorization: OAuth ...` header for a request, using the module's own
-/// signature primitives (those are pinned to the RFC examples in `oauth1::tests`).
+/// signature primitives (those are pinned to the RFC examples in `signature::tests`).
 fn oauth1_header(
     method: &str,
     url: &str,
@@ -1147,12 +1147,12 @@ fn oauth1_header(
     );
     parameters.extend(oauth.iter().cloned());
     let host = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
-    let base = oauth1::signature_base_string(
+    let base = signature::signature_base_string(
         method,
-        &oauth1::base_string_uri(&host, url.path()),
+        &signature::base_string_uri(&host, url.path()),
         &parameters,
     );
-    let signature = oauth1::hmac_sha1_signature(
+    let signature = signature::hmac_sha1_signature(
         &base,
         consumer_secret,
         token.map_or("", |(_, secret)| secret),
@@ -1160,7 +1160,7 @@ fn oauth1_header(
     oauth.push(("oauth_signature".into(), signature));
     let fields: Vec<String> = oauth
         .iter()
-        .map(|(name, value)| format!("{name}=\"{}\"", oauth1::encode(value)))
+        .map(|(name, value)| format!("{name}=\"{}\"", signature::encode(value)))
         .collect();
     format!("OAuth realm=\"Bynder\", {}", fields.join(", "))
 }

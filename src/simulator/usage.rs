@@ -4,7 +4,7 @@
 //! Owns request validation and the semantics of each endpoint, including the strict
 //! choices where Bynder is silent (see the module doc of [`super`]). Storage is
 //! [`super::store`]; authentication is [`super::auth`]; faults are applied around these
-//! handlers by [`super::http`].
+//! handlers by [`super::http`]; the shared answers are [`super::wire`].
 
 use std::collections::{HashMap, HashSet};
 
@@ -15,9 +15,10 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::http::{self, Call, Rejection};
+use super::options::{IdCase, SyncAnswer, SyncSemantics};
+use super::state::Shared;
 use super::store::{format_timestamp, Record, Store};
-use super::{IdCase, Shared, SyncAnswer, SyncSemantics};
+use super::wire::{self, Call, Rejection};
 
 const READ_SCOPE: &str = "asset.usage:read";
 const WRITE_SCOPE: &str = "asset.usage:write";
@@ -29,7 +30,7 @@ pub(super) fn usages(shared: &Shared, call: &Call) -> Response {
         Method::GET => retrieve(shared, call),
         Method::POST => create(shared, call),
         Method::DELETE => delete(shared, call),
-        _ => http::method_not_allowed(),
+        _ => wire::method_not_allowed(),
     }
 }
 
@@ -39,7 +40,7 @@ fn admit(shared: &Shared, call: &Call, scope: &str) -> Result<(), Rejection> {
     if shared.policy.statistics_role {
         Ok(())
     } else {
-        Err(Rejection::from(http::access_denied()))
+        Err(Rejection::from(wire::access_denied()))
     }
 }
 
@@ -48,9 +49,9 @@ fn retrieve(shared: &Shared, call: &Call) -> Response {
         return rejection.into_response();
     }
     let query = call.query_pairs();
-    let integration_id = http::field(&query, "integration_id");
-    let uri = http::field(&query, "uri");
-    let asset_id = http::field(&query, "asset_id").map(|id| shared.policy.asset_id(id));
+    let integration_id = wire::field(&query, "integration_id");
+    let uri = wire::field(&query, "uri");
+    let asset_id = wire::field(&query, "asset_id").map(|id| shared.policy.asset_id(id));
     let store = shared.store();
     let ids = match (asset_id, integration_id) {
         (Some(asset_id), _) => store.find(&asset_id, integration_id, uri),
@@ -62,7 +63,7 @@ fn retrieve(shared: &Shared, call: &Call) -> Response {
         // Strict: listing without an asset is not known to work.
         (None, _) => {
             drop(store);
-            return http::required(&["asset_id"]);
+            return wire::required(&["asset_id"]);
         }
     };
     let found: Vec<WireUsage<'_>> = ids
@@ -71,7 +72,7 @@ fn retrieve(shared: &Shared, call: &Call) -> Response {
         .collect();
     let body = serde_json::to_vec(&found).expect("usages serialize");
     drop(store);
-    http::json_bytes(StatusCode::OK, body)
+    wire::json_bytes(StatusCode::OK, body)
 }
 
 fn create(shared: &Shared, call: &Call) -> Response {
@@ -80,8 +81,8 @@ fn create(shared: &Shared, call: &Call) -> Response {
     }
     // A body that is not a form reads as an empty form, as a form-only server sees it.
     let form = call.form_pairs();
-    let integration_id = http::field(&form, "integration_id");
-    let asset_id = http::field(&form, "asset_id");
+    let integration_id = wire::field(&form, "integration_id");
+    let asset_id = wire::field(&form, "asset_id");
     let (Some(integration_id), Some(asset_id)) = (integration_id, asset_id) else {
         let mut missing = Vec::new();
         if integration_id.is_none() {
@@ -90,15 +91,15 @@ fn create(shared: &Shared, call: &Call) -> Response {
         if asset_id.is_none() {
             missing.push("asset_id");
         }
-        return http::required(&missing);
+        return wire::required(&missing);
     };
     let asset_id = shared.policy.asset_id(asset_id);
-    let timestamp = match http::field(&form, "timestamp") {
+    let timestamp = match wire::field(&form, "timestamp") {
         None => Utc::now(),
         Some(text) => match parse_timestamp(text) {
             Some(timestamp) => timestamp,
             None => {
-                return http::field_errors(&[(
+                return wire::field_errors(&[(
                     "timestamp",
                     "Datetime has wrong format. Use ISO 8601, e.g. YYYY-MM-DDThh:mm:ssZ.",
                 )])
@@ -108,8 +109,8 @@ fn create(shared: &Shared, call: &Call) -> Response {
     if shared.policy.is_missing(&asset_id) {
         return asset_not_found();
     }
-    let uri = http::field(&form, "uri").unwrap_or("");
-    let additional = http::field(&form, "additional").unwrap_or("");
+    let uri = wire::field(&form, "uri").unwrap_or("");
+    let additional = wire::field(&form, "additional").unwrap_or("");
     let mut store = shared.store();
     // Strict: never deduplicated, so a retried create leaves a second record.
     let id = store.insert(integration_id, &asset_id, uri, additional, timestamp);
@@ -120,7 +121,7 @@ fn create(shared: &Shared, call: &Call) -> Response {
         None => unreachable!("a usage that was just inserted exists"),
     };
     drop(store);
-    http::json_bytes(StatusCode::OK, body)
+    wire::json_bytes(StatusCode::OK, body)
 }
 
 fn delete(shared: &Shared, call: &Call) -> Response {
@@ -129,8 +130,8 @@ fn delete(shared: &Shared, call: &Call) -> Response {
     }
     // Parameters are read from the query only; a body is ignored, as SDKs never send one.
     let query = call.query_pairs();
-    let integration_id = http::field(&query, "integration_id");
-    let asset_id = http::field(&query, "asset_id");
+    let integration_id = wire::field(&query, "integration_id");
+    let asset_id = wire::field(&query, "asset_id");
     let (Some(integration_id), Some(asset_id)) = (integration_id, asset_id) else {
         let mut missing = Vec::new();
         if integration_id.is_none() {
@@ -139,12 +140,12 @@ fn delete(shared: &Shared, call: &Call) -> Response {
         if asset_id.is_none() {
             missing.push("asset_id");
         }
-        return http::required(&missing);
+        return wire::required(&missing);
     };
     let asset_id = shared.policy.asset_id(asset_id);
     // An empty `uri=` counts as absent and so deletes the asset's every usage of this
     // integration: the dangerous reading, which a client must never trigger by accident.
-    let uri = http::field(&query, "uri");
+    let uri = wire::field(&query, "uri");
     let mut store = shared.store();
     for id in store.find(&asset_id, Some(integration_id), uri) {
         store.remove(&id);
@@ -156,7 +157,7 @@ fn delete(shared: &Shared, call: &Call) -> Response {
 /// `POST /api/media/usage/sync`.
 pub(super) fn sync(shared: &Shared, call: &Call) -> Response {
     if call.method != Method::POST {
-        return http::method_not_allowed();
+        return wire::method_not_allowed();
     }
     if let Err(rejection) = admit(shared, call, WRITE_SCOPE) {
         return rejection.into_response();
@@ -170,7 +171,7 @@ pub(super) fn sync(shared: &Shared, call: &Call) -> Response {
         .max_sync_usages
         .is_some_and(|max| request.usages.len() > max)
     {
-        return http::text(StatusCode::PAYLOAD_TOO_LARGE, "Request Entity Too Large");
+        return wire::text(StatusCode::PAYLOAD_TOO_LARGE, "Request Entity Too Large");
     }
     let mut store = shared.store();
     let outcome = apply_sync(
@@ -183,11 +184,11 @@ pub(super) fn sync(shared: &Shared, call: &Call) -> Response {
     match shared.policy.sync_answer {
         SyncAnswer::Full => {
             let body = serde_json::to_vec(&outcome).expect("a sync outcome serializes");
-            http::json_bytes(StatusCode::OK, body)
+            wire::json_bytes(StatusCode::OK, body)
         }
         SyncAnswer::NoContent => StatusCode::NO_CONTENT.into_response(),
-        SyncAnswer::EmptyObject => http::json_bytes(StatusCode::OK, b"{}".to_vec()),
-        SyncAnswer::EmptyArray => http::json_bytes(StatusCode::OK, b"[]".to_vec()),
+        SyncAnswer::EmptyObject => wire::json_bytes(StatusCode::OK, b"{}".to_vec()),
+        SyncAnswer::EmptyArray => wire::json_bytes(StatusCode::OK, b"[]".to_vec()),
     }
 }
 
@@ -215,7 +216,7 @@ impl SyncRequest {
         let body: Value = match serde_json::from_slice(&call.body) {
             Ok(body) if is_json => body,
             _ => {
-                return Err(Rejection::from(http::json_value(
+                return Err(Rejection::from(wire::json_value(
                     StatusCode::BAD_REQUEST,
                     &json!({"message": "The body must be a JSON object sent as application/json.", "statuscode": 400}),
                 )))
@@ -226,7 +227,7 @@ impl SyncRequest {
             .and_then(Value::as_str)
             .filter(|id| !id.is_empty())
         else {
-            return Err(Rejection::from(http::required(&["integration_id"])));
+            return Err(Rejection::from(wire::required(&["integration_id"])));
         };
         let uris = match body.get("uris") {
             None | Some(Value::Null) => Vec::new(),
@@ -235,13 +236,13 @@ impl SyncRequest {
                 .map(|item| item.as_str().map(str::to_owned))
                 .collect::<Option<Vec<_>>>()
                 .ok_or_else(|| {
-                    Rejection::from(http::field_errors(&[(
+                    Rejection::from(wire::field_errors(&[(
                         "uris",
                         "Expected a list of strings.",
                     )]))
                 })?,
             Some(_) => {
-                return Err(Rejection::from(http::field_errors(&[(
+                return Err(Rejection::from(wire::field_errors(&[(
                     "uris",
                     "Expected a list of strings.",
                 )])))
@@ -254,7 +255,7 @@ impl SyncRequest {
                 .map(SyncEntry::parse)
                 .collect::<Result<Vec<_>, _>>()?,
             Some(_) => {
-                return Err(Rejection::from(http::field_errors(&[(
+                return Err(Rejection::from(wire::field_errors(&[(
                     "usages",
                     "Expected a list of usages.",
                 )])))
@@ -282,14 +283,14 @@ impl SyncEntry {
                 .to_owned()
         };
         if !item.is_object() {
-            return Err(Rejection::from(http::field_errors(&[(
+            return Err(Rejection::from(wire::field_errors(&[(
                 "usages",
                 "Expected a list of usages.",
             )])));
         }
         let asset_id = text("asset_id");
         if asset_id.is_empty() {
-            return Err(Rejection::from(http::required(&["asset_id"])));
+            return Err(Rejection::from(wire::required(&["asset_id"])));
         }
         Ok(SyncEntry {
             asset_id,
@@ -417,12 +418,12 @@ fn apply_sync(
 /// assigned user).
 pub(super) fn current_user(shared: &Shared, call: &Call) -> Response {
     if call.method != Method::GET {
-        return http::method_not_allowed();
+        return wire::method_not_allowed();
     }
     if let Err(rejection) = shared.authorize(call, CURRENT_USER_SCOPE) {
         return rejection.into_response();
     }
-    http::json_value(
+    wire::json_value(
         StatusCode::OK,
         &json!({
             "id": "3A5B2C1D-7E8F-4A9B-8C7D6E5F4A3B2C1D",
@@ -447,7 +448,7 @@ pub(super) fn current_user(shared: &Shared, call: &Call) -> Response {
 }
 
 fn asset_not_found() -> Response {
-    http::json_value(
+    wire::json_value(
         StatusCode::NOT_FOUND,
         &json!({"message": "Asset not found", "statuscode": 404}),
     )

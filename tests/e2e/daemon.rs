@@ -1,18 +1,22 @@
-//! Issue: daemon mode and operations. `run` as a real process against the simulated portal: the
-//! schedule, SIGTERM, restarts, a CMS writing alongside, the endpoints, systemd notifications and
-//! the status page in headless Chromium.
+//! Issue: daemon mode and operations, against the simulated portal. `run` as a real process
+//! where the test is about the process or needs it to itself: SIGTERM, SIGHUP, SIGKILL and
+//! restarts, exit codes, systemd notifications, the log, and the metrics (the Prometheus recorder
+//! is process-wide, so only a process of its own has metrics nobody else wrote). The schedules,
+//! the status page in headless Chromium and the search run the daemon in process
+//! ([`crate::in_process`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::ExitStatus;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Child;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::common::*;
+use crate::in_process::{spawn_daemon, SpawnedDaemon};
 use bynder_usage_sync::simulator::{Faults, Options};
 
 /// The `[server]` and `[daemon]` sections of a daemon under test: a port picked by the OS, a
@@ -45,7 +49,10 @@ fn per_usage_daemon_setup() -> Setup {
 pub(crate) struct Daemon {
     pub(crate) child: Child,
     pub(crate) address: SocketAddr,
-    log: Arc<Mutex<String>>,
+    /// Its stderr so far, updated line by line.
+    log: watch::Receiver<String>,
+    /// Reads stderr into `log`; it ends when the process closes stderr.
+    reader: JoinHandle<()>,
     http: reqwest::Client,
 }
 
@@ -69,11 +76,10 @@ impl Daemon {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("start the daemon");
-        let log = Arc::new(Mutex::new(String::new()));
+        let (log_tx, log) = watch::channel(String::new());
         let (address_tx, mut address_rx) = watch::channel(None::<SocketAddr>);
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let sink = log.clone();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
                 if let Some(rest) = line.split("listening on ").nth(1) {
                     let token = rest.split_whitespace().next().unwrap_or("");
@@ -81,11 +87,14 @@ impl Daemon {
                         address_tx.send_replace(Some(address));
                     }
                 }
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
+                log_tx.send_modify(|log| {
+                    log.push_str(&line);
+                    log.push('\n');
+                });
             }
         });
+        // The port is chosen by the OS inside the process (`listen = "127.0.0.1:0"`); the line
+        // naming it is the signal. Picking a free port here and passing it in would race.
         let found = tokio::time::timeout(
             Duration::from_secs(20),
             address_rx.wait_for(|a| a.is_some()),
@@ -95,13 +104,14 @@ impl Daemon {
             Ok(Ok(a)) => a.expect("checked"),
             _ => panic!(
                 "the daemon never said where it listens; its log:\n{}",
-                log.lock().unwrap()
+                *log.borrow()
             ),
         };
         Daemon {
             child,
             address,
             log,
+            reader,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()
@@ -120,7 +130,20 @@ impl Daemon {
     }
 
     pub(crate) fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
+        self.log.borrow().clone()
+    }
+
+    /// Waits for `what` to appear in the log, failing after `within`.
+    pub(crate) async fn wait_for_log(&self, what: &str, within: Duration) {
+        let mut log = self.log.clone();
+        let appeared = tokio::time::timeout(within, log.wait_for(|log| log.contains(what))).await;
+        // `Err` inside: stderr closed without the line.
+        if !matches!(appeared, Ok(Ok(_))) {
+            panic!(
+                "timed out after {within:?} waiting for {what:?} in the daemon's log:\n{}",
+                self.log()
+            );
+        }
     }
 
     /// Sends SIGTERM and waits for the exit, at most `within`.
@@ -142,14 +165,44 @@ impl Daemon {
                 )
             })
             .unwrap();
-        // Let the reader catch the last lines.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        (status, started.elapsed(), self.log())
+        let took = started.elapsed();
+        // The process has exited, so stderr is closed: the reader ends once it has every line.
+        if tokio::time::timeout(Duration::from_secs(5), &mut self.reader)
+            .await
+            .is_err()
+        {
+            panic!(
+                "stderr stayed open after the daemon exited; its log:\n{}",
+                self.log()
+            );
+        }
+        (status, took, self.log())
+    }
+}
+
+/// What a failed wait shows about the daemon it waited on.
+pub(crate) trait Watched {
+    fn log(&self) -> String;
+}
+
+impl Watched for Daemon {
+    fn log(&self) -> String {
+        Daemon::log(self)
+    }
+}
+
+impl Watched for SpawnedDaemon {
+    fn log(&self) -> String {
+        "(in process: its log is not captured)".to_owned()
     }
 }
 
 /// Polls `check` until it holds, failing with `what` and the daemon's log after `within`.
-async fn eventually<F, Fut>(daemon: &Daemon, what: &str, within: Duration, mut check: F)
+///
+/// Polling, with a bound, because what the tests wait for here (usages in the simulated portal,
+/// rows in the state database, an endpoint's answer) has no change notification to wait on;
+/// waits for a log line or a systemd notification use their watch channels instead.
+async fn eventually<F, Fut>(daemon: &impl Watched, what: &str, within: Duration, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -194,14 +247,12 @@ async fn run_sends_each_change_of_the_cms_table_and_exits_0_on_sigterm() {
     // systemd's side of Type=notify: a datagram socket the daemon reports to.
     let socket_path = app.dir.path().join("notify.sock");
     let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
-    let notes = Arc::new(Mutex::new(Vec::<String>::new()));
-    let sink = notes.clone();
+    let (sink, notes) = watch::channel(Vec::<String>::new());
     tokio::spawn(async move {
         let mut buf = vec![0u8; 4096];
         while let Ok(n) = socket.recv(&mut buf).await {
-            sink.lock()
-                .unwrap()
-                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            let note = String::from_utf8_lossy(&buf[..n]).into_owned();
+            sink.send_modify(|notes| notes.push(note));
         }
     });
     let daemon = Daemon::start_env(
@@ -212,14 +263,20 @@ async fn run_sends_each_change_of_the_cms_table_and_exits_0_on_sigterm() {
         ],
     )
     .await;
-    let noted = |what: &'static str| {
-        let notes = notes.clone();
-        move || {
-            let found = notes.lock().unwrap().iter().any(|n| n.contains(what));
-            async move { found }
+    // Each datagram is an event on the watch: whether a note arrives within a bound needs no
+    // polling.
+    let noted = |what: &'static str, within: Duration| {
+        let mut notes = notes.clone();
+        async move {
+            let found = notes.wait_for(|notes| notes.iter().any(|n| n.contains(what)));
+            matches!(tokio::time::timeout(within, found).await, Ok(Ok(_)))
         }
     };
-    eventually(&daemon, "READY=1", Duration::from_secs(5), noted("READY=1")).await;
+    assert!(
+        noted("READY=1", Duration::from_secs(5)).await,
+        "no READY=1 within 5s\ndaemon log:\n{}",
+        daemon.log()
+    );
 
     // First change: new rows.
     app.insert(&asset(1), &page(1), Some("hero")).await;
@@ -266,34 +323,28 @@ async fn run_sends_each_change_of_the_cms_table_and_exits_0_on_sigterm() {
     .await;
     assert_eq!(app.ours().len(), 2);
 
-    eventually(
-        &daemon,
-        "a STATUS with the last outcome and WATCHDOG pings",
-        Duration::from_secs(5),
-        noted("WATCHDOG=1"),
-    )
-    .await;
+    assert!(
+        noted("WATCHDOG=1", Duration::from_secs(5)).await,
+        "no WATCHDOG=1 within 5s\ndaemon log:\n{}",
+        daemon.log()
+    );
     assert!(
         notes
-            .lock()
-            .unwrap()
+            .borrow()
             .iter()
             .any(|n| n.contains("STATUS=last reconcile: ")),
         "{:?}",
-        notes.lock().unwrap()
+        notes.borrow()
     );
 
     let (status, took, log) = daemon.terminate(Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(0), "daemon log:\n{log}");
     assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
+    // Sent before the exit; the datagram may still wait in the socket for its reader.
     assert!(
-        notes
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|n| n.contains("STOPPING=1")),
+        noted("STOPPING=1", Duration::from_secs(5)).await,
         "{:?}",
-        notes.lock().unwrap()
+        notes.borrow()
     );
     assert!(!log.contains("ERROR"), "{log}");
     // The scheduler's per-tick chatter is filtered out.
@@ -445,6 +496,7 @@ async fn a_cms_writing_the_table_while_the_daemon_runs_sees_no_lock_error_and_ne
         if let Err(e) = tx.commit().await {
             errors.push(e.to_string());
         }
+        // Pacing, not a wait: a CMS writes now and then, and the daemon gets the gaps.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert!(errors.is_empty(), "the CMS saw: {errors:?}");
@@ -474,7 +526,7 @@ async fn a_manual_resync_while_the_daemon_runs_waits_its_turn_and_nothing_is_sen
         ..per_usage_daemon_setup()
     })
     .await;
-    let daemon = Daemon::start(&app).await;
+    let daemon = spawn_daemon(&app).await;
     for n in 1..=30 {
         app.insert(&asset(n), &page(n), None).await;
     }
@@ -491,8 +543,10 @@ async fn a_manual_resync_while_the_daemon_runs_waits_its_turn_and_nothing_is_sen
     })
     .await;
     assert_eq!(creates(&app), 30, "each usage was created exactly once");
-    let (status, _, log) = daemon.terminate(Duration::from_secs(10)).await;
-    assert_eq!(status.code(), Some(0), "{log}");
+    daemon
+        .stop()
+        .await
+        .expect("the daemon stops cleanly, which `run` turns into exit 0");
 }
 
 /// Samples by metric name: each with its labels and value.
@@ -789,7 +843,7 @@ async fn the_verify_schedule_repairs_a_usage_removed_in_bynder_by_hand() {
     .await;
     app.insert(&asset(1), &page(1), Some("hero")).await;
     app.insert(&asset(2), &page(2), None).await;
-    let daemon = Daemon::start(&app).await;
+    let daemon = spawn_daemon(&app).await;
     eventually(
         &daemon,
         "the start-up reconcile",
@@ -817,8 +871,10 @@ async fn the_verify_schedule_repairs_a_usage_removed_in_bynder_by_hand() {
         .await
         .unwrap();
     assert!(verify_runs >= 1);
-    let (status, _, log) = daemon.terminate(Duration::from_secs(10)).await;
-    assert_eq!(status.code(), Some(0), "{log}");
+    daemon
+        .stop()
+        .await
+        .expect("the daemon stops cleanly, which `run` turns into exit 0");
 }
 
 #[tokio::test]
@@ -912,7 +968,7 @@ async fn the_status_page_renders_in_headless_chromium_with_health_queue_and_the_
     .await;
     app.insert(&asset(2), &page(3), None).await;
     app.insert(&asset(9), &page(9), None).await; // Bynder does not know it: a dead letter
-    let daemon = Daemon::start(&app).await;
+    let daemon = spawn_daemon(&app).await;
     eventually(
         &daemon,
         "three usages and a dead letter",
@@ -973,8 +1029,10 @@ async fn the_status_page_renders_in_headless_chromium_with_health_queue_and_the_
         "{dom}"
     );
 
-    let (status, _, log) = daemon.terminate(Duration::from_secs(10)).await;
-    assert_eq!(status.code(), Some(0), "{log}");
+    daemon
+        .stop()
+        .await
+        .expect("the daemon stops cleanly, which `run` turns into exit 0");
 }
 
 #[tokio::test]
@@ -1001,7 +1059,7 @@ async fn the_search_reads_a_custom_source_too() {
          page_url AS uri, field AS additional FROM page_media\"\n",
     );
     std::fs::write(&app.config_path, config).unwrap();
-    let daemon = Daemon::start(&app).await;
+    let daemon = spawn_daemon(&app).await;
     eventually(
         &daemon,
         "the usage in the portal",
@@ -1018,8 +1076,10 @@ async fn the_search_reads_a_custom_source_too() {
         page_html.contains("row, note \u{201c}teaser\u{201d}"),
         "{page_html}"
     );
-    let (status, _, log) = daemon.terminate(Duration::from_secs(10)).await;
-    assert_eq!(status.code(), Some(0), "{log}");
+    daemon
+        .stop()
+        .await
+        .expect("the daemon stops cleanly, which `run` turns into exit 0");
 }
 
 #[tokio::test]
@@ -1062,6 +1122,8 @@ async fn run_killed_at_random_points_and_restarted_converges_without_duplicates(
             if converged(&app).await || tokio::time::Instant::now() > deadline {
                 break;
             }
+            // Polling, with a bound: the portal's request count has no change notification,
+            // and a short period keeps the kill close to the chosen request.
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
         daemon.child.start_kill().unwrap();
@@ -1204,13 +1266,9 @@ async fn sighup_reloads_the_configuration_and_keeps_the_old_one_on_error() {
         || async { converged(&app).await },
     )
     .await;
-    eventually(
-        &daemon,
-        "info lines after the reload",
-        Duration::from_secs(5),
-        || async { daemon.log().contains("run finished") },
-    )
-    .await;
+    daemon
+        .wait_for_log("run finished", Duration::from_secs(5))
+        .await;
     let log = daemon.log();
     assert!(log.contains("configuration reloaded"), "{log}");
     assert!(
@@ -1221,13 +1279,9 @@ async fn sighup_reloads_the_configuration_and_keeps_the_old_one_on_error() {
     // A broken file: the running configuration stays, the daemon keeps working.
     std::fs::write(&app.config_path, "[bynder\nbase_url = ").unwrap();
     daemon.hang_up();
-    eventually(
-        &daemon,
-        "the refused reload",
-        Duration::from_secs(5),
-        || async { daemon.log().contains("was not reloaded") },
-    )
-    .await;
+    daemon
+        .wait_for_log("was not reloaded", Duration::from_secs(5))
+        .await;
     app.insert(&asset(3), &page(3), None).await;
     eventually(
         &daemon,
@@ -1244,13 +1298,9 @@ async fn sighup_reloads_the_configuration_and_keeps_the_old_one_on_error() {
     )
     .unwrap();
     daemon.hang_up();
-    eventually(
-        &daemon,
-        "the restart warning",
-        Duration::from_secs(5),
-        || async { daemon.log().contains("apply only after a restart") },
-    )
-    .await;
+    daemon
+        .wait_for_log("apply only after a restart", Duration::from_secs(5))
+        .await;
     assert!(daemon.log().contains("[bynder]"), "{}", daemon.log());
 
     let (status, _, log) = daemon.terminate(Duration::from_secs(10)).await;

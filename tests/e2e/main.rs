@@ -1,5 +1,6 @@
-//! End-to-end tests: the real binary (and the real library) against the project's own simulated
-//! portal over loopback HTTP. One test binary; each test gets its own portal, database and config.
+//! End-to-end tests: the real binary (and the real library, the daemon included, in process)
+//! against the project's own simulated portal over loopback HTTP. One test binary; each test gets
+//! its own portal, database and config.
 
 mod auth;
 mod bad_input;
@@ -8,6 +9,7 @@ mod concurrency;
 mod daemon;
 mod hardening;
 mod hostile_portal;
+mod in_process;
 mod operator;
 mod portals;
 mod properties;

@@ -1,6 +1,7 @@
 //! Issue: hardening of the daemon's HTTP endpoints. A flood of idle or half-sent connections,
-//! hosts that are not ours, the optional bearer token and many searches at once, each against
-//! the real binary's `run`.
+//! hosts that are not ours, the optional bearer token and many searches at once. The daemon runs
+//! in process ([`crate::in_process`]) except where the test needs its process: the descriptor
+//! limit is set on its pid, and the token test reads its log.
 
 use std::time::Duration;
 
@@ -9,16 +10,29 @@ use tokio::net::TcpStream;
 
 use crate::common::*;
 use crate::daemon::{daemon_sections, Daemon};
+use crate::in_process::{spawn_daemon, SpawnedDaemon};
 
-/// A daemon with the given extra `[server]` keys (after `listen`).
-async fn daemon_with(server: &str, sync: &str) -> (App, Daemon) {
+/// An app whose daemon has the given extra `[server]` keys (after `listen`).
+async fn app_with(server: &str, sync: &str) -> App {
     let sections = daemon_sections("5s").replacen("[daemon]", &format!("{server}\n[daemon]"), 1);
-    let app = spawn_app_with(Setup {
+    spawn_app_with(Setup {
         sync: sync.to_owned(),
         extra: sections,
         ..Setup::default()
     })
-    .await;
+    .await
+}
+
+/// [`app_with`], its daemon started in process.
+async fn spawned_with(server: &str, sync: &str) -> (App, SpawnedDaemon) {
+    let app = app_with(server, sync).await;
+    let daemon = spawn_daemon(&app).await;
+    (app, daemon)
+}
+
+/// [`app_with`], its daemon started as the real binary.
+async fn daemon_with(server: &str, sync: &str) -> (App, Daemon) {
+    let app = app_with(server, sync).await;
     let daemon = Daemon::start(&app).await;
     (app, daemon)
 }
@@ -83,7 +97,7 @@ async fn healthz_answers_a_fresh_client_while_1500_idle_connections_are_open_at_
 /// connection, kept its connection (and a descriptor) forever.
 #[tokio::test]
 async fn half_sent_and_idle_connections_are_closed_after_their_timeouts() {
-    let (_app, daemon) = daemon_with("header_timeout = \"1s\"\nidle_timeout = \"1s\"", "").await;
+    let (_app, daemon) = spawned_with("header_timeout = \"1s\"\nidle_timeout = \"1s\"", "").await;
 
     let mut half = TcpStream::connect(daemon.address).await.unwrap();
     half.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n")
@@ -114,14 +128,14 @@ async fn half_sent_and_idle_connections_are_closed_after_their_timeouts() {
     let answered = String::from_utf8_lossy(&answered);
     assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
     assert!(answered.ends_with("ok\n"), "{answered}");
-    daemon.terminate(Duration::from_secs(20)).await;
+    daemon.stop().await.expect("the daemon stops cleanly");
 }
 
 /// REGRESSION: the endpoints answered any Host header, so a page whose name was rebound to
 /// loopback could read the status page from a browser.
 #[tokio::test]
 async fn a_host_name_that_is_not_ours_is_refused_and_allowed_ones_are_answered() {
-    let (_app, daemon) = daemon_with("allowed_hosts = [\"sync.internal.example\"]", "").await;
+    let (_app, daemon) = spawned_with("allowed_hosts = [\"sync.internal.example\"]", "").await;
     let ask = |host: &'static str| {
         let url = daemon.url("/");
         async move {
@@ -144,7 +158,7 @@ async fn a_host_name_that_is_not_ours_is_refused_and_allowed_ones_are_answered()
         let answered = ask(host).await;
         assert_eq!(answered.status().as_u16(), 200, "{host}");
     }
-    daemon.terminate(Duration::from_secs(20)).await;
+    daemon.stop().await.expect("the daemon stops cleanly");
 }
 
 #[tokio::test]
@@ -190,7 +204,7 @@ async fn with_a_token_file_only_health_probes_answer_without_the_token() {
 /// concurrent searches made `/readyz` fail its database check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_searches_are_bounded_and_readiness_still_reads_the_database() {
-    let (app, daemon) = daemon_with("", "uri_prefixes = [\"https://cms.example/\"]").await;
+    let (app, daemon) = spawned_with("", "uri_prefixes = [\"https://cms.example/\"]").await;
     // Rows outside the prefixes: never sent, but every search without a match reads them all.
     sqlx::query(
         "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100000) \
@@ -235,5 +249,5 @@ async fn many_concurrent_searches_are_bounded_and_readiness_still_reads_the_data
     assert!(refused > 0, "no search was refused among 64 at once");
     assert!(answered > 0, "no search was answered among 64 at once");
     assert!(refused + answered == 64);
-    daemon.terminate(Duration::from_secs(20)).await;
+    daemon.stop().await.expect("the daemon stops cleanly");
 }
