@@ -16,7 +16,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use bynder_usage_sync::cli::build_context;
+use bynder_usage_sync::app::build_context;
 use bynder_usage_sync::config::{load_config, ConfigSource};
 use bynder_usage_sync::daemon::{run_until_stopped, Reloader};
 use tokio::net::TcpListener;
