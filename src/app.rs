@@ -10,7 +10,7 @@ use crate::bynder::Client;
 use crate::config::{Config, ConfigError};
 use crate::gate::Gate;
 use crate::profile::PortalProfile;
-use crate::source::{Source, SourceError};
+use crate::store::source::{Source, SourceError};
 use crate::store::{open_store, OpenMode, Store, StoreError};
 
 /// Everything a run needs.
@@ -61,7 +61,7 @@ pub async fn build_context(config: Config) -> Result<Context, BuildError> {
     let credentials = Credentials::load(&config, Some(&store), gate.clone()).await?;
     let client = Client::new(&config, credentials, gate)
         .map_err(|e| ConfigError::new(format!("{e}. Fix: check bynder.ca_file")))?;
-    let source = crate::source::open_source(&config)
+    let source = crate::store::source::open_source(&config)
         .await
         .map_err(|SourceError::Config(e)| e)?;
     let profile = PortalProfile::load(&store, config.bynder.base_url.as_str())

@@ -334,7 +334,7 @@ async fn feed_watchdog(store: store::Store, period: Duration, mut stop: watch::R
             _ = stop.wait_for(|s| *s) => return,
             _ = tick.tick() => {}
         }
-        let alive = tokio::time::timeout(every, sqlx::query("SELECT 1").execute(store.pool()))
+        let alive = tokio::time::timeout(every, store.alive())
             .await
             .is_ok_and(|r| r.is_ok());
         if alive {
@@ -479,7 +479,7 @@ impl Worker {
                 if self.drain_suspended {
                     return;
                 }
-                let due = due_operations(&ctx.store).await;
+                let due = ctx.store.has_due_operations().await;
                 if let Err(e) = &due {
                     if !self.queue_unreadable {
                         tracing::warn!("cannot read the queue: {e:#}");
@@ -622,16 +622,6 @@ impl Worker {
 
 /// Whether any queued operation's retry is due. Read without the run lock: it only decides
 /// whether to take it.
-// One read-only query kept beside its only caller; `store` would be its natural home.
-async fn due_operations(store: &store::Store) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM operations WHERE state = 'pending' AND next_attempt_at <= ?)",
-    )
-    .bind(store::now_text())
-    .fetch_one(store.pool())
-    .await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,6 @@ pub mod profile;
 pub mod queue;
 pub mod run;
 pub mod simulator;
-pub mod source;
 pub mod store;
 pub mod text;
 pub mod verify;

@@ -64,11 +64,7 @@ pub async fn verify_assets(ctx: &Context) -> anyhow::Result<(VerifyReport, Optio
         }
     }
     drop(rows);
-    let recorded: Vec<String> = sqlx::query_scalar(
-        "SELECT DISTINCT asset_id FROM recorded_usages UNION SELECT DISTINCT asset_id FROM operations",
-    )
-    .fetch_all(ctx.store.pool())
-    .await?;
+    let recorded = ctx.store.managed_asset_ids().await?;
     for id in recorded {
         assets.entry(id.to_ascii_lowercase()).or_insert(id);
     }
@@ -101,13 +97,12 @@ pub async fn verify_assets(ctx: &Context) -> anyhow::Result<(VerifyReport, Optio
         {
             held.entry(u.uri).or_default().push(u.additional);
         }
-        let recorded: BTreeMap<String, String> =
-            sqlx::query_as("SELECT uri, additional FROM recorded_usages WHERE asset_id = ?")
-                .bind(&asset)
-                .fetch_all(ctx.store.pool())
-                .await?
-                .into_iter()
-                .collect();
+        let recorded: BTreeMap<String, String> = ctx
+            .store
+            .recorded_for_asset(&asset)
+            .await?
+            .into_iter()
+            .collect();
         let uris: BTreeSet<&String> = held.keys().chain(recorded.keys()).collect();
         for uri in uris {
             let notes = held.get(uri).map(Vec::as_slice).unwrap_or(&[]);

@@ -2,7 +2,7 @@
 
 use super::{Exit, Failure};
 use crate::config::Config;
-use crate::store::{open_store, OpenMode};
+use crate::store::{inspect_copy, open_store, CopyCheck, OpenMode};
 
 /// `backup PATH`: a consistent copy of the state database, checked before it is called done.
 pub async fn backup(config: Config, path: &std::path::Path) -> Result<Exit, Failure> {
@@ -31,14 +31,10 @@ pub async fn backup(config: Config, path: &std::path::Path) -> Result<Exit, Fail
             path.display()
         ))
     })?;
-    let copy = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", path.display())).await?;
-    let integrity: String = sqlx::query_scalar("PRAGMA integrity_check")
-        .fetch_one(&copy)
-        .await?;
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM cms_asset_references")
-        .fetch_one(&copy)
-        .await?;
-    copy.close().await;
+    let CopyCheck {
+        integrity,
+        cms_rows: rows,
+    } = inspect_copy(path).await?;
     if integrity != "ok" {
         return Err(Failure::Unexpected(anyhow::anyhow!(
             "the backup {} does not pass SQLite's integrity check ({integrity}); do not rely on it",

@@ -11,7 +11,7 @@ use crate::app::build_context;
 use crate::config::Config;
 use crate::run::{reconcile_with_progress, Progress, RunOptions, RunOutcome};
 use crate::simulator::{Options, Simulator};
-use crate::store::{open_store, OpenMode};
+use crate::store::{open_store, CmsRow, OpenMode};
 use crate::text::printable;
 
 const TOKEN: &str = "demo-permanent-token";
@@ -67,18 +67,14 @@ pub async fn run_demo() -> anyhow::Result<Exit> {
     );
 
     println!("1. The CMS writes 24 references (12 assets on 8 pages) into cms_asset_references.");
-    let mut tx = store.pool().begin().await?;
-    for n in 0..24u32 {
-        sqlx::query(
-            "INSERT INTO cms_asset_references (asset_id, uri, additional) VALUES (?, ?, ?)",
-        )
-        .bind(asset(n % 12))
-        .bind(page(n % 8))
-        .bind(format!("hero image, page {}", n % 8))
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
+    let rows: Vec<CmsRow> = (0..24u32)
+        .map(|n| CmsRow {
+            asset_id: asset(n % 12),
+            uri: page(n % 8),
+            additional: Some(format!("hero image, page {}", n % 8)),
+        })
+        .collect();
+    store.insert_cms_rows(&rows).await?;
     let ctx = build_context(config)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -93,32 +89,23 @@ pub async fn run_demo() -> anyhow::Result<Exit> {
     print_report(&first);
 
     println!("\n3. The CMS changes: 2 notes edited, 3 references removed, 2 added, 1 bad row.");
-    let pool = ctx.store.pool();
-    sqlx::query("UPDATE cms_asset_references SET additional = 'teaser, moved below the fold' WHERE uri = ? AND asset_id = ?")
-        .bind(page(0))
-        .bind(asset(0))
-        .execute(pool)
+    let cms = &ctx.store;
+    cms.set_cms_additional(&asset(0), &page(0), "teaser, moved below the fold")
         .await?;
-    sqlx::query(
-        "UPDATE cms_asset_references SET additional = 'gallery' WHERE uri = ? AND asset_id = ?",
-    )
-    .bind(page(1))
-    .bind(asset(1))
-    .execute(pool)
-    .await?;
-    sqlx::query("DELETE FROM cms_asset_references WHERE uri = ?")
-        .bind(page(7))
-        .execute(pool)
+    cms.set_cms_additional(&asset(1), &page(1), "gallery")
         .await?;
-    for (a, p) in [(20u32, 2u32), (21, 3)] {
-        sqlx::query("INSERT INTO cms_asset_references (asset_id, uri, additional) VALUES (?, ?, 'new block')")
-            .bind(asset(a))
-            .bind(page(p))
-            .execute(pool)
-            .await?;
-    }
-    sqlx::query("INSERT INTO cms_asset_references (asset_id, uri) VALUES ('not an id!', 'https://cms.example/x')")
-        .execute(pool)
+    cms.delete_cms_uri(&page(7)).await?;
+    let added = |a: u32, p: u32| CmsRow {
+        asset_id: asset(a),
+        uri: page(p),
+        additional: Some("new block".to_owned()),
+    };
+    let bad = CmsRow {
+        asset_id: "not an id!".to_owned(),
+        uri: "https://cms.example/x".to_owned(),
+        additional: None,
+    };
+    cms.insert_cms_rows(&[added(20, 2), added(21, 3), bad])
         .await?;
 
     println!("\n4. Second resync:");
@@ -144,11 +131,7 @@ pub async fn run_demo() -> anyhow::Result<Exit> {
         );
     }
     let ours = portal.usages_for(INTEGRATION).len();
-    let rows: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM cms_asset_references WHERE asset_id GLOB '[0-9A-F]*-*'",
-    )
-    .fetch_one(pool)
-    .await?;
+    let rows = ctx.store.cms_rows_with_bynder_ids().await?;
     let converged =
         ours as i64 == rows && third.outcome == RunOutcome::NothingToDo && third.sent.requests == 0;
     println!(

@@ -8,9 +8,7 @@ use crate::text::printable;
 
 pub async fn status(config: Config, json: bool) -> Result<Exit, Failure> {
     let store = open_store(&config.database, OpenMode::Existing).await?;
-    let cms_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM cms_asset_references")
-        .fetch_one(store.pool())
-        .await?;
+    let cms_rows = store.cms_row_count().await?;
     let recorded = store.recorded_count().await?;
     let queue = store.queue_summary().await?;
     let runs = store.recent_runs(10).await?;

@@ -180,7 +180,7 @@ fn values(c: &Config) -> Vec<(&'static str, Value)> {
                 .source
                 .query
                 .as_deref()
-                .unwrap_or(crate::source::DEFAULT_QUERY)),
+                .unwrap_or(crate::store::source::DEFAULT_QUERY)),
         ),
         ("limits.concurrency", json!(c.limits.concurrency)),
         (

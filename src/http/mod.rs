@@ -26,7 +26,6 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
-use sqlx::Row;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
@@ -377,7 +376,7 @@ struct Page {
     queue: QueueSummary,
     runs: Vec<RunRecord>,
     last_success: Option<String>,
-    dead: Vec<DeadLetter>,
+    dead: Vec<store::Operation>,
     /// The search's results, or why it was not run to the end.
     matches: Option<Result<Vec<Match>, &'static str>>,
 }
@@ -387,8 +386,8 @@ async fn gather(state: &AppState, query: Option<&str>) -> anyhow::Result<Page> {
     let readiness = assess(state).await;
     let queue = store.queue_summary().await?;
     let runs = store.recent_runs(LISTED).await?;
-    let last_success = last_success(store).await?;
-    let dead = dead_letters(store).await?;
+    let last_success = store.last_successful_reconcile().await?;
+    let dead = store.first_dead_letters(LISTED).await?;
     let matches = match query {
         Some(q) => Some(bounded_search(state, q).await?),
         None => None,
@@ -423,45 +422,6 @@ async fn bounded_search(
     }
 }
 
-// The page's read-only queries, kept beside their only caller.
-
-async fn last_success(store: &store::Store) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT max(finished_at) FROM runs WHERE outcome IN ('converged', 'nothing_to_do') AND command != 'drain'",
-    )
-    .fetch_one(store.pool())
-    .await
-}
-
-struct DeadLetter {
-    id: i64,
-    asset_id: String,
-    uri: String,
-    action: String,
-    attempts: i64,
-    last_error: Option<String>,
-    updated_at: String,
-}
-
-async fn dead_letters(store: &store::Store) -> Result<Vec<DeadLetter>, sqlx::Error> {
-    sqlx::query(
-        "SELECT id, asset_id, uri, action, attempts, last_error, updated_at FROM operations \
-         WHERE state = 'dead' ORDER BY id LIMIT ?",
-    )
-    .bind(LISTED)
-    .map(|row: sqlx::sqlite::SqliteRow| DeadLetter {
-        id: row.get(0),
-        asset_id: row.get(1),
-        uri: row.get(2),
-        action: row.get(3),
-        attempts: row.get(4),
-        last_error: row.get(5),
-        updated_at: row.get(6),
-    })
-    .fetch_all(store.pool())
-    .await
-}
-
 /// One (asset id, uri) the search found, as the CMS, the recorded state and the queue see it.
 #[derive(Default)]
 struct Match {
@@ -486,7 +446,7 @@ struct Recorded {
 }
 
 struct Queued {
-    state: String,
+    state: store::OperationState,
     action: String,
     additional: Option<String>,
     attempts: i64,
@@ -525,32 +485,15 @@ async fn search(ctx: &Context, q: &str) -> anyhow::Result<Vec<Match>> {
     };
     let mut found = Found::new();
 
-    let pool = ctx.store.pool();
-    const WHERE: &str =
-        "WHERE asset_id = ?1 COLLATE NOCASE OR uri = ?1 OR (?2 AND instr(uri, ?1) > 0) \
-         ORDER BY asset_id, uri LIMIT ?3";
     let default_source = ctx.config.source.query.is_none() && ctx.config.source.database.is_none();
+    let limit = SEARCH_LIMIT as i64 + 1;
     if default_source {
         // The table in the state database: one filtered query, no full read.
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT CAST(asset_id AS BLOB), CAST(uri AS BLOB), CAST(additional AS BLOB), \
-                 typeof(asset_id) IN ('text', 'null') AND typeof(uri) IN ('text', 'null') \
-             FROM cms_asset_references {WHERE}"
-        )))
-        .bind(q)
-        .bind(substring)
-        .bind(SEARCH_LIMIT as i64 + 1)
-        .fetch_all(pool)
-        .await?;
-        for row in rows {
-            let m = slot(
-                &mut found,
-                row.get::<Option<Vec<u8>>, _>(0).unwrap_or_default(),
-                row.get::<Option<Vec<u8>>, _>(1).unwrap_or_default(),
-            );
+        for row in ctx.store.search_cms_rows(q, substring, limit).await? {
+            let m = slot(&mut found, row.asset_id, row.uri);
             m.cms = Some(CmsRow {
-                additional: row.get(2),
-                text_keys: row.get(3),
+                additional: row.additional,
+                text_keys: row.text_keys,
             });
         }
     } else {
@@ -579,42 +522,24 @@ async fn search(ctx: &Context, q: &str) -> anyhow::Result<Vec<Match>> {
         }
     }
 
-    let recorded = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT CAST(asset_id AS BLOB), CAST(uri AS BLOB), usage_id, additional, synced_at \
-         FROM recorded_usages {WHERE}"
-    )))
-    .bind(q)
-    .bind(substring)
-    .bind(SEARCH_LIMIT as i64 + 1)
-    .fetch_all(pool)
-    .await?;
-    for row in recorded {
-        let m = slot(&mut found, row.get(0), row.get(1));
+    for row in ctx.store.search_recorded(q, substring, limit).await? {
+        let m = slot(&mut found, row.asset_id, row.uri);
         m.recorded = Some(Recorded {
-            usage_id: row.get(2),
-            additional: row.get(3),
-            synced_at: row.get(4),
+            usage_id: row.usage_id,
+            additional: row.additional,
+            synced_at: row.synced_at,
         });
     }
-    let operations = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT CAST(asset_id AS BLOB), CAST(uri AS BLOB), state, action, additional, attempts, \
-             last_error, next_attempt_at, uncertain FROM operations {WHERE}"
-    )))
-    .bind(q)
-    .bind(substring)
-    .bind(SEARCH_LIMIT as i64 + 1)
-    .fetch_all(pool)
-    .await?;
-    for row in operations {
-        let m = slot(&mut found, row.get(0), row.get(1));
+    for row in ctx.store.search_operations(q, substring, limit).await? {
+        let m = slot(&mut found, row.asset_id, row.uri);
         m.operation = Some(Queued {
-            state: row.get(2),
-            action: row.get(3),
-            additional: row.get(4),
-            attempts: row.get(5),
-            last_error: row.get(6),
-            next_attempt_at: row.get(7),
-            uncertain: row.get(8),
+            state: row.state,
+            action: row.action,
+            additional: row.additional,
+            attempts: row.attempts,
+            last_error: row.last_error,
+            next_attempt_at: row.next_attempt_at,
+            uncertain: row.uncertain,
         });
     }
     Ok(found.into_values().take(SEARCH_LIMIT + 1).collect())
@@ -637,15 +562,15 @@ fn describe(m: &Match, uri_prefixes: &[String]) -> (&'static str, String) {
             .as_deref()
             .map(|e| format!("; last error: {e}"))
             .unwrap_or_default();
-        return match op.state.as_str() {
-            "dead" => (
+        return match op.state {
+            store::OperationState::Dead => (
                 "bad",
                 format!(
                     "dead letter ({what}): Bynder refused it for good{error}. It is retried when \
                      its CMS row changes, or with `queue retry`"
                 ),
             ),
-            "in_flight" => ("wait", format!("being sent now: {what}")),
+            store::OperationState::InFlight => ("wait", format!("being sent now: {what}")),
             _ => (
                 "wait",
                 format!(
@@ -911,7 +836,10 @@ fn render_page(state: &AppState, page: &Page, query: Option<&str>) -> String {
                 d.id,
                 shown(&d.asset_id),
                 shown(&d.uri),
-                escape(&d.action),
+                match d.target {
+                    crate::plan::Target::Delete => "delete",
+                    crate::plan::Target::Upsert(_) => "upsert",
+                },
                 d.attempts,
                 shown(d.last_error.as_deref().unwrap_or("")),
                 escape(&d.updated_at)
@@ -1106,7 +1034,7 @@ mod tests {
             ("ok", "in Bynder, up to date".to_owned())
         );
         m.operation = Some(Queued {
-            state: "dead".into(),
+            state: store::OperationState::Dead,
             action: "upsert".into(),
             additional: Some("hero 2".into()),
             attempts: 1,

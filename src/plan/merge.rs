@@ -198,7 +198,7 @@ pub(crate) async fn plan_run(
     let mut r_head = recorded.try_next().await?;
     let mut q_head = queued.try_next().await?;
     let mut tx = if write {
-        Some(ctx.store.pool().begin().await?)
+        Some(ctx.store.begin().await?)
     } else {
         None
     };

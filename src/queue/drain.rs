@@ -265,39 +265,35 @@ async fn fail(
         pause_until,
     );
     let action = action_label(&op.target);
-    match &verdict.next {
-        Next::Retry {
-            at,
-            uncertain,
-            counts,
-        } => {
+    let dead = match &verdict.next {
+        Next::Retry { .. } => {
             tracing::debug!(%error, "attempt failed; will retry");
             metrics::counter!("bynder_usage_sync_operations_total", "action" => action, "result" => "retry")
                 .increment(1);
-            store
-                .fail_operation(op.id, false, *uncertain, *at, *counts, &error.to_string())
-                .await?;
-            Ok((false, verdict.effect))
+            false
         }
         Next::Dead { reason } => {
             tracing::warn!(asset_id = %op.asset_id, uri = %op.uri, %reason, "operation moved to the dead letters");
             metrics::counter!("bynder_usage_sync_operations_total", "action" => action, "result" => "dead")
                 .increment(1);
-            store
-                .fail_operation(op.id, true, false, now, true, reason)
-                .await?;
-            Ok((true, verdict.effect))
+            true
         }
-    }
+    };
+    store
+        .fail_operation(op.id, &verdict.next, &error.to_string())
+        .await?;
+    Ok((dead, verdict.effect))
 }
 
 /// Puts claimed operations back, untried, for another way of sending them.
 async fn release(store: &Store, ops: &[Operation], why: &str) -> anyhow::Result<()> {
-    let now = chrono::Utc::now();
+    let untried = |op: &Operation| Next::Retry {
+        at: chrono::Utc::now(),
+        uncertain: op.uncertain,
+        counts: false,
+    };
     for op in ops {
-        store
-            .fail_operation(op.id, false, op.uncertain, now, false, why)
-            .await?;
+        store.fail_operation(op.id, &untried(op), why).await?;
     }
     Ok(())
 }

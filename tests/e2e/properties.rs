@@ -245,7 +245,13 @@ async fn write_state(config: &bynder_usage_sync::config::Config, world: &World) 
     let store = open_store(&config.database, OpenMode::Create)
         .await
         .unwrap();
-    let pool = store.pool();
+    store.close().await;
+    // The test writes as the CMS and as an earlier run would have: through its own connection.
+    let connection =
+        sqlx::SqlitePool::connect(&format!("sqlite://{}", config.database.path.display()))
+            .await
+            .unwrap();
+    let pool = &connection;
     for (key, note) in &world.desired {
         // An empty note is written as NULL or '' alternately: both mean "no note".
         let additional = match (note, key.0 % 2) {
@@ -293,7 +299,7 @@ async fn write_state(config: &bynder_usage_sync::config::Config, world: &World) 
         .await
         .unwrap();
     }
-    store.close().await;
+    connection.close().await;
 }
 
 fn sorted(mut v: Vec<Usage>) -> Vec<Usage> {

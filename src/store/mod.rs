@@ -17,6 +17,14 @@ use crate::config::DatabaseSettings;
 use crate::model::RawRow;
 use crate::model::SyncUsage;
 use crate::plan::{Queued, Target};
+use crate::queue::policy::Next;
+
+mod cms;
+pub mod source;
+mod status;
+
+pub use self::cms::CmsRow;
+pub use self::status::{FoundCmsRow, FoundOperation, FoundRecorded};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -64,7 +72,7 @@ pub struct Operation {
     pub asset_id: String,
     pub uri: String,
     pub target: Target,
-    pub state: String,
+    pub state: OperationState,
     pub uncertain: bool,
     pub attempts: i64,
     pub run_attempts: i64,
@@ -72,6 +80,36 @@ pub struct Operation {
     pub last_error: Option<String>,
     pub created_at: String,
     pub updated_at: String,
+}
+
+/// Where an operation stands in the queue (the `state` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, serde::Serialize)]
+#[sqlx(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum OperationState {
+    /// Waiting to be sent (or retried) when due.
+    Pending,
+    /// Claimed by a worker; its answer has not been recorded yet.
+    InFlight,
+    /// A dead letter: Bynder refused it for good; sent again only when its CMS row changes or
+    /// on `queue retry`.
+    Dead,
+}
+
+impl OperationState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperationState::Pending => "pending",
+            OperationState::InFlight => "in_flight",
+            OperationState::Dead => "dead",
+        }
+    }
+}
+
+impl std::fmt::Display for OperationState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A finished or running reconcile.
@@ -186,13 +224,31 @@ pub async fn open_store(settings: &DatabaseSettings, mode: OpenMode) -> Result<S
     Ok(store)
 }
 
+/// What a backup copy holds: SQLite's integrity check ("ok" when sound) and its CMS rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyCheck {
+    pub integrity: String,
+    pub cms_rows: i64,
+}
+
+/// Opens a copy made by [`Store::copy_to`] read-only and checks it.
+pub async fn inspect_copy(path: &Path) -> Result<CopyCheck, sqlx::Error> {
+    let copy = SqlitePool::connect_with(SqliteConnectOptions::new().filename(path).read_only(true))
+        .await?;
+    let integrity: String = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(&copy)
+        .await?;
+    let cms_rows = cms::count_cms_rows(&copy).await?;
+    copy.close().await;
+    Ok(CopyCheck {
+        integrity,
+        cms_rows,
+    })
+}
+
 impl Store {
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
     }
 
     /// Applies every pending migration.
@@ -357,7 +413,7 @@ impl Store {
             .map_ok(|row| {
                 let queued = Queued {
                     target: target_from(row.get(2), row.get(3)),
-                    dead: row.get::<String, _>(4) == "dead",
+                    dead: row.get::<OperationState, _>(4) == OperationState::Dead,
                     uncertain: row.get(5),
                 };
                 (row.get(0), row.get(1), queued)
@@ -497,27 +553,39 @@ impl Store {
         tx.commit().await
     }
 
-    /// An attempt failed: back to pending with a due time, or dead with its reason.
+    /// An attempt failed (or was never made, for a released operation): what `next` says, back
+    /// to pending with a due time and `error` as its last error, or a dead letter with its reason.
     pub async fn fail_operation(
         &self,
         id: i64,
-        dead: bool,
-        uncertain: bool,
-        next_attempt_at: DateTime<Utc>,
-        counts_as_attempt: bool,
+        next: &Next,
         error: &str,
     ) -> Result<(), sqlx::Error> {
-        let step = i64::from(counts_as_attempt);
+        let (state, uncertain, at, counts, last_error) = match next {
+            Next::Retry {
+                at,
+                uncertain,
+                counts,
+            } => (OperationState::Pending, *uncertain, *at, *counts, error),
+            Next::Dead { reason } => (
+                OperationState::Dead,
+                false,
+                Utc::now(),
+                true,
+                reason.as_str(),
+            ),
+        };
+        let step = i64::from(counts);
         sqlx::query(
             "UPDATE operations SET state = ?, uncertain = ?, attempts = attempts + ?, run_attempts = run_attempts + ?, \
                  next_attempt_at = ?, last_error = ?, updated_at = ? WHERE id = ?",
         )
-        .bind(if dead { "dead" } else { "pending" })
+        .bind(state)
         .bind(uncertain)
         .bind(step)
         .bind(step)
-        .bind(format_time(next_attempt_at))
-        .bind(error)
+        .bind(format_time(at))
+        .bind(last_error)
         .bind(now_text())
         .bind(id)
         .execute(&self.pool)
@@ -715,15 +783,15 @@ impl Store {
     pub async fn not_dead_letters(
         &self,
         ids: &[i64],
-    ) -> Result<Vec<(i64, Option<String>)>, sqlx::Error> {
+    ) -> Result<Vec<(i64, Option<OperationState>)>, sqlx::Error> {
         let mut found = Vec::new();
         for &id in ids {
-            let state: Option<String> =
+            let state: Option<OperationState> =
                 sqlx::query_scalar("SELECT state FROM operations WHERE id = ?")
                     .bind(id)
                     .fetch_optional(&self.pool)
                     .await?;
-            if state.as_deref() != Some("dead") {
+            if state != Some(OperationState::Dead) {
                 found.push((id, state));
             }
         }
@@ -905,6 +973,46 @@ impl Store {
         sqlx::query_scalar("SELECT value FROM settings WHERE key = ?")
             .bind(key)
             .fetch_optional(&self.pool)
+            .await
+    }
+
+    /// A transaction the caller owns (a plan is written in one).
+    pub async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.pool.begin().await
+    }
+
+    /// Whether the pool still answers (the systemd watchdog is fed only then).
+    pub async fn alive(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map(drop)
+    }
+
+    /// Whether a pending operation's retry is due now (one indexed query, polled by the daemon).
+    pub async fn has_due_operations(&self) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM operations WHERE state = 'pending' AND next_attempt_at <= ?)",
+        )
+        .bind(now_text())
+        .fetch_one(&self.pool)
+        .await
+    }
+
+    /// Every asset id with a recorded usage or a queued operation: what drift repair reads back.
+    pub async fn managed_asset_ids(&self) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT DISTINCT asset_id FROM recorded_usages UNION SELECT DISTINCT asset_id FROM operations",
+        )
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// The recorded usages of one asset: `(uri, additional)`.
+    pub async fn recorded_for_asset(
+        &self,
+        asset_id: &str,
+    ) -> Result<Vec<(String, String)>, sqlx::Error> {
+        sqlx::query_as("SELECT uri, additional FROM recorded_usages WHERE asset_id = ?")
+            .bind(asset_id)
+            .fetch_all(&self.pool)
             .await
     }
 
