@@ -1927,6 +1927,92 @@ path = "state.db"
         assert!(e.message.contains("auth.client_auth"), "{e}");
     }
 
+    /// The exact texts users see for a wrong `auth.method` or a key of another method, and where
+    /// those checks stand among the others: after every key's type and after `[bynder]`.
+    #[test]
+    fn auth_method_mistakes_keep_their_messages_and_their_place_among_the_checks() {
+        let message = |auth: &str| load(&with_auth(auth), &[]).unwrap_err().message;
+        assert_eq!(
+            message("method = \" oauth2 \""),
+            "`auth.method` (env BYNDER_USAGE_SYNC_AUTH__METHOD) is `oauth2`, which is not a known \
+             method. Fix: use one of \"permanent_token\", \"client_credentials\", \
+             \"refresh_token\" or \"oauth1\""
+        );
+        assert_eq!(
+            message("permanent_token = \"x\"\nredirect_uri = \"http://127.0.0.1:1/cb\""),
+            "`auth.redirect_uri` (env BYNDER_USAGE_SYNC_AUTH__REDIRECT_URI) is set, but \
+             auth.method is \"permanent_token\" (the default), which does not use it. Fix: \
+             remove it, or set auth.method = \"refresh_token\" if that is the method you mean"
+        );
+        // A secret's `_file` form is named as the secret; the first stray key in the order of
+        // config/example.toml is the one reported.
+        assert_eq!(
+            message(
+                "method = \"oauth1\"\nconsumer_key = \"ck\"\nconsumer_secret = \"cs\"\n\
+                 token_url = \"https://login.example/t\"\nclient_secret_file = \"/nonexistent\""
+            ),
+            "`auth.client_secret` (env BYNDER_USAGE_SYNC_AUTH__CLIENT_SECRET) is set, but \
+             auth.method is \"oauth1\", which does not use it. Fix: remove it, or set \
+             auth.method = \"client_credentials\" if that is the method you mean"
+        );
+        assert!(message(
+            "method = \"client_credentials\"\nclient_id = \"a\"\nclient_secret = \"b\"\n\
+             redirect_uri = \"http://127.0.0.1:1/cb\""
+        )
+        .starts_with("`auth.redirect_uri` (env BYNDER_USAGE_SYNC_AUTH__REDIRECT_URI) is set"));
+        assert!(
+            message("method = \"permanent_token\"\npermanent_tokn = \"x\"")
+                .starts_with("unknown key `auth.permanent_tokn`")
+        );
+        // The method is read with the surrounding spaces trimmed.
+        let c = load(
+            &with_auth("method = \" oauth1 \"\nconsumer_key = \"ck\"\nconsumer_secret = \"cs\""),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.auth.method_name(), "oauth1");
+
+        // A wrong type anywhere, and a problem in `[bynder]`, are reported before the method.
+        let bad_method = with_auth("method = \"oauth2\"\nclient_id = \"app\"");
+        let e = load(
+            &bad_method.replace("[database]", "[limits]\nconcurrency = \"many\"\n[database]"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.message.contains("`limits.concurrency`"), "{e}");
+        let e = load(
+            &bad_method.replace(
+                "integration_id = \"0191a303-9d99-433e-ada4-d244f37e1d7d\"",
+                "",
+            ),
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.message.starts_with("`bynder.integration_id`"), "{e}");
+        let e = load(&with_auth("method = \"oauth2\"\nclient_id = 5"), &[]).unwrap_err();
+        assert!(e.message.starts_with("`auth.client_id`"), "{e}");
+        assert!(e.message.contains("invalid type"), "{e}");
+    }
+
+    /// A relative `*_file` in `[auth]` is read from the config file's folder, not the working
+    /// directory (`/` under systemd).
+    #[test]
+    fn a_relative_secret_file_is_found_beside_the_config_file() {
+        let text = GOOD.replace(
+            "permanent_token = \"s3cret-token\"",
+            "permanent_token_file = \"token\"",
+        );
+        let c = with_config_file(&text, &[], |source| {
+            std::fs::write(source.path().with_file_name("token"), "beside\n").unwrap();
+            load_config(source)
+        })
+        .unwrap();
+        let AuthSettings::PermanentToken { token } = &c.auth else {
+            panic!("{:?}", c.auth)
+        };
+        assert_eq!(token.expose_secret(), "beside");
+    }
+
     #[test]
     fn an_insecure_token_url_is_refused() {
         let e = load(
