@@ -1,0 +1,273 @@
+//! The configuration as read, before validation: one serde struct per TOML section, filled by
+//! figment from the file and the environment, plus the descriptions of what can go wrong while
+//! reading (TOML syntax, unknown keys, wrong types), none of which shows a value.
+//!
+//! Owns the shape of the file (every key and its type, `deny_unknown_fields` everywhere). Does not
+//! own defaults, checks or the typed settings (`validate`, `mod`), nor reading secret files
+//! (`secrets`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use figment::value::magic::RelativePathBuf;
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use super::secrets::is_secret_key;
+use super::{env_var, ConfigError, LogFormat, Strategy};
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    #[serde(default)]
+    pub(super) bynder: RawBynder,
+    #[serde(default)]
+    pub(super) auth: RawAuth,
+    #[serde(default)]
+    pub(super) database: RawDatabase,
+    #[serde(default)]
+    pub(super) sync: RawSync,
+    #[serde(default)]
+    pub(super) source: RawSource,
+    #[serde(default)]
+    pub(super) limits: RawLimits,
+    #[serde(default)]
+    pub(super) retry: RawRetry,
+    #[serde(default)]
+    pub(super) log: RawLog,
+    #[serde(default)]
+    pub(super) server: RawServer,
+    #[serde(default)]
+    pub(super) daemon: RawDaemon,
+    #[serde(default)]
+    pub(super) runs: RawRuns,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRuns {
+    #[serde(default, with = "humantime_serde")]
+    pub(super) keep: Option<Duration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBynder {
+    pub(super) base_url: Option<String>,
+    pub(super) integration_id: Option<String>,
+    pub(super) ca_file: Option<RelativePathBuf>,
+    #[serde(default)]
+    pub(super) allow_insecure_http: bool,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) connect_timeout: Option<Duration>,
+    pub(super) max_response_size: Option<bytesize::ByteSize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAuth {
+    pub(super) method: Option<String>,
+    pub(super) permanent_token: Option<SecretString>,
+    pub(super) permanent_token_file: Option<RelativePathBuf>,
+    pub(super) client_id: Option<String>,
+    pub(super) client_secret: Option<SecretString>,
+    pub(super) client_secret_file: Option<RelativePathBuf>,
+    pub(super) scopes: Option<RawScopes>,
+    pub(super) token_url: Option<String>,
+    pub(super) client_auth: Option<String>,
+    pub(super) redirect_uri: Option<String>,
+    pub(super) consumer_key: Option<String>,
+    pub(super) consumer_secret: Option<SecretString>,
+    pub(super) consumer_secret_file: Option<RelativePathBuf>,
+    pub(super) token: Option<SecretString>,
+    pub(super) token_file: Option<RelativePathBuf>,
+    pub(super) token_secret: Option<SecretString>,
+    pub(super) token_secret_file: Option<RelativePathBuf>,
+}
+
+/// `scopes` as OAuth writes them (`"a b c"`) or as a TOML list.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawScopes {
+    Text(String),
+    List(Vec<String>),
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDatabase {
+    pub(super) path: Option<RelativePathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) busy_timeout: Option<Duration>,
+    #[serde(default)]
+    pub(super) group_shared: bool,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) lock_timeout: Option<Duration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSync {
+    #[serde(default)]
+    pub(super) uri_prefixes: Vec<String>,
+    pub(super) max_deletes: Option<u64>,
+    pub(super) strategy: Option<Strategy>,
+    pub(super) batch_size: Option<usize>,
+    pub(super) schedule: Option<String>,
+    pub(super) verify_schedule: Option<String>,
+    #[serde(default)]
+    pub(super) uri_schemes: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawServer {
+    pub(super) listen: Option<String>,
+    #[serde(default)]
+    pub(super) allowed_hosts: Vec<String>,
+    pub(super) token_file: Option<RelativePathBuf>,
+    pub(super) max_connections: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) header_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) idle_timeout: Option<Duration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDaemon {
+    #[serde(default, with = "humantime_serde")]
+    pub(super) shutdown_timeout: Option<Duration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSource {
+    pub(super) database: Option<RelativePathBuf>,
+    pub(super) query: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimits {
+    pub(super) concurrency: Option<usize>,
+    pub(super) requests_per_second: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) block_pause: Option<Duration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRetry {
+    #[serde(default, with = "humantime_serde")]
+    pub(super) initial_backoff: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) max_backoff: Option<Duration>,
+    pub(super) max_attempts: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLog {
+    pub(super) level: Option<String>,
+    pub(super) format: Option<LogFormat>,
+}
+
+/// A TOML syntax error by position and reason, without the line itself.
+pub(super) fn describe_toml_error(path: &Path, text: &str, error: &toml::de::Error) -> String {
+    let place = match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+            format!(" at line {line}, column {column}")
+        }
+        None => String::new(),
+    };
+    format!(
+        "the config file {} is not valid TOML{place}: {} (the line is not shown: it may hold a \
+         secret). Fix: correct the syntax there, e.g. close the quotes of a string value",
+        path.display(),
+        error.message().trim()
+    )
+}
+
+pub(super) fn describe_figment_error(error: figment::Error) -> ConfigError {
+    let messages: Vec<String> = error
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let place = match &e.metadata {
+                Some(m) if m.name.contains("environment") => " (from the environment)".to_owned(),
+                Some(m) => match &m.source {
+                    Some(src) => format!(" (in {src})"),
+                    None => String::new(),
+                },
+                None => String::new(),
+            };
+            match &e.kind {
+                figment::error::Kind::UnknownField(field, _) => {
+                    // figment's path may already end with the unknown field itself.
+                    let full = if key.is_empty() || key == *field || key.ends_with(&format!(".{field}")) {
+                        if key.is_empty() { field.clone() } else { key.clone() }
+                    } else {
+                        format!("{key}.{field}")
+                    };
+                    format!(
+                        "unknown key `{full}`{place}. Fix: remove it or correct its spelling; \
+                         config/example.toml lists every key"
+                    )
+                }
+                _ if is_secret_key(&key) => format!(
+                    "`{key}` (env {}){place} must be text (its value is not shown). Fix: write \
+                     it in quotes, or use `{key}_file`",
+                    env_var(&key)
+                ),
+                kind if key.is_empty() => format!("{kind}{place}"),
+                kind => format!(
+                    "`{key}` (env {}){place}: {kind}. Fix: give it a value of the right type, as in \
+                     config/example.toml",
+                    env_var(&key)
+                ),
+            }
+        })
+        .collect();
+    ConfigError::new(messages.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::{load, GOOD};
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_reported_by_name() {
+        let e = load(&format!("{GOOD}\n[sync]\nuri_prefix = []\n"), &[]).unwrap_err();
+        assert!(e.message.contains("sync.uri_prefix"), "{e}");
+        let e = load(
+            &GOOD.replace("[database]", "[limits]\nconcurrency = \"many\"\n[database]"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.message.contains("limits.concurrency"), "{e}");
+    }
+
+    /// REGRESSION: a TOML syntax error printed the whole source line (a token with a missing
+    /// quote appeared verbatim); type errors echoed numeric secrets.
+    #[test]
+    fn configuration_errors_never_show_a_secret_value() {
+        let broken = GOOD.replace("\"s3cret-token\"", "\"s3cret-token");
+        let e = load(&broken, &[]).unwrap_err();
+        assert!(!e.message.contains("s3cret"), "{e}");
+        assert!(e.message.contains("line 7"), "{e}");
+
+        let numeric = GOOD.replace("\"s3cret-token\"", "918273645.5");
+        let e = load(&numeric, &[]).unwrap_err();
+        assert!(!e.message.contains("918273645"), "{e}");
+        assert!(e.message.contains("auth.permanent_token"), "{e}");
+        let listed = GOOD.replace("\"s3cret-token\"", "[\"s3cret-token\"]");
+        let e = load(&listed, &[]).unwrap_err();
+        assert!(!e.message.contains("s3cret"), "{e}");
+    }
+}
