@@ -27,7 +27,8 @@ use serde::Deserialize;
 use url::Url;
 
 use raw::{
-    describe_figment_error, describe_toml_error, RawAuth, RawBynder, RawConfig, RawDatabase,
+    describe_figment_error, describe_toml_error, AuthMethod, RawAuthKeys, RawBynder, RawConfig,
+    RawDatabase,
 };
 use secrets::{
     auth_identity, secret_files_readable_by_others, secrets_readable_by_others, server_identity,
@@ -164,13 +165,15 @@ pub struct OAuth1TokenPair {
 }
 
 impl AuthSettings {
+    /// The value of `auth.method` that selects it, e.g. `client_credentials`.
     pub fn method_name(&self) -> &'static str {
-        match self {
-            AuthSettings::PermanentToken { .. } => "permanent_token",
-            AuthSettings::ClientCredentials(_) => "client_credentials",
-            AuthSettings::RefreshToken(_) => "refresh_token",
-            AuthSettings::OAuth1(_) => "oauth1",
-        }
+        let method = match self {
+            AuthSettings::PermanentToken { .. } => AuthMethod::PermanentToken,
+            AuthSettings::ClientCredentials(_) => AuthMethod::ClientCredentials,
+            AuthSettings::RefreshToken(_) => AuthMethod::RefreshToken,
+            AuthSettings::OAuth1(_) => AuthMethod::OAuth1,
+        };
+        method.name()
     }
 
     /// Whether the credentials live (partly) in the state database: a refresh token, or an
@@ -514,9 +517,9 @@ impl Config {
                 allow_insecure_http: base_url.starts_with("http://"),
                 ..RawBynder::default()
             },
-            auth: RawAuth {
+            auth: RawAuthKeys {
                 permanent_token: Some(SecretString::from(token.to_owned())),
-                ..RawAuth::default()
+                ..RawAuthKeys::default()
             },
             database: RawDatabase {
                 path: Some(RelativePathBuf::from(database)),

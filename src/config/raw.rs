@@ -22,7 +22,7 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) bynder: RawBynder,
     #[serde(default)]
-    pub(super) auth: RawAuth,
+    pub(super) auth: RawAuthKeys,
     #[serde(default)]
     pub(super) database: RawDatabase,
     #[serde(default)]
@@ -65,9 +65,13 @@ pub(super) struct RawBynder {
     pub(super) max_response_size: Option<bytesize::ByteSize>,
 }
 
+/// `[auth]` as read: `method` as written and every key of every method, each with its type, so a
+/// wrong type or an unknown key is reported like anywhere else. Which method reads which key is
+/// [`AuthMethod::keys`]; `validate` tags the section ([`RawAuthKeys::into_method`]) only after
+/// `[bynder]`, as the method checks always came after the portal's.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawAuth {
+pub(super) struct RawAuthKeys {
     pub(super) method: Option<String>,
     pub(super) permanent_token: Option<SecretString>,
     pub(super) permanent_token_file: Option<RelativePathBuf>,
@@ -85,6 +89,168 @@ pub(super) struct RawAuth {
     pub(super) token_file: Option<RelativePathBuf>,
     pub(super) token_secret: Option<SecretString>,
     pub(super) token_secret_file: Option<RelativePathBuf>,
+}
+
+// Not `#[serde(tag = "method")]` on `RawAuth` itself: serde reads an internally tagged enum
+// through a buffer of its own, past figment, so a `*_file` path cannot be read at all ("expected
+// struct RelativePathBuf") and a type error is reported at `auth` with the value in it, which
+// would show a numeric secret.
+
+/// The values of `auth.method`, in the order of config/example.toml.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum AuthMethod {
+    PermanentToken,
+    ClientCredentials,
+    RefreshToken,
+    OAuth1,
+}
+
+impl AuthMethod {
+    /// Every method, in the order of config/example.toml.
+    pub(super) const ALL: [AuthMethod; 4] = [
+        AuthMethod::PermanentToken,
+        AuthMethod::ClientCredentials,
+        AuthMethod::RefreshToken,
+        AuthMethod::OAuth1,
+    ];
+
+    /// The method when `auth.method` is not set.
+    pub(super) const DEFAULT: AuthMethod = AuthMethod::PermanentToken;
+
+    /// The value of `auth.method` that selects it.
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            AuthMethod::PermanentToken => "permanent_token",
+            AuthMethod::ClientCredentials => "client_credentials",
+            AuthMethod::RefreshToken => "refresh_token",
+            AuthMethod::OAuth1 => "oauth1",
+        }
+    }
+
+    /// The method `auth.method` names, if any.
+    pub(super) fn from_name(name: &str) -> Option<AuthMethod> {
+        AuthMethod::ALL.into_iter().find(|m| m.name() == name)
+    }
+
+    /// The `[auth]` keys it reads, a secret's `_file` form counted as the secret.
+    pub(super) fn keys(self) -> &'static [&'static str] {
+        const OAUTH2: [&str; 6] = [
+            "client_id",
+            "client_secret",
+            "scopes",
+            "token_url",
+            "client_auth",
+            "redirect_uri",
+        ];
+        match self {
+            AuthMethod::PermanentToken => &["permanent_token"],
+            // The redirect is the browser step of `auth login`, which client credentials skip.
+            AuthMethod::ClientCredentials => &OAUTH2[..5],
+            AuthMethod::RefreshToken => &OAUTH2,
+            AuthMethod::OAuth1 => &["consumer_key", "consumer_secret", "token", "token_secret"],
+        }
+    }
+}
+
+/// `[auth]` tagged by its method: each variant holds the keys that method reads, and no others.
+pub(super) enum RawAuth {
+    PermanentToken(RawPermanentToken),
+    ClientCredentials(RawOAuth2),
+    RefreshToken(RawOAuth2),
+    OAuth1(RawOAuth1),
+}
+
+/// The keys of `method = "permanent_token"`.
+pub(super) struct RawPermanentToken {
+    pub(super) permanent_token: Option<SecretString>,
+    pub(super) permanent_token_file: Option<RelativePathBuf>,
+}
+
+/// The keys of `method = "client_credentials"` and `"refresh_token"` (the same OAuth 2 app).
+pub(super) struct RawOAuth2 {
+    pub(super) client_id: Option<String>,
+    pub(super) client_secret: Option<SecretString>,
+    pub(super) client_secret_file: Option<RelativePathBuf>,
+    pub(super) scopes: Option<RawScopes>,
+    pub(super) token_url: Option<String>,
+    pub(super) client_auth: Option<String>,
+    pub(super) redirect_uri: Option<String>,
+}
+
+/// The keys of `method = "oauth1"`.
+pub(super) struct RawOAuth1 {
+    pub(super) consumer_key: Option<String>,
+    pub(super) consumer_secret: Option<SecretString>,
+    pub(super) consumer_secret_file: Option<RelativePathBuf>,
+    pub(super) token: Option<SecretString>,
+    pub(super) token_file: Option<RelativePathBuf>,
+    pub(super) token_secret: Option<SecretString>,
+    pub(super) token_secret_file: Option<RelativePathBuf>,
+}
+
+impl RawAuthKeys {
+    /// The keys that are set (a secret or its `_file` form), in the order of
+    /// config/example.toml.
+    pub(super) fn keys_set(&self) -> impl Iterator<Item = &'static str> {
+        [
+            (
+                "permanent_token",
+                self.permanent_token.is_some() || self.permanent_token_file.is_some(),
+            ),
+            ("client_id", self.client_id.is_some()),
+            (
+                "client_secret",
+                self.client_secret.is_some() || self.client_secret_file.is_some(),
+            ),
+            ("scopes", self.scopes.is_some()),
+            ("token_url", self.token_url.is_some()),
+            ("client_auth", self.client_auth.is_some()),
+            ("redirect_uri", self.redirect_uri.is_some()),
+            ("consumer_key", self.consumer_key.is_some()),
+            (
+                "consumer_secret",
+                self.consumer_secret.is_some() || self.consumer_secret_file.is_some(),
+            ),
+            ("token", self.token.is_some() || self.token_file.is_some()),
+            (
+                "token_secret",
+                self.token_secret.is_some() || self.token_secret_file.is_some(),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+    }
+
+    /// The section as `method` reads it. Keys of other methods are dropped: `validate` refuses
+    /// them first.
+    pub(super) fn into_method(self, method: AuthMethod) -> RawAuth {
+        let oauth2 = || RawOAuth2 {
+            client_id: self.client_id,
+            client_secret: self.client_secret,
+            client_secret_file: self.client_secret_file,
+            scopes: self.scopes,
+            token_url: self.token_url,
+            client_auth: self.client_auth,
+            redirect_uri: self.redirect_uri,
+        };
+        match method {
+            AuthMethod::PermanentToken => RawAuth::PermanentToken(RawPermanentToken {
+                permanent_token: self.permanent_token,
+                permanent_token_file: self.permanent_token_file,
+            }),
+            AuthMethod::ClientCredentials => RawAuth::ClientCredentials(oauth2()),
+            AuthMethod::RefreshToken => RawAuth::RefreshToken(oauth2()),
+            AuthMethod::OAuth1 => RawAuth::OAuth1(RawOAuth1 {
+                consumer_key: self.consumer_key,
+                consumer_secret: self.consumer_secret,
+                consumer_secret_file: self.consumer_secret_file,
+                token: self.token,
+                token_file: self.token_file,
+                token_secret: self.token_secret,
+                token_secret_file: self.token_secret_file,
+            }),
+        }
+    }
 }
 
 /// `scopes` as OAuth writes them (`"a b c"`) or as a TOML list.
@@ -239,7 +405,40 @@ pub(super) fn describe_figment_error(error: figment::Error) -> ConfigError {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
     use crate::config::tests::{load, GOOD};
+
+    #[test]
+    fn every_auth_key_is_read_by_some_method_and_every_method_by_its_name() {
+        let secret = || Some(SecretString::from("x".to_owned()));
+        let text = || Some("x".to_owned());
+        let every_key = RawAuthKeys {
+            permanent_token: secret(),
+            client_id: text(),
+            client_secret: secret(),
+            scopes: Some(RawScopes::Text("x".to_owned())),
+            token_url: text(),
+            client_auth: text(),
+            redirect_uri: text(),
+            consumer_key: text(),
+            consumer_secret: secret(),
+            token: secret(),
+            token_secret: secret(),
+            ..RawAuthKeys::default()
+        };
+        let set: Vec<&str> = every_key.keys_set().collect();
+        assert_eq!(set.len(), 11, "{set:?}");
+        for key in &set {
+            assert!(
+                AuthMethod::ALL.iter().any(|m| m.keys().contains(key)),
+                "{key} is read by no method"
+            );
+        }
+        for method in AuthMethod::ALL {
+            assert_eq!(AuthMethod::from_name(method.name()), Some(method));
+            assert!(method.keys().iter().all(|k| set.contains(k)), "{method:?}");
+        }
+    }
 
     #[test]
     fn unknown_keys_and_wrong_types_are_reported_by_name() {

@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use url::Url;
 
-use super::raw::{RawAuth, RawBynder, RawConfig, RawScopes, RawServer, RawSource};
+use super::raw::{
+    AuthMethod, RawAuth, RawAuthKeys, RawBynder, RawConfig, RawOAuth1, RawOAuth2, RawScopes,
+    RawServer, RawSource,
+};
 use super::secrets::{required_secret, resolve_secret};
 use super::*;
 
@@ -461,102 +464,10 @@ fn reject_userinfo(key: &str, url: &Url) -> Result<(), ConfigError> {
     ))
 }
 
-const AUTH_METHODS: &str =
-    "\"permanent_token\", \"client_credentials\", \"refresh_token\" or \"oauth1\"";
-
-fn validate_auth(raw: RawAuth, bynder: &BynderSettings) -> Result<AuthSettings, ConfigError> {
-    let method = raw
-        .method
-        .clone()
-        .map(|m| m.trim().to_owned())
-        .unwrap_or_else(|| "permanent_token".to_owned());
-    // Which method uses each key: a key set for another method is a mistake worth stopping
-    // for (the user believes it is used), not something to ignore silently.
-    let keys: [(&str, bool, &[&str]); 11] = [
-        (
-            "permanent_token",
-            raw.permanent_token.is_some() || raw.permanent_token_file.is_some(),
-            &["permanent_token"],
-        ),
-        (
-            "client_id",
-            raw.client_id.is_some(),
-            &["client_credentials", "refresh_token"],
-        ),
-        (
-            "client_secret",
-            raw.client_secret.is_some() || raw.client_secret_file.is_some(),
-            &["client_credentials", "refresh_token"],
-        ),
-        (
-            "scopes",
-            raw.scopes.is_some(),
-            &["client_credentials", "refresh_token"],
-        ),
-        (
-            "token_url",
-            raw.token_url.is_some(),
-            &["client_credentials", "refresh_token"],
-        ),
-        (
-            "client_auth",
-            raw.client_auth.is_some(),
-            &["client_credentials", "refresh_token"],
-        ),
-        (
-            "redirect_uri",
-            raw.redirect_uri.is_some(),
-            &["refresh_token"],
-        ),
-        ("consumer_key", raw.consumer_key.is_some(), &["oauth1"]),
-        (
-            "consumer_secret",
-            raw.consumer_secret.is_some() || raw.consumer_secret_file.is_some(),
-            &["oauth1"],
-        ),
-        (
-            "token",
-            raw.token.is_some() || raw.token_file.is_some(),
-            &["oauth1"],
-        ),
-        (
-            "token_secret",
-            raw.token_secret.is_some() || raw.token_secret_file.is_some(),
-            &["oauth1"],
-        ),
-    ];
-    if !matches!(
-        method.as_str(),
-        "permanent_token" | "client_credentials" | "refresh_token" | "oauth1"
-    ) {
-        return Err(ConfigError::key(
-            "auth.method",
-            format_args!("is `{method}`, which is not a known method"),
-            format_args!("use one of {AUTH_METHODS}"),
-        ));
-    }
-    for (key, set, used_by) in keys {
-        if set && !used_by.contains(&method.as_str()) {
-            let default = if raw.method.is_none() {
-                " (the default)"
-            } else {
-                ""
-            };
-            return Err(ConfigError::key(
-                &format!("auth.{key}"),
-                format_args!(
-                    "is set, but auth.method is \"{method}\"{default}, which does not use it"
-                ),
-                format_args!(
-                    "remove it, or set auth.method = \"{}\" if that is the method you mean",
-                    used_by[0]
-                ),
-            ));
-        }
-    }
-
-    match method.as_str() {
-        "permanent_token" => {
+/// `[auth]` into the settings of its method.
+fn validate_auth(raw: RawAuthKeys, bynder: &BynderSettings) -> Result<AuthSettings, ConfigError> {
+    match tag_auth(raw)? {
+        RawAuth::PermanentToken(raw) => {
             let token = required_secret(
                 "auth.permanent_token",
                 raw.permanent_token,
@@ -565,59 +476,109 @@ fn validate_auth(raw: RawAuth, bynder: &BynderSettings) -> Result<AuthSettings, 
             )?;
             Ok(AuthSettings::PermanentToken { token })
         }
-        "client_credentials" | "refresh_token" => {
-            let settings = validate_oauth2(raw, bynder)?;
-            Ok(if method == "client_credentials" {
-                AuthSettings::ClientCredentials(settings)
-            } else {
-                AuthSettings::RefreshToken(settings)
-            })
-        }
-        _ => {
-            let consumer_key = required_text(
-                "auth.consumer_key",
-                raw.consumer_key,
-                "the consumer key of the OAuth 1 app (Settings > Portal settings > API tokens)",
-            )?;
-            let consumer_secret = required_secret(
-                "auth.consumer_secret",
-                raw.consumer_secret,
-                raw.consumer_secret_file,
-                "the consumer secret of the OAuth 1 app",
-            )?;
-            let token = resolve_secret("auth.token", raw.token, raw.token_file)?;
-            let token_secret =
-                resolve_secret("auth.token_secret", raw.token_secret, raw.token_secret_file)?;
-            let token =
-                match (token, token_secret) {
-                    (Some(token), Some(token_secret)) => Some(OAuth1TokenPair {
-                        token,
-                        token_secret,
-                    }),
-                    (None, None) => None,
-                    (Some(_), None) => return Err(ConfigError::key(
-                        "auth.token_secret",
-                        "is missing while auth.token is set",
-                        "give both auth.token and auth.token_secret, or neither to use the pair \
-                         `bynder-usage-sync auth oauth1-login` stores",
-                    )),
-                    (None, Some(_)) => return Err(ConfigError::key(
-                        "auth.token",
-                        "is missing while auth.token_secret is set",
-                        "give both auth.token and auth.token_secret, or neither to use the pair \
-                         `bynder-usage-sync auth oauth1-login` stores",
-                    )),
-                };
-            Ok(AuthSettings::OAuth1(OAuth1Settings {
-                consumer_key,
-                consumer_secret,
-                token,
-            }))
-        }
+        RawAuth::ClientCredentials(raw) => Ok(AuthSettings::ClientCredentials(validate_oauth2(
+            raw, bynder,
+        )?)),
+        RawAuth::RefreshToken(raw) => Ok(AuthSettings::RefreshToken(validate_oauth2(raw, bynder)?)),
+        RawAuth::OAuth1(raw) => validate_oauth1(raw),
     }
 }
 
-fn validate_oauth2(raw: RawAuth, bynder: &BynderSettings) -> Result<OAuth2Settings, ConfigError> {
+/// The section tagged by `auth.method` (trimmed; `permanent_token` when unset). A key set for
+/// another method is a mistake worth stopping for (the user believes it is used), not something
+/// to ignore silently.
+fn tag_auth(raw: RawAuthKeys) -> Result<RawAuth, ConfigError> {
+    let method = match raw.method.as_deref().map(str::trim) {
+        None => AuthMethod::DEFAULT,
+        Some(name) => AuthMethod::from_name(name).ok_or_else(|| {
+            ConfigError::key(
+                "auth.method",
+                format_args!("is `{name}`, which is not a known method"),
+                format_args!("use one of {}", known_methods()),
+            )
+        })?,
+    };
+    if let Some(key) = raw.keys_set().find(|key| !method.keys().contains(key)) {
+        let used_by = AuthMethod::ALL
+            .into_iter()
+            .find(|m| m.keys().contains(&key))
+            .expect("every key of [auth] belongs to a method");
+        let default = if raw.method.is_none() {
+            " (the default)"
+        } else {
+            ""
+        };
+        return Err(ConfigError::key(
+            &format!("auth.{key}"),
+            format_args!(
+                "is set, but auth.method is \"{}\"{default}, which does not use it",
+                method.name()
+            ),
+            format_args!(
+                "remove it, or set auth.method = \"{}\" if that is the method you mean",
+                used_by.name()
+            ),
+        ));
+    }
+    Ok(raw.into_method(method))
+}
+
+/// `"permanent_token", "client_credentials", "refresh_token" or "oauth1"`.
+fn known_methods() -> String {
+    let names: Vec<String> = AuthMethod::ALL
+        .iter()
+        .map(|m| format!("\"{}\"", m.name()))
+        .collect();
+    let (last, rest) = names.split_last().expect("there are methods");
+    format!("{} or {last}", rest.join(", "))
+}
+
+fn validate_oauth1(raw: RawOAuth1) -> Result<AuthSettings, ConfigError> {
+    let consumer_key = required_text(
+        "auth.consumer_key",
+        raw.consumer_key,
+        "the consumer key of the OAuth 1 app (Settings > Portal settings > API tokens)",
+    )?;
+    let consumer_secret = required_secret(
+        "auth.consumer_secret",
+        raw.consumer_secret,
+        raw.consumer_secret_file,
+        "the consumer secret of the OAuth 1 app",
+    )?;
+    let token = resolve_secret("auth.token", raw.token, raw.token_file)?;
+    let token_secret =
+        resolve_secret("auth.token_secret", raw.token_secret, raw.token_secret_file)?;
+    let token = match (token, token_secret) {
+        (Some(token), Some(token_secret)) => Some(OAuth1TokenPair {
+            token,
+            token_secret,
+        }),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(ConfigError::key(
+                "auth.token_secret",
+                "is missing while auth.token is set",
+                "give both auth.token and auth.token_secret, or neither to use the pair \
+                 `bynder-usage-sync auth oauth1-login` stores",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::key(
+                "auth.token",
+                "is missing while auth.token_secret is set",
+                "give both auth.token and auth.token_secret, or neither to use the pair \
+                 `bynder-usage-sync auth oauth1-login` stores",
+            ))
+        }
+    };
+    Ok(AuthSettings::OAuth1(OAuth1Settings {
+        consumer_key,
+        consumer_secret,
+        token,
+    }))
+}
+
+fn validate_oauth2(raw: RawOAuth2, bynder: &BynderSettings) -> Result<OAuth2Settings, ConfigError> {
     let client_id = required_text(
         "auth.client_id",
         raw.client_id,
