@@ -13,6 +13,7 @@
 
 mod raw;
 mod secrets;
+/// `config show`: the effective configuration, key by key, with where each value came from.
 pub mod show;
 mod validate;
 
@@ -35,6 +36,7 @@ use secrets::{
 };
 use validate::{schedules_that_never_fire, validate};
 
+/// When a schedule next fires (the scheduler's reading of `sync.schedule`).
 pub use validate::next_fire;
 
 /// Prefix of every environment variable that overrides a config key.
@@ -58,6 +60,7 @@ impl ConfigError {
         }
     }
 
+    /// A problem with its message as given (what failed and the fix).
     pub fn new(message: impl Into<String>) -> Self {
         ConfigError {
             message: message.into(),
@@ -88,6 +91,7 @@ pub struct Config {
     pub warnings: Vec<String>,
 }
 
+/// The portal and how it is reached (`[bynder]`).
 #[derive(Debug, Clone)]
 pub struct BynderSettings {
     /// The portal root, without a trailing slash, e.g. `https://acme.bynder.com`.
@@ -187,6 +191,7 @@ impl AuthSettings {
     }
 }
 
+/// The state database (`[database]`).
 #[derive(Debug, Clone)]
 pub struct DatabaseSettings {
     pub path: PathBuf,
@@ -198,6 +203,7 @@ pub struct DatabaseSettings {
     pub lock_timeout: Duration,
 }
 
+/// What is synced, how and when (`[sync]`).
 #[derive(Debug, Clone)]
 pub struct SyncSettings {
     /// When not empty, only usages whose uri starts with one of these are ours to manage.
@@ -286,6 +292,7 @@ pub struct SourceSettings {
     pub query: Option<String>,
 }
 
+/// How hard the portal is driven (`[limits]`).
 #[derive(Debug, Clone)]
 pub struct LimitSettings {
     pub concurrency: usize,
@@ -294,6 +301,7 @@ pub struct LimitSettings {
     pub block_pause: Duration,
 }
 
+/// Backoff between attempts of one operation (`[retry]`).
 #[derive(Debug, Clone)]
 pub struct RetrySettings {
     pub initial_backoff: Duration,
@@ -302,6 +310,7 @@ pub struct RetrySettings {
     pub max_attempts: u32,
 }
 
+/// Logging (`[log]`).
 #[derive(Debug, Clone)]
 pub struct LogSettings {
     /// A tracing filter (`info`, `bynder_usage_sync=debug`…); `RUST_LOG` wins when set.
@@ -309,6 +318,7 @@ pub struct LogSettings {
     pub format: LogFormat,
 }
 
+/// How log lines are written (`log.format`): for people or for a log collector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
@@ -325,6 +335,7 @@ pub enum ConfigSource {
 }
 
 impl ConfigSource {
+    /// The file to read: the one named, or [`DEFAULT_CONFIG_PATH`].
     pub fn path(&self) -> &Path {
         match self {
             ConfigSource::Explicit(p) => p,
@@ -536,6 +547,7 @@ mod tests {
     use super::*;
     use secrecy::ExposeSecret;
 
+    /// A valid config file: portal, permanent token, relative database path.
     pub(super) const GOOD: &str = r#"
 [bynder]
 base_url = "https://acme.bynder.com/"

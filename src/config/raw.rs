@@ -2,9 +2,10 @@
 //! figment from the file and the environment, plus the descriptions of what can go wrong while
 //! reading (TOML syntax, unknown keys, wrong types), none of which shows a value.
 //!
-//! Owns the shape of the file (every key and its type, `deny_unknown_fields` everywhere). Does not
-//! own defaults, checks or the typed settings (`validate`, `mod`), nor reading secret files
-//! (`secrets`).
+//! Owns the shape of the file: every key and its type, `deny_unknown_fields` everywhere, and
+//! `[auth]` as a tagged form ([`AuthMethod`], [`RawAuth`]: each method with only its own keys).
+//! Does not own defaults, checks or the typed settings (`validate`, `mod`), nor reading secret
+//! files (`secrets`).
 
 use std::path::Path;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use serde::Deserialize;
 use super::secrets::is_secret_key;
 use super::{env_var, ConfigError, LogFormat, Strategy};
 
+/// The whole file (and environment), section by section; config/example.toml documents each key.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
@@ -43,6 +45,7 @@ pub(super) struct RawConfig {
     pub(super) runs: RawRuns,
 }
 
+/// `[runs]` as read.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRuns {
@@ -50,6 +53,7 @@ pub(super) struct RawRuns {
     pub(super) keep: Option<Duration>,
 }
 
+/// `[bynder]` as read.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawBynder {
@@ -261,6 +265,7 @@ pub(super) enum RawScopes {
     List(Vec<String>),
 }
 
+/// `[database]` as read.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawDatabase {
@@ -273,6 +278,7 @@ pub(super) struct RawDatabase {
     pub(super) lock_timeout: Option<Duration>,
 }
 
+/// `[sync]` as read.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawSync {
@@ -287,6 +293,7 @@ pub(super) struct RawSync {
     pub(super) uri_schemes: Vec<String>,
 }
 
+/// `[server]` as read.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawServer {
@@ -301,6 +308,7 @@ pub(super) struct RawServer {
     pub(super) idle_timeout: Option<Duration>,
 }
 
+/// `[daemon]` as read.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawDaemon {
@@ -308,6 +316,7 @@ pub(super) struct RawDaemon {
     pub(super) shutdown_timeout: Option<Duration>,
 }
 
+/// `[source]` as read.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawSource {
@@ -315,6 +324,7 @@ pub(super) struct RawSource {
     pub(super) query: Option<String>,
 }
 
+/// `[limits]` as read.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLimits {
@@ -324,6 +334,7 @@ pub(super) struct RawLimits {
     pub(super) block_pause: Option<Duration>,
 }
 
+/// `[retry]` as read.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRetry {
@@ -334,6 +345,7 @@ pub(super) struct RawRetry {
     pub(super) max_attempts: Option<u32>,
 }
 
+/// `[log]` as read.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLog {
@@ -360,6 +372,7 @@ pub(super) fn describe_toml_error(path: &Path, text: &str, error: &toml::de::Err
     )
 }
 
+/// Figment's errors (unknown keys, wrong types) by key and place; a secret's value is never shown.
 pub(super) fn describe_figment_error(error: figment::Error) -> ConfigError {
     let messages: Vec<String> = error
         .into_iter()
