@@ -22,6 +22,7 @@ pub enum Origin {
 }
 
 impl Origin {
+    /// How `config show` prints it.
     pub fn label(self) -> &'static str {
         match self {
             Origin::Default => "default",
