@@ -15,7 +15,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use sd_notify::NotifyState;
 use tokio::net::TcpListener;
@@ -27,8 +26,10 @@ use crate::app::Context;
 use crate::bynder::Reaction;
 use crate::config::{env_var, ConfigError, ConfigSource, ServerSettings, SyncSettings};
 use crate::health::{CredentialState, Health};
+use crate::run::RunError;
 use crate::run::{self, Progress, RunOptions, RunOutcome, RunReport};
 use crate::store;
+use crate::text::error_chain;
 
 /// How often the worker looks for queued operations whose retry is due (one indexed query).
 pub const QUEUE_POLL: Duration = Duration::from_secs(1);
@@ -102,6 +103,30 @@ impl Reloader {
     }
 }
 
+/// A part of the daemon that failed on its own (the daemon then stops).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::InstallError),
+    /// The scheduler could not start, or a schedule could not be added (`what` says which).
+    #[error("{what}")]
+    Scheduler {
+        what: String,
+        #[source]
+        source: tokio_cron_scheduler::JobSchedulerError,
+    },
+    #[error("reading the listening address")]
+    Address(#[source] std::io::Error),
+    #[error("the worker stopped unexpectedly")]
+    Worker(#[source] Option<tokio::task::JoinError>),
+    #[error("the HTTP server stopped unexpectedly")]
+    ServerStopped,
+    #[error("the HTTP server failed")]
+    Server(#[source] std::io::Error),
+    #[error("the HTTP server panicked")]
+    ServerPanicked(#[source] tokio::task::JoinError),
+}
+
 /// Runs the daemon until `shutdown` resolves, then stops gracefully: no new work, requests in
 /// flight get `daemon.shutdown_timeout` to finish, and operations still in flight after that are
 /// read back at the next start. Returns an error only when a part of the daemon died on its own.
@@ -110,21 +135,19 @@ pub async fn run_until_stopped(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     mut reloader: Reloader,
-) -> anyhow::Result<()> {
+) -> Result<(), DaemonError> {
     let ctx = Arc::new(ctx);
     let (contexts, contexts_rx) = watch::channel(ctx.clone());
     let metrics = crate::metrics::install()?;
     if let Err(e) = crate::metrics::seed_last_success(&ctx.store).await {
-        tracing::warn!("cannot read the run history for the metrics: {e:#}");
+        tracing::warn!("cannot read the run history for the metrics: {e}");
     }
     let health = Arc::new(Health::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let triggers = Arc::new(Triggers::default());
     let mut scheduler = start_scheduler(&ctx.config.sync, triggers.clone()).await?;
 
-    let address = listener
-        .local_addr()
-        .context("reading the listening address")?;
+    let address = listener.local_addr().map_err(DaemonError::Address)?;
     let state = crate::http::AppState::new(ctx.clone(), health.clone(), metrics, stop_rx.clone());
     let mut server = Some(tokio::spawn(crate::http::serve(
         listener,
@@ -162,15 +185,15 @@ pub async fn run_until_stopped(
             }
             joined = async { worker.as_mut().expect("spawned").await } => {
                 worker = None;
-                failure = Some(anyhow::anyhow!("the worker stopped unexpectedly: {joined:?}"));
+                failure = Some(DaemonError::Worker(joined.err()));
                 break;
             }
             joined = async { server.as_mut().expect("spawned").await } => {
                 server = None;
                 failure = Some(match joined {
-                    Ok(Ok(())) => anyhow::anyhow!("the HTTP server stopped unexpectedly"),
-                    Ok(Err(e)) => anyhow::Error::new(e).context("the HTTP server failed"),
-                    Err(e) => anyhow::Error::new(e).context("the HTTP server panicked"),
+                    Ok(Ok(())) => DaemonError::ServerStopped,
+                    Ok(Err(e)) => DaemonError::Server(e),
+                    Err(e) => DaemonError::ServerPanicked(e),
                 });
                 break;
             }
@@ -284,7 +307,10 @@ async fn reload_config(
                 }
             }
             Err(e) => {
-                tracing::error!("the configuration was not reloaded, the running one stays: {e:#}");
+                tracing::error!(
+                    "the configuration was not reloaded, the running one stays: {}",
+                    error_chain(&e)
+                );
                 return None;
             }
         }
@@ -358,10 +384,11 @@ struct Triggers {
 async fn start_scheduler(
     sync: &SyncSettings,
     triggers: Arc<Triggers>,
-) -> anyhow::Result<JobScheduler> {
+) -> Result<JobScheduler, DaemonError> {
+    let failed = |what: String| move |source| DaemonError::Scheduler { what, source };
     let scheduler = JobScheduler::new()
         .await
-        .context("starting the scheduler")?;
+        .map_err(failed("starting the scheduler".into()))?;
     let add = |schedule: &str, key: &str, label: &'static str, pick: fn(&Triggers) -> &Notify| {
         let triggers = triggers.clone();
         let owned = schedule.to_owned();
@@ -373,14 +400,14 @@ async fn start_scheduler(
                 pick(&triggers).notify_one()
             })
         })
-        .with_context(|| format!("`{key}` = {schedule:?} is not a schedule"))
+        .map_err(failed(format!("`{key}` = {schedule:?} is not a schedule")))
     };
     scheduler
         .add(add(&sync.schedule, "sync.schedule", "reconcile", |t| {
             &t.reconcile
         })?)
         .await
-        .context("scheduling the reconcile")?;
+        .map_err(failed("scheduling the reconcile".into()))?;
     scheduler
         .add(add(
             &sync.verify_schedule,
@@ -389,8 +416,11 @@ async fn start_scheduler(
             |t| &t.verify,
         )?)
         .await
-        .context("scheduling the drift repair")?;
-    scheduler.start().await.context("starting the scheduler")?;
+        .map_err(failed("scheduling the drift repair".into()))?;
+    scheduler
+        .start()
+        .await
+        .map_err(failed("starting the scheduler".into()))?;
     let when = |next: Option<DateTime<Utc>>| {
         next.map_or_else(
             || "never".to_owned(),
@@ -599,8 +629,8 @@ impl Worker {
         self.publish_status(command, report.outcome.label()).await;
     }
 
-    async fn observe_error(&mut self, command: &'static str, error: anyhow::Error) {
-        tracing::error!(command, "run failed: {error:#}");
+    async fn observe_error(&mut self, command: &'static str, error: RunError) {
+        tracing::error!(command, "run failed: {}", error_chain(&error));
         metrics::counter!("bynder_usage_sync_runs_total", "outcome" => "error").increment(1);
         self.health.record_error(command, &error);
         self.publish_status(command, "error").await;
@@ -620,8 +650,6 @@ impl Worker {
     }
 }
 
-/// Whether any queued operation's retry is due. Read without the run lock: it only decides
-/// whether to take it.
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,8 @@ use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
 
-use crate::run::{RunOutcome, RunReport};
+use crate::run::{RunError, RunOutcome, RunReport};
+use crate::text::error_chain;
 
 /// What the daemon last learned about its credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,11 +96,11 @@ impl Health {
         });
     }
 
-    pub fn record_error(&self, command: &'static str, error: &anyhow::Error) {
+    pub fn record_error(&self, command: &'static str, error: &RunError) {
         self.lock().last_run = Some(LastRun {
             command,
             outcome: "error".to_owned(),
-            message: Some(format!("{error:#}")),
+            message: Some(error_chain(error)),
             finished_at: Utc::now(),
         });
     }

@@ -7,7 +7,6 @@
 
 use std::sync::{Mutex, OnceLock};
 
-use anyhow::Context as _;
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -44,7 +43,12 @@ fn process_collector() -> &'static metrics_process::Collector {
 
 /// Installs the Prometheus recorder as the process-wide `metrics` recorder, once; later calls
 /// return the same handle (the recorder cannot be replaced once set).
-pub fn install() -> anyhow::Result<PrometheusHandle> {
+/// Why the Prometheus recorder could not be installed.
+#[derive(Debug, thiserror::Error)]
+#[error("installing the Prometheus recorder")]
+pub struct InstallError(#[source] metrics_exporter_prometheus::BuildError);
+
+pub fn install() -> Result<PrometheusHandle, InstallError> {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     // A std mutex only serialises the first installation; it is never held across an await.
     static INSTALLING: Mutex<()> = Mutex::new(());
@@ -60,9 +64,9 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
             Matcher::Full("bynder_usage_sync_request_duration_seconds".to_owned()),
             LATENCY_BUCKETS,
         )
-        .context("configuring the latency histogram")?
+        .map_err(InstallError)?
         .install_recorder()
-        .context("installing the Prometheus recorder")?;
+        .map_err(InstallError)?;
     describe();
     process_collector().describe();
     metrics::gauge!(
@@ -144,7 +148,7 @@ fn describe() {
 
 /// Sets `bynder_usage_sync_last_success_timestamp_seconds` from the run history, so the gauge survives a
 /// restart instead of being absent until the next success.
-pub async fn seed_last_success(store: &Store) -> anyhow::Result<()> {
+pub async fn seed_last_success(store: &Store) -> Result<(), sqlx::Error> {
     let runs = store.recent_runs(100).await?;
     let last = runs
         .iter()

@@ -32,6 +32,23 @@ fn needs_escape(c: char) -> bool {
             | '\u{feff}')
 }
 
+/// An error and its sources, outermost first: "writing the plan to the queue: database is
+/// locked" (what anyhow's `{:#}` shows, for typed errors).
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        let part = inner.to_string();
+        // `#[error(transparent)]` and `{0}` messages already hold their source's text.
+        if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = inner.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,5 +65,25 @@ mod tests {
         );
         assert_eq!(printable("a\u{202e}b\u{9b}c"), "a\\u{202e}b\\u{9b}c");
         assert_eq!(printable("tab\there"), "tab\\there");
+    }
+
+    #[test]
+    fn an_error_chain_names_every_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("writing the plan to the queue")]
+        struct Outer(#[source] std::io::Error);
+        #[derive(Debug, thiserror::Error)]
+        #[error("run failed: {0}")]
+        struct Quoting(#[source] std::io::Error);
+        let io = || std::io::Error::other("database is locked");
+        assert_eq!(
+            error_chain(&Outer(io())),
+            "writing the plan to the queue: database is locked"
+        );
+        // A message that already quotes its source does not repeat it.
+        assert_eq!(
+            error_chain(&Quoting(io())),
+            "run failed: database is locked"
+        );
     }
 }

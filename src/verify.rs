@@ -9,12 +9,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use anyhow::Context as _;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::app::Context;
 use crate::bynder::{Error, Reaction};
 use crate::model::{is_managed_uri, Reference};
+use crate::run::RunError;
 
 /// What the read-back found.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -46,16 +46,15 @@ pub enum VerifyStop {
 
 /// Reads back every managed asset and rewrites the recorded state to match Bynder (marking
 /// duplicates for a read-back before anything is sent). A dry run passes a context on a snapshot.
-pub async fn verify_assets(ctx: &Context) -> anyhow::Result<(VerifyReport, Option<VerifyStop>)> {
+pub async fn verify_assets(ctx: &Context) -> Result<(VerifyReport, Option<VerifyStop>), RunError> {
     let prefixes = &ctx.config.sync.uri_prefixes;
     // Keyed by the id ignoring case: Bynder treats case variants as one asset.
     let mut assets: BTreeMap<String, String> = BTreeMap::new();
     let mut rows = ctx.source.stream_rows();
-    while let Some(row) = rows
-        .try_next()
-        .await
-        .with_context(|| ctx.source.reading().to_owned())?
-    {
+    while let Some(row) = rows.try_next().await.map_err(|source| RunError::Source {
+        reading: ctx.source.reading().to_owned(),
+        source,
+    })? {
         if let Ok(r) = Reference::parse(&row.raw, prefixes, &ctx.config.sync.uri_schemes) {
             let id = r.asset_id.as_str();
             assets
@@ -150,7 +149,7 @@ enum Fix {
     ReadBack,
 }
 
-async fn apply(ctx: &Context, asset: &str, uri: &str, fix: Fix) -> anyhow::Result<()> {
+async fn apply(ctx: &Context, asset: &str, uri: &str, fix: Fix) -> Result<(), RunError> {
     match fix {
         Fix::Forget => ctx.store.forget_recorded(asset, uri).await?,
         Fix::Record(additional) => ctx.store.record_observed(asset, uri, &additional).await?,

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use crate::app::BuildError;
 use crate::auth::{AuthError, AuthFailure};
 use crate::config::ConfigError;
+use crate::files::LockError;
+use crate::run::RunError;
 use crate::store::StoreError;
 
 /// Documented exit codes.
@@ -102,6 +104,22 @@ impl From<AuthError> for Failure {
                 }
             },
         }
+    }
+}
+
+impl From<RunError> for Failure {
+    fn from(e: RunError) -> Self {
+        match e {
+            RunError::Lock(LockError::Timeout(timeout)) => Failure::Busy(timeout),
+            RunError::Open(e) => e.into(),
+            e => Failure::Unexpected(anyhow::Error::new(e)),
+        }
+    }
+}
+
+impl From<crate::daemon::DaemonError> for Failure {
+    fn from(e: crate::daemon::DaemonError) -> Self {
+        Failure::Unexpected(anyhow::Error::new(e))
     }
 }
 

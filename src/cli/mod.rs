@@ -16,6 +16,7 @@ mod check;
 mod config;
 mod demo;
 mod exit;
+mod healthcheck;
 mod login;
 mod probe;
 mod queue;
@@ -259,7 +260,7 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
         Command::Healthcheck { ready } => {
             let config = start(&source)?;
             let path = if ready { "/readyz" } else { "/healthz" };
-            crate::http::probe(config.server.listen, path).await?;
+            healthcheck::probe(config.server.listen, path).await?;
             Ok(Exit::Ok)
         }
     }

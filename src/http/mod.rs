@@ -113,35 +113,6 @@ pub async fn serve(
     serve::serve(listener, router(state), limits, shutdown).await
 }
 
-/// `healthcheck`: asks a running daemon's `path` on `listen` (loopback when it listens on every
-/// interface). `Ok` on 200; the error says what answered instead.
-pub async fn probe(listen: std::net::SocketAddr, path: &str) -> anyhow::Result<()> {
-    use anyhow::Context as _;
-    let mut address = listen;
-    if address.ip().is_unspecified() {
-        address.set_ip(match address {
-            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
-    let url = format!("http://{address}{path}");
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .context("building the HTTP client")?;
-    let response = client.get(&url).send().await.with_context(|| {
-        format!("no answer from {url}: is `bynder-usage-sync run` running with this server.listen?")
-    })?;
-    let status = response.status();
-    let body = response.text().await.unwrap_or_default();
-    anyhow::ensure!(
-        status.is_success(),
-        "{url} answered {status}: {}",
-        body.trim()
-    );
-    Ok(())
-}
-
 // ---- health ---------------------------------------------------------------------------------
 
 /// Liveness: the process answers. (A worker or server that dies ends the process, which is what
@@ -339,7 +310,7 @@ async fn status_page(
             let body = format!(
                 "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>bynder-usage-sync: error</title></head>\
                  <body><h1>bynder-usage-sync</h1><p id=\"error\">The state database could not be read: {}</p></body></html>",
-                escape(&format!("{e:#}"))
+                escape(&crate::text::error_chain(&e))
             );
             return with_page_headers(
                 (StatusCode::SERVICE_UNAVAILABLE, Html(body)).into_response(),
@@ -381,7 +352,21 @@ struct Page {
     matches: Option<Result<Vec<Match>, &'static str>>,
 }
 
-async fn gather(state: &AppState, query: Option<&str>) -> anyhow::Result<Page> {
+/// Why the page could not be put together.
+#[derive(Debug, thiserror::Error)]
+enum PageError {
+    #[error("the state database failed")]
+    Database(#[from] sqlx::Error),
+    /// The configured source could not be read; `reading` names it.
+    #[error("{reading}")]
+    Source {
+        reading: String,
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+async fn gather(state: &AppState, query: Option<&str>) -> Result<Page, PageError> {
     let store = &state.ctx.store;
     let readiness = assess(state).await;
     let queue = store.queue_summary().await?;
@@ -407,7 +392,7 @@ async fn gather(state: &AppState, query: Option<&str>) -> anyhow::Result<Page> {
 async fn bounded_search(
     state: &AppState,
     q: &str,
-) -> anyhow::Result<Result<Vec<Match>, &'static str>> {
+) -> Result<Result<Vec<Match>, &'static str>, PageError> {
     let Ok(_permit) = state.searches.try_acquire() else {
         return Ok(Err(
             "Too many searches are running at once: try again in a moment.",
@@ -473,8 +458,7 @@ fn slot(found: &mut Found, asset_id: Vec<u8>, uri: Vec<u8>) -> &mut Match {
 /// whose uri contains `q`: in the CMS rows as the configured source yields them, the recorded
 /// usages and the queue. The default table is searched with one query; another file or a custom
 /// `source.query` is read through in full (seconds on a million rows).
-async fn search(ctx: &Context, q: &str) -> anyhow::Result<Vec<Match>> {
-    use anyhow::Context as _;
+async fn search(ctx: &Context, q: &str) -> Result<Vec<Match>, PageError> {
     use futures::TryStreamExt;
     let substring = q.chars().count() >= 3;
     let hit = |asset_id: &[u8], uri: &[u8]| {
@@ -500,11 +484,10 @@ async fn search(ctx: &Context, q: &str) -> anyhow::Result<Vec<Match>> {
         // Another file or a custom query: only the source's own read-only connection may run it,
         // so read it through (in full, in key order) and filter here.
         let mut rows = ctx.source.stream_rows();
-        while let Some(row) = rows
-            .try_next()
-            .await
-            .with_context(|| ctx.source.reading().to_owned())?
-        {
+        while let Some(row) = rows.try_next().await.map_err(|source| PageError::Source {
+            reading: ctx.source.reading().to_owned(),
+            source,
+        })? {
             let asset_id = row.raw.asset_id.clone().unwrap_or_default();
             let uri = row.raw.uri.clone().unwrap_or_default();
             if !hit(&asset_id, &uri) {

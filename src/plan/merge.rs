@@ -3,13 +3,13 @@
 //! with the table; every key's decision becomes a queued operation or a report line, and the whole
 //! plan is written in one transaction. The mass-delete guard lives here too.
 
-use anyhow::Context as _;
 use futures::stream::BoxStream;
 use futures::TryStreamExt;
 
 use crate::app::Context;
 use crate::model::{key_order, AssetId, Reference, SkipReason, UsageUri};
 use crate::plan::{decide, Change, Decision, Desired, Queued, Target};
+use crate::run::RunError;
 use crate::store::{self, SourceRow};
 
 /// How many rows of each kind a report keeps when not asked for everything.
@@ -89,12 +89,15 @@ impl DesiredStream<'_> {
         &mut self,
         report: &mut PlanReport,
         keep_all: bool,
-    ) -> anyhow::Result<Option<DesiredRow>> {
+    ) -> Result<Option<DesiredRow>, RunError> {
         while let Some(row) = self
             .rows
             .try_next()
             .await
-            .context(self.reading.to_owned())?
+            .map_err(|source| RunError::Source {
+                reading: self.reading.to_owned(),
+                source,
+            })?
         {
             report.rows_read += 1;
             let skip = |reason: SkipReason, report: &mut PlanReport| {
@@ -146,9 +149,7 @@ impl DesiredStream<'_> {
                         skip(SkipReason::CaseVariant(last.0.clone()), report);
                         continue;
                     }
-                    std::cmp::Ordering::Less => {
-                        anyhow::bail!("internal error: source rows are not in key order")
-                    }
+                    std::cmp::Ordering::Less => return Err(RunError::Unsorted),
                     std::cmp::Ordering::Greater => {}
                 }
             }
@@ -176,7 +177,7 @@ fn key_of(row: &SourceRow) -> Option<Key> {
 pub(crate) async fn plan_run(
     ctx: &Context,
     options: PlanOptions,
-) -> anyhow::Result<(PlanReport, Option<String>)> {
+) -> Result<(PlanReport, Option<String>), RunError> {
     let write = options.write;
     let keep_all = options.keep_all_items;
     let prefixes = &ctx.config.sync.uri_prefixes;
@@ -312,7 +313,7 @@ pub(crate) async fn plan_run(
         if refused.is_some() {
             tx.rollback().await?;
         } else {
-            tx.commit().await.context("writing the plan to the queue")?;
+            tx.commit().await.map_err(RunError::WritePlan)?;
         }
     }
     if let Some(why) = &refused {

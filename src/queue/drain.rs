@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use tokio::task::JoinSet;
 
 use crate::app::Context;
@@ -18,6 +17,7 @@ use crate::model::{folded_key, same_asset};
 use crate::plan::Target;
 use crate::profile::{Fact, PortalProfile};
 use crate::queue::{self, BatchVerdict, Next, RunEffect};
+use crate::run::RunError;
 use crate::store::{self, Operation, Store, SyncBatch, SyncOpOutcome};
 
 /// How this run sends: the sync endpoint (with its current batch size) or per-usage calls.
@@ -103,11 +103,11 @@ pub(crate) async fn drain(
     ctx: &Context,
     run_id: i64,
     progress: &dyn Progress,
-) -> anyhow::Result<(Option<RunEffect>, SendReport)> {
+) -> Result<(Option<RunEffect>, SendReport), RunError> {
     let concurrency = ctx.config.limits.concurrency;
     let max_attempts = ctx.config.retry.max_attempts;
     let mode = Arc::new(Mode::new(&ctx.config, &ctx.profile));
-    let mut workers: JoinSet<anyhow::Result<Tally>> = JoinSet::new();
+    let mut workers: JoinSet<Result<Tally, RunError>> = JoinSet::new();
     let mut sent = SendReport::default();
     let mut stop: Option<RunEffect> = None;
     let mut done = 0u64;
@@ -167,7 +167,7 @@ pub(crate) async fn drain(
             _ => workers.join_next().await,
         };
         let Some(joined) = joined else { continue };
-        let tally = joined.context("a worker panicked")??;
+        let tally = joined.map_err(RunError::Worker)??;
         sent.succeeded += tally.done;
         sent.dead += tally.dead;
         sent.failed_attempts += tally.failed;
@@ -209,7 +209,7 @@ async fn attempt(
     store: &Store,
     retry: &RetrySettings,
     op: Operation,
-) -> anyhow::Result<Tally> {
+) -> Result<Tally, RunError> {
     let mut uncertain = op.uncertain;
     let result = match &op.target {
         Target::Delete => match client.delete_usage(&op.asset_id, &op.uri).await {
@@ -246,7 +246,7 @@ async fn fail(
     op: &Operation,
     error: &bynder::Error,
     uncertain: bool,
-) -> anyhow::Result<(bool, RunEffect)> {
+) -> Result<(bool, RunEffect), RunError> {
     let now = chrono::Utc::now();
     let pause_until = client
         .gate()
@@ -286,7 +286,7 @@ async fn fail(
 }
 
 /// Puts claimed operations back, untried, for another way of sending them.
-async fn release(store: &Store, ops: &[Operation], why: &str) -> anyhow::Result<()> {
+async fn release(store: &Store, ops: &[Operation], why: &str) -> Result<(), RunError> {
     let untried = |op: &Operation| Next::Retry {
         at: chrono::Utc::now(),
         uncertain: op.uncertain,
@@ -308,7 +308,7 @@ async fn attempt_batch(
     mode: &Mode,
     profile: &PortalProfile,
     batch: SyncBatch,
-) -> anyhow::Result<Tally> {
+) -> Result<Tally, RunError> {
     let mut tally = Tally::default();
     let answer = match client.sync_usages(&batch.uris, &batch.listing).await {
         Ok(answer) => answer,
@@ -457,7 +457,7 @@ async fn fail_batch(
     batch: SyncBatch,
     error: bynder::Error,
     tally: &mut Tally,
-) -> anyhow::Result<()> {
+) -> Result<(), RunError> {
     let batch_size = mode.batch_size.load(Ordering::Relaxed);
     match queue::policy::batch_verdict(&error, mode.auto, batch_size) {
         BatchVerdict::NoEndpoint => {
@@ -497,7 +497,7 @@ async fn learn_id_case(
     profile: &PortalProfile,
     batch: &SyncBatch,
     result: &bynder::SyncResult,
-) -> anyhow::Result<()> {
+) -> Result<(), RunError> {
     let sent: HashMap<(String, String), &str> = batch
         .listing
         .iter()
@@ -547,7 +547,7 @@ async fn settle(
     profile: &PortalProfile,
     ops: Vec<(Operation, bool)>,
     tally: &mut Tally,
-) -> anyhow::Result<()> {
+) -> Result<(), RunError> {
     let mut by_asset: BTreeMap<String, Vec<(Operation, bool)>> = BTreeMap::new();
     for (op, omitted) in ops {
         by_asset
@@ -674,7 +674,7 @@ async fn upsert(
     additional: &str,
     uncertain: &mut bool,
     found: Option<Vec<bynder::Usage>>,
-) -> anyhow::Result<Result<(), bynder::Error>> {
+) -> Result<Result<(), bynder::Error>, RunError> {
     macro_rules! bynder {
         ($e:expr) => {
             match $e {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bynder_usage_sync::app::build_context;
 use bynder_usage_sync::config::{load_config, ConfigSource};
-use bynder_usage_sync::daemon::{run_until_stopped, Reloader};
+use bynder_usage_sync::daemon::{run_until_stopped, DaemonError, Reloader};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -36,7 +36,7 @@ pub struct SpawnedDaemon {
     pub address: SocketAddr,
     http: reqwest::Client,
     shutdown: oneshot::Sender<()>,
-    task: JoinHandle<anyhow::Result<()>>,
+    task: JoinHandle<Result<(), DaemonError>>,
 }
 
 /// Starts the daemon of `app` in process, building its context exactly as `run` does: the
@@ -88,7 +88,7 @@ impl SpawnedDaemon {
     /// Resolves the shutdown future and waits for the daemon to finish: `Ok` is what `run`
     /// turns into exit code 0, an error is a part of the daemon that died on its own. Panics
     /// when the daemon panicked or did not stop within [`STOP_WITHIN`].
-    pub async fn stop(self) -> anyhow::Result<()> {
+    pub async fn stop(self) -> Result<(), DaemonError> {
         let SpawnedDaemon { shutdown, task, .. } = self;
         // An error means the daemon already ended; its task says how.
         let _ = shutdown.send(());

@@ -9,6 +9,10 @@
 
 use std::sync::Arc;
 
+mod error;
+
+pub use self::error::RunError;
+
 use crate::app::Context;
 use crate::files::{LockError, Modes, RunLock};
 use crate::plan::merge::{plan_run, PlanOptions};
@@ -110,7 +114,7 @@ struct NoProgress;
 impl Progress for NoProgress {}
 
 /// Runs one reconcile with no progress display.
-pub async fn reconcile_once(ctx: &Context, options: &RunOptions) -> anyhow::Result<RunReport> {
+pub async fn reconcile_once(ctx: &Context, options: &RunOptions) -> Result<RunReport, RunError> {
     reconcile_with_progress(ctx, options, Arc::new(NoProgress)).await
 }
 
@@ -120,7 +124,7 @@ pub async fn reconcile_with_progress(
     ctx: &Context,
     options: &RunOptions,
     progress: Arc<dyn Progress>,
-) -> anyhow::Result<RunReport> {
+) -> Result<RunReport, RunError> {
     if options.dry_run {
         if !options.verify {
             return Ok(RunReport {
@@ -167,7 +171,7 @@ pub async fn reconcile_with_progress(
         Ok(report) => Ok(report),
         Err(error) => {
             // Leave an outcome in the run history, so `status` does not show it as running.
-            let message = format!("{error:#}");
+            let message = crate::text::error_chain(&error);
             if let Err(e) = ctx
                 .store
                 .finish_run(run_id, "failed", &RunCounts::default(), Some(&message))
@@ -187,7 +191,7 @@ async fn run_started(
     options: &RunOptions,
     progress: Arc<dyn Progress>,
     run_id: i64,
-) -> anyhow::Result<RunReport> {
+) -> Result<RunReport, RunError> {
     let requests_before = ctx.client.requests_sent();
 
     let mut verify = None;
@@ -228,7 +232,7 @@ async fn drain_outcome(
     ctx: &Context,
     stop: Option<RunEffect>,
     sent: &SendReport,
-) -> anyhow::Result<RunOutcome> {
+) -> Result<RunOutcome, RunError> {
     let summary = ctx.store.queue_summary().await?;
     Ok(match stop {
         Some(RunEffect::StopCredentials) => credentials_rejected(ctx),
@@ -263,7 +267,7 @@ async fn record_run(
     plan: PlanReport,
     mut sent: SendReport,
     verify: Option<VerifyReport>,
-) -> anyhow::Result<RunReport> {
+) -> Result<RunReport, RunError> {
     let summary = ctx.store.queue_summary().await?;
     sent.left_pending = summary.pending as u64;
     sent.requests = ctx.client.requests_sent() - requests_before;
@@ -342,7 +346,7 @@ async fn run_lock(ctx: &Context, what: &str) -> Result<RunLock, LockError> {
 pub async fn drain_queue_once(
     ctx: &Context,
     progress: Arc<dyn Progress>,
-) -> anyhow::Result<Option<RunReport>> {
+) -> Result<Option<RunReport>, RunError> {
     let _lock = run_lock(ctx, "drain").await?;
     let recovered = ctx.store.recover_in_flight().await?;
     if recovered > 0 {
