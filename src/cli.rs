@@ -293,6 +293,7 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
                 log_override.as_deref().unwrap_or("warn"),
                 LogFormat::Text,
                 log_override.is_some(),
+                None,
             );
             config_command(&source, action)
         }
@@ -319,6 +320,7 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
                 log_override.as_deref().unwrap_or("warn"),
                 LogFormat::Text,
                 log_override.is_some(),
+                None,
             );
             crate::demo::run_demo().await.map_err(Failure::Unexpected)
         }
@@ -394,6 +396,7 @@ fn start(source: &ConfigSource, log_override: Option<&str>) -> Result<Config, Fa
         log_override.unwrap_or(&config.log.level),
         config.log.format,
         log_override.is_some(),
+        Some(&config.telemetry),
     );
     for warning in &config.warnings {
         tracing::warn!("{warning}");
@@ -401,10 +404,16 @@ fn start(source: &ConfigSource, log_override: Option<&str>) -> Result<Config, Fa
     Ok(config)
 }
 
-/// Logs go to stderr (see [`crate::logging`]). `forced`: the level comes from the command line
-/// and wins over `RUST_LOG`.
-pub fn init_tracing(level: &str, format: LogFormat, forced: bool) {
-    crate::logging::init(level, format, forced);
+/// Logs go to stderr (see [`crate::logging`]), and with `telemetry` configured spans and log
+/// records to a collector too. `forced`: the level comes from the command line and wins over
+/// `RUST_LOG`.
+pub fn init_tracing(
+    level: &str,
+    format: LogFormat,
+    forced: bool,
+    telemetry: Option<&crate::config::TelemetrySettings>,
+) {
+    crate::logging::init(level, format, forced, telemetry);
 }
 
 /// `backup PATH`: a consistent copy of the state database, checked before it is called done.

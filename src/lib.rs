@@ -22,5 +22,6 @@ pub mod reconcile;
 pub mod simulator;
 pub mod source;
 pub mod store;
+pub mod telemetry;
 pub mod text;
 pub mod verify;

@@ -14,3 +14,4 @@ mod properties;
 mod reliability;
 mod resync;
 mod strategies;
+mod telemetry;
