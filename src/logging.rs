@@ -101,6 +101,9 @@ pub fn init(level: &str, format: LogFormat, forced: bool, telemetry: Option<&Tel
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
+    // `None`, not an empty list, when off: an empty list of layers would say it wants no
+    // event at all, and every event would be disabled.
+    let remote = (!remote.is_empty()).then_some(remote);
     let base = Registry::default().with(filter).with(remote);
     let installed = match format {
         LogFormat::Json => base

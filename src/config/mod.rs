@@ -2404,4 +2404,123 @@ path = "state.db"
         let next = next_fire(DEFAULT_SCHEDULE, now).unwrap();
         assert!(next > now && next - now <= chrono::Duration::minutes(5));
     }
+
+    fn endpoints(c: &Config) -> (Option<String>, Option<String>) {
+        (
+            c.telemetry.traces_endpoint.as_ref().map(|u| u.to_string()),
+            c.telemetry.logs_endpoint.as_ref().map(|u| u.to_string()),
+        )
+    }
+
+    #[test]
+    fn telemetry_is_off_unless_an_endpoint_is_configured() {
+        let c = load(GOOD, &[("OTEL_SERVICE_NAME", "sync-eu")]).unwrap();
+        assert!(!c.telemetry.is_enabled());
+        assert_eq!(c.telemetry.timeout, DEFAULT_TELEMETRY_TIMEOUT);
+        let c = load(
+            &format!("{GOOD}[telemetry]\notlp_endpoint = \"http://collector:4318\"\n"),
+            &[("OTEL_SDK_DISABLED", "true")],
+        )
+        .unwrap();
+        assert!(!c.telemetry.is_enabled(), "OTEL_SDK_DISABLED wins");
+    }
+
+    #[test]
+    fn the_otlp_endpoint_gets_the_specification_paths_from_the_file_or_the_environment() {
+        let file = format!("{GOOD}[telemetry]\notlp_endpoint = \"http://collector:4318\"\n");
+        let c = load(&file, &[]).unwrap();
+        assert_eq!(
+            endpoints(&c),
+            (
+                Some("http://collector:4318/v1/traces".to_owned()),
+                Some("http://collector:4318/v1/logs".to_owned())
+            )
+        );
+        let c = load(
+            &file,
+            &[(
+                "BYNDER_USAGE_SYNC_TELEMETRY__OTLP_ENDPOINT",
+                "https://otel.example/otlp/",
+            )],
+        )
+        .unwrap();
+        assert_eq!(
+            endpoints(&c).0.as_deref(),
+            Some("https://otel.example/otlp/v1/traces")
+        );
+        // The standard variables: the generic one under this crate's key, the signal's own
+        // (a full URL) over it, and `none` turning a signal off.
+        let c = load(
+            GOOD,
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://agent:4318"),
+                (
+                    "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",
+                    "http://logs:4318/custom",
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            endpoints(&c),
+            (
+                Some("http://agent:4318/v1/traces".to_owned()),
+                Some("http://logs:4318/custom".to_owned())
+            )
+        );
+        let c = load(
+            &file,
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://agent:4318"),
+                ("OTEL_TRACES_EXPORTER", "none"),
+                ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            endpoints(&c),
+            (None, Some("http://collector:4318/v1/logs".to_owned()))
+        );
+        assert_eq!(c.telemetry.timeout, Duration::from_millis(2500));
+        let c = load(
+            &format!("{file}timeout = \"1s\"\n"),
+            &[("OTEL_EXPORTER_OTLP_TIMEOUT", "2500")],
+        )
+        .unwrap();
+        assert_eq!(c.telemetry.timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_bad_telemetry_setting_names_the_key_or_variable_without_a_password() {
+        let err = load(
+            &format!(
+                "{GOOD}[telemetry]\notlp_endpoint = \"https://user:hunter2@collector:4318\"\n"
+            ),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("telemetry.otlp_endpoint"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        let err = load(GOOD, &[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("OTEL_EXPORTER_OTLP_ENDPOINT"), "{err}");
+        let err = load(&format!("{GOOD}[telemetry]\ntimeout = \"0s\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("telemetry.timeout"), "{err}");
+        let err = load(&format!("{GOOD}[telemetry]\nheaders = \"x\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("telemetry.headers"), "{err}");
+        let c = load(GOOD, &[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]).unwrap();
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("OTEL_EXPORTER_OTLP_PROTOCOL")),
+            "{:?}",
+            c.warnings
+        );
+    }
 }

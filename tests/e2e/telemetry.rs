@@ -355,6 +355,10 @@ async fn a_resync_sends_its_run_span_with_the_bynder_requests_as_children_and_it
         })
         .expect("the run's last log line arrived as a log record");
     assert_eq!(finished.severity_text, "INFO");
+    assert_eq!(
+        finished.trace_id, run.trace_id,
+        "a log line written in a run belongs to the run's trace"
+    );
     assert!(
         logs.iter().any(|r| r.severity_text == "DEBUG"),
         "the log level applies to the exported records too"
@@ -464,4 +468,53 @@ async fn an_unreachable_collector_never_fails_a_run_and_is_warned_about_once() {
         started.elapsed() < std::time::Duration::from_secs(5),
         "the exit waited for the collector"
     );
+}
+
+/// stderr's lines, without what differs from run to run (times, durations, temp folders,
+/// ports), in order.
+fn normalized_lines(out: &std::process::Output, app: &App) -> Vec<String> {
+    let folder = app.dir.path().display().to_string();
+    let portal = app.portal.base_url();
+    let mut lines: Vec<String> = stderr(out)
+        .lines()
+        .map(|line| {
+            let line = line.split_once(' ').map_or(line, |(_, rest)| rest);
+            let line = line.replace(&folder, "DIR").replace(&portal, "PORTAL");
+            line.chars()
+                .map(|c| if c.is_ascii_digit() { '#' } else { c })
+                .collect()
+        })
+        .collect();
+    // Workers run concurrently: their lines may interleave differently.
+    lines.sort();
+    lines
+}
+
+#[tokio::test]
+async fn stderr_reads_the_same_with_telemetry_on_or_off() {
+    let receiver = Receiver::start().await;
+    let mut outputs = Vec::new();
+    for extra in [String::new(), receiver.section()] {
+        for format in ["text", "json"] {
+            let app = spawn_app_with(Setup {
+                extra: format!("{extra}[log]\nformat = \"{format}\"\n"),
+                ..Setup::default()
+            })
+            .await;
+            fill(&app, 4).await;
+            let out = app
+                .run_env(&["resync"], &[("RUST_LOG", "bynder_usage_sync=debug")])
+                .await;
+            assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+            outputs.push(normalized_lines(&out, &app));
+        }
+    }
+    assert!(!receiver.spans().is_empty(), "telemetry was on");
+    assert!(
+        outputs[0].iter().any(|l| l.contains("bynder request")),
+        "{:#?}",
+        outputs[0]
+    );
+    assert_eq!(outputs[0], outputs[2], "text lines changed");
+    assert_eq!(outputs[1], outputs[3], "JSON lines changed");
 }
