@@ -28,7 +28,7 @@ const CLIENT_SECRET: &str = "telemetry-client-5ecr3t";
 
 /// What the receiver got: every request body as sent, and decoded.
 #[derive(Default)]
-struct Received {
+pub(crate) struct Received {
     bodies: Vec<Vec<u8>>,
     traces: Vec<ExportTraceServiceRequest>,
     logs: Vec<ExportLogsServiceRequest>,
@@ -38,13 +38,13 @@ struct Received {
 
 /// An OTLP/HTTP receiver on a loopback port: `POST /v1/traces` and `POST /v1/logs` with
 /// `application/x-protobuf` bodies, answered as the specification says.
-struct Receiver {
+pub(crate) struct Receiver {
     base_url: String,
     received: Arc<Mutex<Received>>,
 }
 
 impl Receiver {
-    async fn start() -> Receiver {
+    pub(crate) async fn start() -> Receiver {
         let received = Arc::new(Mutex::new(Received::default()));
         let app = axum::Router::new()
             .route("/v1/traces", post(traces))
@@ -60,11 +60,11 @@ impl Receiver {
     }
 
     /// The `[telemetry]` section pointing at this receiver.
-    fn section(&self) -> String {
+    pub(crate) fn section(&self) -> String {
         format!("[telemetry]\notlp_endpoint = \"{}\"\n", self.base_url)
     }
 
-    fn spans(&self) -> Vec<Span> {
+    pub(crate) fn spans(&self) -> Vec<Span> {
         let received = self.received.lock().unwrap();
         received
             .traces
@@ -75,7 +75,7 @@ impl Receiver {
             .collect()
     }
 
-    fn log_records(&self) -> Vec<LogRecord> {
+    pub(crate) fn log_records(&self) -> Vec<LogRecord> {
         let received = self.received.lock().unwrap();
         received
             .logs
@@ -131,7 +131,7 @@ impl Receiver {
 
     /// Asserts that no secret is in anything that arrived: neither in a decoded text nor
     /// anywhere in the raw bodies (protobuf keeps strings as they are).
-    fn assert_no_secret(&self, secrets: &[&str]) {
+    pub(crate) fn assert_no_secret(&self, secrets: &[&str]) {
         let texts = self.texts();
         assert!(!texts.is_empty(), "nothing arrived");
         for secret in secrets {
@@ -210,6 +210,14 @@ async fn logs(
     answer(ExportLogsServiceResponse::default().encode_to_vec())
 }
 
+/// A log record's body, when it is text.
+pub(crate) fn log_body(record: &LogRecord) -> Option<&str> {
+    match record.body.as_ref().and_then(|b| b.value.as_ref()) {
+        Some(Value::StringValue(s)) => Some(s),
+        _ => None,
+    }
+}
+
 fn flatten_value(value: &AnyValue, out: &mut Vec<String>) {
     match &value.value {
         Some(Value::StringValue(s)) => out.push(s.clone()),
@@ -238,7 +246,7 @@ fn attribute<'a>(span: &'a Span, key: &str) -> Option<&'a Value> {
         .and_then(|v| v.value.as_ref())
 }
 
-fn text<'a>(span: &'a Span, key: &str) -> Option<&'a str> {
+pub(crate) fn text<'a>(span: &'a Span, key: &str) -> Option<&'a str> {
     match attribute(span, key) {
         Some(Value::StringValue(s)) => Some(s),
         _ => None,
@@ -253,7 +261,7 @@ fn int(span: &Span, key: &str) -> Option<i64> {
 }
 
 /// The one run span named `name`.
-fn run_span(spans: &[Span], name: &str) -> Span {
+pub(crate) fn run_span(spans: &[Span], name: &str) -> Span {
     let runs: Vec<&Span> = spans.iter().filter(|s| s.name == name).collect();
     assert_eq!(
         runs.len(),
@@ -265,7 +273,7 @@ fn run_span(spans: &[Span], name: &str) -> Span {
 }
 
 /// The request spans of `endpoint` (`api` or `auth`).
-fn requests<'a>(spans: &'a [Span], endpoint: &str) -> Vec<&'a Span> {
+pub(crate) fn requests<'a>(spans: &'a [Span], endpoint: &str) -> Vec<&'a Span> {
     spans
         .iter()
         .filter(|s| text(s, "request.endpoint") == Some(endpoint))
@@ -274,7 +282,7 @@ fn requests<'a>(spans: &'a [Span], endpoint: &str) -> Vec<&'a Span> {
 
 /// Asserts that `span` is a request span of `run`: its child in the same trace, a client span
 /// with a method, a path and no query, and the status code Bynder answered.
-fn assert_request_of(span: &Span, run: &Span) {
+pub(crate) fn assert_request_of(span: &Span, run: &Span) {
     assert_eq!(span.trace_id, run.trace_id, "{}: another trace", span.name);
     assert_eq!(
         span.parent_span_id, run.span_id,
@@ -349,10 +357,7 @@ async fn a_resync_sends_its_run_span_with_the_bynder_requests_as_children_and_it
     let logs = receiver.log_records();
     let finished = logs
         .iter()
-        .find(|r| {
-            r.body.as_ref().and_then(|b| b.value.as_ref())
-                == Some(&Value::StringValue("run finished".to_owned()))
-        })
+        .find(|r| log_body(r) == Some("run finished"))
         .expect("the run's last log line arrived as a log record");
     assert_eq!(finished.severity_text, "INFO");
     assert_eq!(
