@@ -1338,6 +1338,7 @@ async fn the_daemon_exports_each_run_follows_a_reloaded_log_level_and_flushes_on
         ..Setup::default()
     })
     .await;
+    receiver.clear();
     for n in 0..3 {
         app.insert(&asset(n), &page(n), None).await;
     }

@@ -25,6 +25,8 @@ use crate::common::*;
 
 const CLIENT_ID: &str = "0b1c2d3e-telemetry-app";
 const CLIENT_SECRET: &str = "telemetry-client-5ecr3t";
+/// What a hosted collector would want in `OTEL_EXPORTER_OTLP_HEADERS`.
+const API_KEY: &str = "collector-api-key-5ecr3t";
 
 /// What the receiver got: every request body as sent, and decoded.
 #[derive(Default)]
@@ -34,6 +36,8 @@ pub(crate) struct Received {
     logs: Vec<ExportLogsServiceRequest>,
     /// Requests that were not protobuf.
     wrong_content_type: Vec<String>,
+    /// The `x-api-key` header of each request (`OTEL_EXPORTER_OTLP_HEADERS`).
+    api_keys: Vec<Option<String>>,
 }
 
 /// An OTLP/HTTP receiver on a loopback port: `POST /v1/traces` and `POST /v1/logs` with
@@ -57,6 +61,11 @@ impl Receiver {
             base_url: format!("http://{address}"),
             received,
         }
+    }
+
+    /// Forgets what arrived so far (e.g. from the `migrate` that set the app up).
+    pub(crate) fn clear(&self) {
+        *self.received.lock().unwrap() = Received::default();
     }
 
     /// The `[telemetry]` section pointing at this receiver.
@@ -83,6 +92,32 @@ impl Receiver {
             .flat_map(|r| &r.resource_logs)
             .flat_map(|r| &r.scope_logs)
             .flat_map(|s| s.log_records.clone())
+            .collect()
+    }
+
+    /// The values of a resource attribute, in every request (spans and logs).
+    pub(crate) fn resource_values(&self, key: &str) -> Vec<String> {
+        let received = self.received.lock().unwrap();
+        let spans = received
+            .traces
+            .iter()
+            .flat_map(|r| &r.resource_spans)
+            .filter_map(|r| r.resource.as_ref());
+        let logs = received
+            .logs
+            .iter()
+            .flat_map(|r| &r.resource_logs)
+            .filter_map(|r| r.resource.as_ref());
+        spans
+            .chain(logs)
+            .flat_map(|r| &r.attributes)
+            .filter(|kv| kv.key == key)
+            .filter_map(
+                |kv| match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                    Some(Value::StringValue(s)) => Some(s.clone()),
+                    _ => None,
+                },
+            )
             .collect()
     }
 
@@ -187,6 +222,12 @@ async fn traces(
     if let Err(e) = protobuf(&headers) {
         received.wrong_content_type.push(e);
     }
+    received.api_keys.push(
+        headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+    );
     received.bodies.push(body.to_vec());
     received
         .traces
@@ -203,6 +244,12 @@ async fn logs(
     if let Err(e) = protobuf(&headers) {
         received.wrong_content_type.push(e);
     }
+    received.api_keys.push(
+        headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+    );
     received.bodies.push(body.to_vec());
     received
         .logs
@@ -318,6 +365,7 @@ async fn a_resync_sends_its_run_span_with_the_bynder_requests_as_children_and_it
         ..Setup::default()
     })
     .await;
+    receiver.clear();
     fill(&app, 6).await;
     // Debug lines are written inside the request spans: stderr must not show them.
     let out = app.run_env(&["resync"], &[("RUST_LOG", "debug")]).await;
@@ -368,23 +416,7 @@ async fn a_resync_sends_its_run_span_with_the_bynder_requests_as_children_and_it
         logs.iter().any(|r| r.severity_text == "DEBUG"),
         "the log level applies to the exported records too"
     );
-    let resource_names: Vec<String> = {
-        let received = receiver.received.lock().unwrap();
-        received
-            .traces
-            .iter()
-            .flat_map(|r| &r.resource_spans)
-            .filter_map(|r| r.resource.as_ref())
-            .flat_map(|r| &r.attributes)
-            .filter(|kv| kv.key == "service.name")
-            .filter_map(
-                |kv| match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
-                    Some(Value::StringValue(s)) => Some(s.clone()),
-                    _ => None,
-                },
-            )
-            .collect()
-    };
+    let resource_names = receiver.resource_values("service.name");
     assert!(resource_names.iter().all(|n| n == "bynder-usage-sync"));
     assert!(!resource_names.is_empty());
     assert!(receiver
@@ -426,10 +458,46 @@ async fn a_token_request_gets_a_span_in_the_run_without_the_client_secret_or_the
         ..Setup::default()
     })
     .await;
+    receiver.clear();
     fill(&app, 4).await;
-    let out = app.run_env(&["resync"], &[("RUST_LOG", "trace")]).await;
+    let out = app
+        .run_env(
+            &["resync"],
+            &[
+                ("RUST_LOG", "trace"),
+                ("OTEL_SERVICE_NAME", "sync-eu-1"),
+                ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=e2e"),
+                (
+                    "OTEL_EXPORTER_OTLP_HEADERS",
+                    format!("x-api-key={API_KEY}").as_str(),
+                ),
+            ],
+        )
+        .await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     app.assert_converged().await;
+    // The standard variables: the collector's key in every request and in no log line, the
+    // service's name and attributes in every resource.
+    {
+        let received = receiver.received.lock().unwrap();
+        assert!(!received.api_keys.is_empty());
+        assert!(received
+            .api_keys
+            .iter()
+            .all(|k| k.as_deref() == Some(API_KEY)));
+    }
+    assert!(!stderr(&out).contains(API_KEY) && !stdout(&out).contains(API_KEY));
+    for (key, value) in [
+        ("service.name", "sync-eu-1"),
+        ("deployment.environment", "e2e"),
+    ] {
+        assert!(
+            receiver.resource_values(key).iter().all(|v| v == value)
+                && !receiver.resource_values(key).is_empty(),
+            "{key}: {:?}",
+            receiver.resource_values(key)
+        );
+    }
 
     let spans = receiver.spans();
     let run = run_span(&spans, "run resync");
@@ -444,7 +512,7 @@ async fn a_token_request_gets_a_span_in_the_run_without_the_client_secret_or_the
 
     let issued = app.portal.access_tokens();
     assert_eq!(issued.len(), 1);
-    receiver.assert_no_secret(&[CLIENT_SECRET, issued[0].as_str()]);
+    receiver.assert_no_secret(&[CLIENT_SECRET, issued[0].as_str(), API_KEY]);
 }
 
 #[tokio::test]
