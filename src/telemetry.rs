@@ -396,7 +396,8 @@ pub fn record_run_id(run_id: i64) {
 }
 
 /// Records how a run ended on its span: the outcome label (`failed` for an error), the plan's
-/// and the sending's counts. Error messages are not recorded: they quote the portal.
+/// and the sending's counts. Error messages are not recorded: they quote the portal. (Each field
+/// is recorded once: a second value would be a second attribute of the same name.)
 pub fn record_run(span: &Span, result: &anyhow::Result<crate::reconcile::RunReport>) {
     let report = match result {
         Ok(report) => report,
@@ -408,9 +409,6 @@ pub fn record_run(span: &Span, result: &anyhow::Result<crate::reconcile::RunRepo
     };
     let outcome = &report.outcome;
     span.record("run.outcome", outcome.label());
-    if let Some(id) = report.run_id {
-        span.record("run.id", id);
-    }
     let plan = &report.plan;
     let sent = &report.sent;
     span.record("run.creates", count(plan.creates));

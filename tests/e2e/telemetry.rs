@@ -374,6 +374,13 @@ async fn a_resync_sends_its_run_span_with_the_bynder_requests_as_children_and_it
 
     // The process flushed before it exited: everything has arrived.
     let spans = receiver.spans();
+    for span in &spans {
+        let mut keys: Vec<&str> = span.attributes.iter().map(|kv| kv.key.as_str()).collect();
+        let count = keys.len();
+        keys.sort_unstable();
+        keys.dedup();
+        assert_eq!(keys.len(), count, "{}: an attribute twice", span.name);
+    }
     let run = run_span(&spans, "run resync");
     assert!(run.parent_span_id.is_empty(), "the run span is a root");
     assert_eq!(text(&run, "run.command"), Some("resync"));
