@@ -598,3 +598,77 @@ async fn stderr_reads_the_same_with_telemetry_on_or_off() {
     assert_eq!(outputs[0], outputs[2], "text lines changed");
     assert_eq!(outputs[1], outputs[3], "JSON lines changed");
 }
+
+#[tokio::test]
+async fn a_failing_portal_shows_as_error_spans_with_the_status_bynder_answered() {
+    let receiver = Receiver::start().await;
+    let app = spawn_app_with(Setup {
+        extra: receiver.section(),
+        ..Setup::default()
+    })
+    .await;
+    receiver.clear();
+    fill(&app, 2).await;
+    app.portal.set_faults(bynder_usage_sync::simulator::Faults {
+        server_error_rate: 1.0,
+        ..Default::default()
+    });
+    let out = app.run(&["resync"]).await;
+    // Every attempt failed; the operations wait in the queue for the next run.
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+
+    let spans = receiver.spans();
+    let run = run_span(&spans, "run resync");
+    assert_eq!(text(&run, "run.outcome"), Some("partial"));
+    assert_eq!(int(&run, "run.succeeded"), Some(0));
+    assert_eq!(int(&run, "run.left_pending"), Some(2));
+    let api = requests(&spans, "api");
+    assert_eq!(int(&run, "run.requests"), Some(api.len() as i64));
+    assert!(api.len() > 1, "each attempt is a span");
+    for request in api {
+        assert_eq!(request.parent_span_id, run.span_id);
+        let status = int(request, "http.response.status_code").expect("a status");
+        assert!(status >= 500, "{status}");
+        assert_eq!(text(request, "request.outcome"), Some("server_error"));
+        assert_eq!(
+            text(request, "error.type"),
+            Some(status.to_string().as_str())
+        );
+        assert_eq!(
+            request.status.as_ref().map(|s| s.code),
+            Some(opentelemetry_proto::tonic::trace::v1::status::StatusCode::Error as i32)
+        );
+    }
+}
+
+#[tokio::test]
+async fn rejected_credentials_make_the_run_span_an_error_without_showing_the_token() {
+    const WRONG: &str = "revoked-token-5ecr3t";
+    let receiver = Receiver::start().await;
+    let app = spawn_app_with(Setup {
+        auth: format!("method = \"permanent_token\"\npermanent_token = \"{WRONG}\""),
+        extra: receiver.section(),
+        ..Setup::default()
+    })
+    .await;
+    receiver.clear();
+    fill(&app, 2).await;
+    let out = app.run(&["resync"]).await;
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+
+    let spans = receiver.spans();
+    let run = run_span(&spans, "run resync");
+    assert_eq!(text(&run, "run.outcome"), Some("credentials_rejected"));
+    assert_eq!(
+        run.status.as_ref().map(|s| s.code),
+        Some(opentelemetry_proto::tonic::trace::v1::status::StatusCode::Error as i32)
+    );
+    let api = requests(&spans, "api");
+    assert!(!api.is_empty());
+    for request in api {
+        assert_eq!(request.parent_span_id, run.span_id);
+        assert_eq!(int(request, "http.response.status_code"), Some(401));
+        assert_eq!(text(request, "request.outcome"), Some("unauthorized"));
+    }
+    receiver.assert_no_secret(&[WRONG]);
+}
