@@ -2491,6 +2491,28 @@ path = "state.db"
     }
 
     #[test]
+    fn a_changed_telemetry_section_waits_for_a_restart() {
+        let old = load(GOOD, &[]).unwrap();
+        let new = load(
+            &format!("{GOOD}[telemetry]\notlp_endpoint = \"http://collector:4318\"\n"),
+            &[],
+        )
+        .unwrap();
+        let reload = old.reload(new);
+        // (Each load has its own folder, so `[database]` differs too.)
+        assert!(
+            reload.needs_restart.contains(&"[telemetry]"),
+            "{:?}",
+            reload.needs_restart
+        );
+        assert!(reload.applied.is_empty());
+        assert!(
+            !reload.config.telemetry.is_enabled(),
+            "the running value stays"
+        );
+    }
+
+    #[test]
     fn a_bad_telemetry_setting_names_the_key_or_variable_without_a_password() {
         let err = load(
             &format!(
