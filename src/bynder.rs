@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
+use tracing::Instrument as _;
 use url::Url;
 
 use crate::auth::{AuthError, AuthFailure, Credentials};
@@ -19,6 +20,7 @@ use crate::body::{self, CappedError, TooLarge};
 use crate::config::Config;
 use crate::gate::{describe_certificate_error, Gate};
 use crate::model::SyncUsage;
+use crate::telemetry::{self, RequestOutcome};
 
 const USAGE_PATH: &str = "/api/media/usage/";
 const SYNC_PATH: &str = "/api/media/usage/sync";
@@ -331,6 +333,16 @@ impl Client {
     ) -> Result<(StatusCode, String), Error> {
         self.gate.pass().await;
         self.credentials.authorize(&mut request).await?;
+        // The span covers the exchange only: not the wait at the gate, not a token request.
+        let span =
+            telemetry::request_span(telemetry::Endpoint::Api, request.method(), request.url());
+        let result = self.exchange(request).instrument(span.clone()).await;
+        telemetry::record_outcome(&span, request_outcome(result.as_ref().map(|(s, _)| *s)));
+        result
+    }
+
+    /// Sends an authorized request and reads its answer.
+    async fn exchange(&self, request: reqwest::Request) -> Result<(StatusCode, String), Error> {
         let url = request.url().clone();
         let method = request.method().clone();
         self.requests.fetch_add(1, Ordering::Relaxed);
@@ -341,6 +353,7 @@ impl Client {
             self.classify(e, &url)
         })?;
         let status = response.status();
+        telemetry::record_status(status);
         metrics::histogram!("bynder_usage_sync_request_duration_seconds", "method" => method.to_string())
             .record(started.elapsed().as_secs_f64());
         metrics::counter!("bynder_usage_sync_requests_total", "method" => method.to_string(), "status" => status.as_u16().to_string())
@@ -606,17 +619,28 @@ impl Client {
         }
         let url = request.url().clone();
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let response = self
-            .http
-            .execute(request)
-            .await
-            .map_err(|e| self.classify(e, &url))?;
-        let status = response.status();
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            self.gate.pause();
-        }
-        let headers = response.headers().clone();
-        let body = self.read_body(response, &url).await?;
+        let span = telemetry::request_span(telemetry::Endpoint::Api, request.method(), &url);
+        let exchange = async {
+            let response = self
+                .http
+                .execute(request)
+                .await
+                .map_err(|e| self.classify(e, &url))?;
+            let status = response.status();
+            telemetry::record_status(status);
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                self.gate.pause();
+            }
+            let headers = response.headers().clone();
+            let body = self.read_body(response, &url).await?;
+            Ok((status, headers, body))
+        };
+        let result = exchange.instrument(span.clone()).await;
+        telemetry::record_outcome(
+            &span,
+            request_outcome(result.as_ref().map(|(status, _, _)| *status)),
+        );
+        let (status, headers, body) = result?;
         Ok(RawResponse {
             url,
             status,
@@ -624,6 +648,21 @@ impl Client {
             headers,
             body,
         })
+    }
+}
+
+/// How a request ended, for its span.
+fn request_outcome(result: Result<StatusCode, &Error>) -> RequestOutcome {
+    match result {
+        Ok(status) => RequestOutcome::Answered(status),
+        Err(Error::Status { status, .. } | Error::Redirect { status, .. }) => {
+            RequestOutcome::Answered(*status)
+        }
+        Err(Error::Connect { .. }) => RequestOutcome::ConnectFailed,
+        Err(Error::Timeout(_)) => RequestOutcome::TimedOut,
+        Err(Error::TooLarge(_)) => RequestOutcome::TooLarge,
+        Err(Error::Tls(_)) => RequestOutcome::Untrusted,
+        Err(Error::Transport(_) | Error::Decode(_) | Error::Auth(_)) => RequestOutcome::Broken,
     }
 }
 

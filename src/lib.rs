@@ -20,5 +20,6 @@ pub mod queue;
 pub mod run;
 pub mod simulator;
 pub mod store;
+pub mod telemetry;
 pub mod text;
 pub mod verify;

@@ -1,4 +1,5 @@
-//! The `bynder-usage-sync` binary: parse the command line, run it, map the outcome to an exit code.
+//! The `bynder-usage-sync` binary: parse the command line, run it, flush the telemetry, map the
+//! outcome to an exit code.
 
 use std::process::ExitCode;
 
@@ -15,7 +16,11 @@ fn main() -> ExitCode {
             return ExitCode::from(cli::Exit::Unexpected as u8);
         }
     };
-    match runtime.block_on(cli::run(cli)) {
+    let outcome = runtime.block_on(cli::run(cli));
+    // The last spans and log records, within telemetry.timeout; the runtime still runs the
+    // export tasks.
+    bynder_usage_sync::telemetry::shutdown();
+    match outcome {
         Ok(exit) => exit.into(),
         Err(failure) => {
             // The message may quote the portal: no terminal escape gets through.

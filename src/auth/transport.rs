@@ -14,10 +14,12 @@ use std::sync::Arc;
 
 use oauth2::{AsyncHttpClient, HttpRequest, HttpResponse};
 use reqwest::StatusCode;
+use tracing::Instrument as _;
 
 use crate::body::{self, CappedError, TooLarge};
 use crate::config::BynderSettings;
 use crate::gate::Gate;
+use crate::telemetry::RequestOutcome;
 
 use super::AuthError;
 
@@ -73,6 +75,33 @@ impl Transport {
     /// object is small). A 429 starts the process-wide pause, as it does for API requests.
     pub async fn execute(&self, request: reqwest::Request) -> Result<Answer, TransportError> {
         self.gate.pass().await;
+        // Method, host and path only: the form body holds the client secret, a code or a
+        // refresh token, the headers may hold HTTP Basic credentials, and an OAuth 1.0a query
+        // its signature.
+        let span = crate::telemetry::request_span(
+            crate::telemetry::Endpoint::Auth,
+            request.method(),
+            request.url(),
+        );
+        let result = self.exchange(request).instrument(span.clone()).await;
+        crate::telemetry::record_outcome(
+            &span,
+            match &result {
+                Ok(answer) => RequestOutcome::Answered(answer.status),
+                Err(TransportError::Connect { .. }) => RequestOutcome::ConnectFailed,
+                Err(TransportError::Timeout { .. }) => RequestOutcome::TimedOut,
+                Err(TransportError::TooLarge { .. }) => RequestOutcome::TooLarge,
+                Err(TransportError::Status { status, .. }) => RequestOutcome::Answered(*status),
+                Err(TransportError::Broken { .. } | TransportError::Build(_)) => {
+                    RequestOutcome::Broken
+                }
+            },
+        );
+        result
+    }
+
+    /// Sends one request and reads its answer (see [`Transport::execute`]).
+    async fn exchange(&self, request: reqwest::Request) -> Result<Answer, TransportError> {
         let mut shown = request.url().clone();
         shown.set_query(None);
         let shown = shown.to_string();
@@ -94,6 +123,7 @@ impl Transport {
         };
         let mut response = self.http.execute(request).await.map_err(classify)?;
         let status = response.status();
+        crate::telemetry::record_status(status);
         if status == StatusCode::TOO_MANY_REQUESTS {
             self.gate.pause();
         }

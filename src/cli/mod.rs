@@ -173,6 +173,7 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
                 log_override.as_deref().unwrap_or("warn"),
                 LogFormat::Text,
                 log_override.is_some(),
+                None,
             );
             config::config_command(&source, action)
         }
@@ -199,6 +200,7 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
                 log_override.as_deref().unwrap_or("warn"),
                 LogFormat::Text,
                 log_override.is_some(),
+                None,
             );
             demo::run_demo().await.map_err(Failure::Unexpected)
         }
@@ -274,6 +276,7 @@ fn start(source: &ConfigSource, log_override: Option<&str>) -> Result<Config, Fa
         log_override.unwrap_or(&config.log.level),
         config.log.format,
         log_override.is_some(),
+        Some(&config.telemetry),
     );
     for warning in &config.warnings {
         tracing::warn!("{warning}");
@@ -281,8 +284,14 @@ fn start(source: &ConfigSource, log_override: Option<&str>) -> Result<Config, Fa
     Ok(config)
 }
 
-/// Logs go to stderr (see [`crate::logging`]). `forced`: the level comes from the command line
-/// and wins over `RUST_LOG`.
-pub fn init_tracing(level: &str, format: LogFormat, forced: bool) {
-    crate::logging::init(level, format, forced);
+/// Logs go to stderr (see [`crate::logging`]), and with `telemetry` configured spans and log
+/// records to a collector too. `forced`: the level comes from the command line and wins over
+/// `RUST_LOG`.
+pub fn init_tracing(
+    level: &str,
+    format: LogFormat,
+    forced: bool,
+    telemetry: Option<&crate::config::TelemetrySettings>,
+) {
+    crate::logging::init(level, format, forced, telemetry);
 }

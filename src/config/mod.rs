@@ -15,6 +15,7 @@ mod raw;
 mod secrets;
 /// `config show`: the effective configuration, key by key, with where each value came from.
 pub mod show;
+mod telemetry;
 mod validate;
 
 use std::path::{Path, PathBuf};
@@ -34,7 +35,10 @@ use raw::{
 use secrets::{
     auth_identity, secret_files_readable_by_others, secrets_readable_by_others, server_identity,
 };
+use telemetry::OtelEnv;
 use validate::{schedules_that_never_fire, validate};
+
+pub use telemetry::{TelemetrySettings, DEFAULT_TELEMETRY_TIMEOUT};
 
 /// When a schedule next fires (the scheduler's reading of `sync.schedule`).
 pub use validate::next_fire;
@@ -87,6 +91,7 @@ pub struct Config {
     pub server: ServerSettings,
     pub daemon: DaemonSettings,
     pub runs: RunsSettings,
+    pub telemetry: TelemetrySettings,
     /// Problems worth a warning that do not stop start-up; logged once tracing is set up.
     pub warnings: Vec<String>,
 }
@@ -407,7 +412,9 @@ fn load_config_from(source: &ConfigSource, env: Env) -> Result<Config, ConfigErr
         .map_err(describe_figment_error)
         .map_err(explain)?;
     warnings.extend(secret_files_readable_by_others(&raw));
-    let mut config = validate(raw).map_err(explain)?;
+    let otel = OtelEnv::from_process();
+    warnings.extend(otel.warnings());
+    let mut config = validate(raw, &otel).map_err(explain)?;
     warnings.extend(schedules_that_never_fire(&config.sync));
     config.warnings = warnings;
     Ok(config)
@@ -493,6 +500,7 @@ impl Config {
                 server_identity(&new.server),
             ),
             ("log.format", dbg(&self.log.format), dbg(&new.log.format)),
+            ("[telemetry]", dbg(&self.telemetry), dbg(&new.telemetry)),
         ] {
             if old != new {
                 needs_restart.push(key);
@@ -538,7 +546,7 @@ impl Config {
             },
             ..RawConfig::default()
         };
-        validate(raw)
+        validate(raw, &OtelEnv::default())
     }
 }
 

@@ -43,6 +43,17 @@ pub(super) struct RawConfig {
     pub(super) daemon: RawDaemon,
     #[serde(default)]
     pub(super) runs: RawRuns,
+    #[serde(default)]
+    pub(super) telemetry: RawTelemetry,
+}
+
+/// `[telemetry]` as read.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTelemetry {
+    pub(super) otlp_endpoint: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) timeout: Option<Duration>,
 }
 
 /// `[runs]` as read.

@@ -218,6 +218,14 @@ fn values(c: &Config) -> Vec<(&'static str, Value)> {
                 super::LogFormat::Json => "json",
             }),
         ),
+        (
+            "telemetry.otlp_endpoint",
+            c.telemetry
+                .otlp_endpoint
+                .as_ref()
+                .map_or(Value::Null, |u| json!(u.as_str())),
+        ),
+        ("telemetry.timeout", duration(c.telemetry.timeout)),
     ]);
     v
 }

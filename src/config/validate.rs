@@ -14,10 +14,11 @@ use super::raw::{
     RawServer, RawSource,
 };
 use super::secrets::{required_secret, resolve_secret};
+use super::telemetry::{validate_telemetry, OtelEnv};
 use super::*;
 
 /// The typed configuration from the raw one, its warnings still empty.
-pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+pub(super) fn validate(raw: RawConfig, otel: &OtelEnv) -> Result<Config, ConfigError> {
     let bynder = validate_bynder(raw.bynder)?;
     let auth = validate_auth(raw.auth, &bynder)?;
 
@@ -160,6 +161,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         server,
         daemon,
         runs,
+        telemetry: validate_telemetry(raw.telemetry, otel)?,
         warnings: Vec::new(),
     })
 }

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::task::JoinSet;
+use tracing::Instrument as _;
 
 use crate::app::Context;
 use crate::bynder::{self, Client, SyncAnswer};
@@ -127,16 +128,22 @@ pub(crate) async fn drain(
                     Some(batch) => {
                         let mode = mode.clone();
                         let profile = ctx.profile.clone();
-                        workers.spawn(async move {
-                            attempt_batch(&client, &store, &retry, &mode, &profile, batch).await
-                        });
+                        workers.spawn(
+                            async move {
+                                attempt_batch(&client, &store, &retry, &mode, &profile, batch).await
+                            }
+                            .instrument(crate::telemetry::current_run_span()),
+                        );
                     }
                     None => break,
                 }
             } else {
                 match ctx.store.claim_next(run_id, max_attempts).await? {
                     Some(op) => {
-                        workers.spawn(async move { attempt(&client, &store, &retry, op).await });
+                        workers.spawn(
+                            async move { attempt(&client, &store, &retry, op).await }
+                                .instrument(crate::telemetry::current_run_span()),
+                        );
                     }
                     None => break,
                 }

@@ -9,6 +9,8 @@
 
 use std::sync::Arc;
 
+use tracing::Instrument as _;
+
 mod error;
 
 pub use self::error::RunError;
@@ -125,6 +127,20 @@ pub async fn reconcile_with_progress(
     options: &RunOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<RunReport, RunError> {
+    let span = crate::telemetry::run_span(options.command, options.dry_run, options.verify);
+    let result = reconcile_in_span(ctx, options, progress)
+        .instrument(span.clone())
+        .await;
+    crate::telemetry::record_run(&span, &result);
+    result
+}
+
+/// [`reconcile_with_progress`] inside the run's span.
+async fn reconcile_in_span(
+    ctx: &Context,
+    options: &RunOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<RunReport, RunError> {
     if options.dry_run {
         if !options.verify {
             return Ok(RunReport {
@@ -167,6 +183,7 @@ pub async fn reconcile_with_progress(
         tracing::warn!(recovered, "operations were in flight when a previous run stopped; they are read back before anything is re-sent");
     }
     let run_id = ctx.store.start_run(options.command).await?;
+    crate::telemetry::record_run_id(run_id);
     match run_started(ctx, options, progress, run_id).await {
         Ok(report) => Ok(report),
         Err(error) => {
@@ -355,20 +372,26 @@ pub async fn drain_queue_once(
     if ctx.store.queue_summary().await?.pending == 0 {
         return Ok(None);
     }
-    let run_id = ctx.store.start_run("drain").await?;
-    let requests_before = ctx.client.requests_sent();
-    let (stop, sent) = drain(ctx, run_id, progress.as_ref()).await?;
-    let outcome = drain_outcome(ctx, stop, &sent).await?;
-    let report = record_run(
-        ctx,
-        run_id,
-        false,
-        requests_before,
-        outcome,
-        PlanReport::default(),
-        sent,
-        None,
-    )
-    .await?;
-    Ok(Some(report))
+    let span = crate::telemetry::run_span("drain", false, false);
+    let run = async {
+        let run_id = ctx.store.start_run("drain").await?;
+        crate::telemetry::record_run_id(run_id);
+        let requests_before = ctx.client.requests_sent();
+        let (stop, sent) = drain(ctx, run_id, progress.as_ref()).await?;
+        let outcome = drain_outcome(ctx, stop, &sent).await?;
+        record_run(
+            ctx,
+            run_id,
+            false,
+            requests_before,
+            outcome,
+            PlanReport::default(),
+            sent,
+            None,
+        )
+        .await
+    };
+    let result = run.instrument(span.clone()).await;
+    crate::telemetry::record_run(&span, &result);
+    result.map(Some)
 }

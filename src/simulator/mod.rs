@@ -184,6 +184,11 @@ impl Simulator {
         self.shared.meter().counters = Counters::default();
     }
 
+    /// Every OAuth 2 access token issued and still held (for tests that look for leaks).
+    pub fn access_tokens(&self) -> Vec<String> {
+        self.shared.credentials().access.keys().cloned().collect()
+    }
+
     /// Makes every issued OAuth 2 access token invalid; refresh tokens stay valid.
     pub fn revoke_access_tokens(&self) {
         self.shared.credentials().revoke_access_tokens();

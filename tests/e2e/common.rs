@@ -116,11 +116,12 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// The binary under test, with no inherited configuration from the environment.
+/// The binary under test, with no inherited configuration (nor OpenTelemetry setting) from the
+/// environment.
 pub fn binary() -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_bynder-usage-sync"));
     for (key, _) in std::env::vars() {
-        if key.starts_with("BYNDER_USAGE_SYNC_") || key == "RUST_LOG" {
+        if key.starts_with("BYNDER_USAGE_SYNC_") || key.starts_with("OTEL_") || key == "RUST_LOG" {
             cmd.env_remove(key);
         }
     }

@@ -1369,3 +1369,95 @@ async fn alert_rules_and_the_dashboard_pass_promtool_and_name_only_exported_metr
     }
     daemon.terminate(Duration::from_secs(10)).await;
 }
+
+/// Telemetry from the daemon: a span per scheduled run with its requests, the log filter
+/// applied to the exported records and reloaded on SIGHUP, and what is still buffered flushed
+/// when SIGTERM stops it.
+#[tokio::test]
+async fn the_daemon_exports_each_run_follows_a_reloaded_log_level_and_flushes_on_sigterm() {
+    use crate::telemetry::{assert_request_of, log_body, requests, run_span, Receiver};
+
+    let receiver = Receiver::start().await;
+    let app = spawn_app_with(Setup {
+        sync: "schedule = \"0 0 0 1 1 *\"".to_owned(),
+        extra: format!(
+            "{}{}[log]\nlevel = \"info\"\n",
+            daemon_sections("5s"),
+            receiver.section()
+        ),
+        ..Setup::default()
+    })
+    .await;
+    receiver.clear();
+    for n in 0..3 {
+        app.insert(&asset(n), &page(n), None).await;
+    }
+    let daemon = Daemon::start(&app).await;
+    eventually(
+        &daemon,
+        "the first reconcile",
+        Duration::from_secs(10),
+        || async { converged(&app).await && daemon.get("/readyz").await.0 == 200 },
+    )
+    .await;
+    assert!(
+        !receiver
+            .log_records()
+            .iter()
+            .any(|r| r.severity_text == "DEBUG"),
+        "log.level = info applies to the exported records"
+    );
+
+    // Debug from now on, and a run every second to log something.
+    let original = std::fs::read_to_string(&app.config_path).unwrap();
+    std::fs::write(
+        &app.config_path,
+        original
+            .replace("0 0 0 1 1 *", "*/1 * * * * *")
+            .replace("level = \"info\"", "level = \"debug\""),
+    )
+    .unwrap();
+    daemon.hang_up();
+    app.insert(&asset(9), &page(9), None).await;
+    eventually(
+        &daemon,
+        "debug records after the reload",
+        Duration::from_secs(15),
+        || async {
+            converged(&app).await
+                && receiver
+                    .log_records()
+                    .iter()
+                    .any(|r| r.severity_text == "DEBUG")
+        },
+    )
+    .await;
+
+    let (status, _, log) = daemon.terminate(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0), "{log}");
+    let spans = receiver.spans();
+    let runs: Vec<_> = spans.iter().filter(|s| s.name == "run reconcile").collect();
+    assert!(runs.len() >= 2, "a span per run");
+    let first = runs
+        .iter()
+        .find(|s| crate::telemetry::text(s, "run.outcome") == Some("converged"))
+        .expect("a converged run");
+    let first = run_span(&[(*first).clone()], "run reconcile");
+    let children: Vec<_> = requests(&spans, "api")
+        .into_iter()
+        .filter(|r| r.parent_span_id == first.span_id)
+        .collect();
+    assert!(!children.is_empty(), "the run's requests are its children");
+    for request in children {
+        assert_request_of(request, &first);
+    }
+    // The daemon's last line is written after SIGTERM: only the flush at exit sends it.
+    assert!(
+        receiver
+            .log_records()
+            .iter()
+            .any(|r| log_body(r) == Some("stopped")),
+        "the last log line arrived"
+    );
+    receiver.assert_no_secret(&[TOKEN]);
+}

@@ -17,3 +17,4 @@ mod reliability;
 mod resync;
 mod server;
 mod strategies;
+mod telemetry;
