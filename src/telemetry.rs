@@ -395,42 +395,9 @@ pub fn record_run_id(run_id: i64) {
     Span::current().record("run.id", run_id);
 }
 
-/// Records how a run ended on its span: the outcome label (`failed` for an error), the plan's
-/// and the sending's counts. Error messages are not recorded: they quote the portal. (Each field
-/// is recorded once: a second value would be a second attribute of the same name.)
-pub fn record_run<E>(span: &Span, result: &Result<crate::run::RunReport, E>) {
-    let report = match result {
-        Ok(report) => report,
-        Err(_) => {
-            span.record("run.outcome", "failed");
-            span.record("otel.status_code", "error");
-            return;
-        }
-    };
-    let outcome = &report.outcome;
-    span.record("run.outcome", outcome.label());
-    let plan = &report.plan;
-    let sent = &report.sent;
-    span.record("run.creates", count(plan.creates));
-    span.record("run.updates", count(plan.updates));
-    span.record("run.deletes", count(plan.deletes));
-    span.record("run.skipped_rows", count(plan.skipped));
-    span.record("run.succeeded", count(sent.succeeded));
-    span.record("run.failed_attempts", count(sent.failed_attempts));
-    span.record("run.dead_letters", count(sent.dead));
-    span.record("run.left_pending", count(sent.left_pending));
-    span.record("run.requests", count(sent.requests));
-    use crate::run::RunOutcome;
-    let failed = matches!(
-        outcome,
-        RunOutcome::Unreachable(_) | RunOutcome::CredentialsRejected(_)
-    );
-    span.record("otel.status_code", if failed { "error" } else { "ok" });
-}
-
 /// A count as the signed integer OpenTelemetry attributes hold (an unsigned one would arrive as
 /// text).
-fn count(n: u64) -> i64 {
+pub fn count(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 

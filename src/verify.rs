@@ -14,7 +14,7 @@ use futures::{StreamExt, TryStreamExt};
 use crate::app::Context;
 use crate::bynder::{Error, Reaction};
 use crate::model::{is_managed_uri, Reference};
-use crate::run::RunError;
+use crate::run::error::RunError;
 
 /// What the read-back found.
 #[derive(Debug, Clone, Default, serde::Serialize)]

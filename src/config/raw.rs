@@ -14,8 +14,21 @@ use figment::value::magic::RelativePathBuf;
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use super::secrets::is_secret_key;
 use super::{env_var, ConfigError, LogFormat, Strategy};
+
+/// The keys whose values are secrets: never shown in a message, always read as text.
+pub(super) const SECRET_KEYS: [&str; 5] = [
+    "auth.permanent_token",
+    "auth.client_secret",
+    "auth.consumer_secret",
+    "auth.token",
+    "auth.token_secret",
+];
+
+/// Whether `key` (dotted, any case) holds a secret.
+pub(super) fn is_secret_key(key: &str) -> bool {
+    SECRET_KEYS.iter().any(|k| k.eq_ignore_ascii_case(key))
+}
 
 /// The whole file (and environment), section by section; config/example.toml documents each key.
 #[derive(Deserialize, Default)]

@@ -12,22 +12,8 @@ use figment::value::magic::RelativePathBuf;
 use figment::Figment;
 use secrecy::{ExposeSecret, SecretString};
 
-use super::raw::RawConfig;
+use super::raw::{is_secret_key, RawConfig, SECRET_KEYS};
 use super::{env_var, AuthSettings, ConfigError, ServerSettings};
-
-/// The keys whose values are secrets: never shown in a message, always read as text.
-pub(super) const SECRET_KEYS: [&str; 5] = [
-    "auth.permanent_token",
-    "auth.client_secret",
-    "auth.consumer_secret",
-    "auth.token",
-    "auth.token_secret",
-];
-
-/// Whether `key` (dotted, any case) holds a secret.
-pub(super) fn is_secret_key(key: &str) -> bool {
-    SECRET_KEYS.iter().any(|k| k.eq_ignore_ascii_case(key))
-}
 
 /// Merges the environment into `figment`, the secret keys verbatim as text: figment would read
 /// `0123` as the number 123.

@@ -9,7 +9,7 @@ use futures::TryStreamExt;
 use crate::app::Context;
 use crate::model::{key_order, AssetId, Reference, SkipReason, UsageUri};
 use crate::plan::{decide, Change, Decision, Desired, Queued, Target};
-use crate::run::RunError;
+use crate::run::error::RunError;
 use crate::store::{self, SourceRow};
 
 /// How many rows of each kind a report keeps when not asked for everything.

@@ -18,7 +18,7 @@ use crate::model::{folded_key, same_asset};
 use crate::plan::Target;
 use crate::profile::{Fact, PortalProfile};
 use crate::queue::{self, BatchVerdict, Next, RunEffect};
-use crate::run::RunError;
+use crate::run::error::RunError;
 use crate::store::{self, Operation, Store, SyncBatch, SyncOpOutcome};
 
 /// How this run sends: the sync endpoint (with its current batch size) or per-usage calls.

@@ -3,6 +3,7 @@
 //! is `store`'s; the run that drains it is `run`'s.
 
 pub mod drain;
+pub mod next;
 pub mod policy;
 
 pub use self::policy::{backoff, batch_verdict, verdict, BatchVerdict, Next, RunEffect, Verdict};

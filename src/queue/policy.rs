@@ -11,18 +11,7 @@ use chrono::{DateTime, Utc};
 use crate::bynder::{Error, Reaction};
 use crate::config::RetrySettings;
 
-/// What happens to an operation after a failed attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Next {
-    /// Back to pending, due at `at`. `counts`: whether the attempt uses up one of the run's tries.
-    Retry {
-        at: DateTime<Utc>,
-        uncertain: bool,
-        counts: bool,
-    },
-    /// Never retried on its own: moved to the dead letters with this reason.
-    Dead { reason: String },
-}
+pub use super::next::Next;
 
 /// Whether the run goes on after this failure.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use tracing::Instrument as _;
 
-mod error;
+use crate::telemetry::count;
+
+pub mod error;
 
 pub use self::error::RunError;
 
@@ -131,7 +133,7 @@ pub async fn reconcile_with_progress(
     let result = reconcile_in_span(ctx, options, progress)
         .instrument(span.clone())
         .await;
-    crate::telemetry::record_run(&span, &result);
+    record_run_span(&span, &result);
     result
 }
 
@@ -392,6 +394,38 @@ pub async fn drain_queue_once(
         .await
     };
     let result = run.instrument(span.clone()).await;
-    crate::telemetry::record_run(&span, &result);
+    record_run_span(&span, &result);
     result.map(Some)
+}
+
+/// Records how a run ended on its span: the outcome label (`failed` for an error), the plan's
+/// and the sending's counts. Error messages are not recorded: they quote the portal. (Each field
+/// is recorded once: a second value would be a second attribute of the same name.)
+fn record_run_span<E>(span: &tracing::Span, result: &Result<RunReport, E>) {
+    let report = match result {
+        Ok(report) => report,
+        Err(_) => {
+            span.record("run.outcome", "failed");
+            span.record("otel.status_code", "error");
+            return;
+        }
+    };
+    let outcome = &report.outcome;
+    span.record("run.outcome", outcome.label());
+    let plan = &report.plan;
+    let sent = &report.sent;
+    span.record("run.creates", count(plan.creates));
+    span.record("run.updates", count(plan.updates));
+    span.record("run.deletes", count(plan.deletes));
+    span.record("run.skipped_rows", count(plan.skipped));
+    span.record("run.succeeded", count(sent.succeeded));
+    span.record("run.failed_attempts", count(sent.failed_attempts));
+    span.record("run.dead_letters", count(sent.dead));
+    span.record("run.left_pending", count(sent.left_pending));
+    span.record("run.requests", count(sent.requests));
+    let failed = matches!(
+        outcome,
+        RunOutcome::Unreachable(_) | RunOutcome::CredentialsRejected(_)
+    );
+    span.record("otel.status_code", if failed { "error" } else { "ok" });
 }

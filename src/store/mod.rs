@@ -17,7 +17,7 @@ use crate::config::DatabaseSettings;
 use crate::model::RawRow;
 use crate::model::SyncUsage;
 use crate::plan::{Queued, Target};
-use crate::queue::policy::Next;
+use crate::queue::next::Next;
 
 mod cms;
 pub mod source;
