@@ -19,7 +19,7 @@ use crate::auth::{AuthError, AuthFailure, Credentials};
 use crate::body::{self, CappedError, TooLarge};
 use crate::config::Config;
 use crate::gate::{describe_certificate_error, Gate};
-use crate::model::SyncUsage;
+use crate::model::{AssetId, SyncUsage, UsageUri};
 use crate::telemetry::{self, RequestOutcome};
 
 const USAGE_PATH: &str = "/api/media/usage/";
@@ -425,8 +425,8 @@ impl Client {
     /// `GET /api/media/usage/?asset_id=…&integration_id=…`: every usage of one asset for our
     /// integration (Bynder needs the asset id; it cannot list a whole integration).
     #[tracing::instrument(skip_all, fields(asset_id), err(level = "debug"))]
-    pub async fn list_usages(&self, asset_id: &str) -> Result<Vec<Usage>, Error> {
-        self.list_usages_where(Some(asset_id), None).await
+    pub async fn list_usages(&self, asset_id: &AssetId) -> Result<Vec<Usage>, Error> {
+        self.list_usages_where(Some(asset_id.as_str()), None).await
     }
 
     /// `GET /api/media/usage/` narrowed by any of asset id and uri, always by our integration.
@@ -467,16 +467,16 @@ impl Client {
     #[tracing::instrument(skip_all, fields(asset_id, uri), err(level = "debug"))]
     pub async fn create_usage(
         &self,
-        asset_id: &str,
-        uri: &str,
+        asset_id: &AssetId,
+        uri: &UsageUri,
         additional: &str,
     ) -> Result<Usage, Error> {
         let timestamp = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
         let body = {
             let mut form = url::form_urlencoded::Serializer::new(String::new());
             form.append_pair("integration_id", &self.integration_id)
-                .append_pair("asset_id", asset_id)
-                .append_pair("uri", uri)
+                .append_pair("asset_id", asset_id.as_str())
+                .append_pair("uri", uri.as_str())
                 .append_pair("timestamp", &timestamp);
             if !additional.is_empty() {
                 form.append_pair("additional", additional);
@@ -496,19 +496,16 @@ impl Client {
     }
 
     /// `DELETE /api/media/usage/?integration_id=…&asset_id=…&uri=…`: removes our usages of one asset
-    /// on one uri. The uri is required by the signature on purpose: without it Bynder removes the
-    /// asset's usages of every installation that shares the integration id. A 404 means already gone.
+    /// on one uri. The uri is required by the signature on purpose, and a [`UsageUri`] is never
+    /// empty: without it Bynder removes the asset's usages of every installation that shares the
+    /// integration id. A 404 means already gone.
     #[tracing::instrument(skip_all, fields(asset_id, uri), err(level = "debug"))]
-    pub async fn delete_usage(&self, asset_id: &str, uri: &str) -> Result<(), Error> {
-        debug_assert!(
-            !uri.is_empty(),
-            "a delete without a uri would remove other installations' usages"
-        );
+    pub async fn delete_usage(&self, asset_id: &AssetId, uri: &UsageUri) -> Result<(), Error> {
         let mut url = self.url(USAGE_PATH);
         url.query_pairs_mut()
             .append_pair("integration_id", &self.integration_id)
-            .append_pair("asset_id", asset_id)
-            .append_pair("uri", uri);
+            .append_pair("asset_id", asset_id.as_str())
+            .append_pair("uri", uri.as_str());
         match self.send(reqwest::Request::new(Method::DELETE, url)).await {
             Ok(_) => Ok(()),
             Err(Error::Status {

@@ -14,12 +14,14 @@ pub const MAX_URI_LEN: usize = 2048;
 pub const MAX_ADDITIONAL_LEN: usize = 1024;
 
 /// A Bynder media id, exactly as the CMS gave it (never re-cased or re-formatted).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(transparent)]
 pub struct AssetId(String);
 
 /// Where the CMS uses an asset. Always present: a delete without a uri would remove the usages of
 /// every installation sharing the integration id, so the type makes that impossible.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(transparent)]
 pub struct UsageUri(String);
 
 /// One valid desired usage.
@@ -155,6 +157,34 @@ impl UsageUri {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+// Both read as the text they hold, so they pass wherever text is read (SQL binds, messages,
+// comparisons with what Bynder answered); they are built only by `parse`.
+impl std::ops::Deref for AssetId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for UsageUri {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<UsageUri> for String {
+    fn eq(&self, other: &UsageUri) -> bool {
+        *self == other.0
+    }
+}
+
+impl PartialEq<AssetId> for String {
+    fn eq(&self, other: &AssetId) -> bool {
+        *self == other.0
     }
 }
 

@@ -13,6 +13,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::app::Context;
 use crate::bynder::{Error, Reaction};
+use crate::model::AssetId;
 use crate::model::{is_managed_uri, Reference};
 use crate::run::error::RunError;
 
@@ -49,17 +50,16 @@ pub enum VerifyStop {
 pub async fn verify_assets(ctx: &Context) -> Result<(VerifyReport, Option<VerifyStop>), RunError> {
     let prefixes = &ctx.config.sync.uri_prefixes;
     // Keyed by the id ignoring case: Bynder treats case variants as one asset.
-    let mut assets: BTreeMap<String, String> = BTreeMap::new();
+    let mut assets: BTreeMap<String, AssetId> = BTreeMap::new();
     let mut rows = ctx.source.stream_rows();
     while let Some(row) = rows.try_next().await.map_err(|source| RunError::Source {
         reading: ctx.source.reading().to_owned(),
         source,
     })? {
         if let Ok(r) = Reference::parse(&row.raw, prefixes, &ctx.config.sync.uri_schemes) {
-            let id = r.asset_id.as_str();
             assets
-                .entry(id.to_ascii_lowercase())
-                .or_insert_with(|| id.to_owned());
+                .entry(r.asset_id.to_ascii_lowercase())
+                .or_insert(r.asset_id);
         }
     }
     drop(rows);
@@ -159,7 +159,7 @@ async fn apply(ctx: &Context, asset: &str, uri: &str, fix: Fix) -> Result<(), Ru
 }
 
 /// One asset's usages for our integration, retried on transient failures.
-async fn read_back(ctx: &Context, asset: &str) -> Result<Vec<crate::bynder::Usage>, Error> {
+async fn read_back(ctx: &Context, asset: &AssetId) -> Result<Vec<crate::bynder::Usage>, Error> {
     let retry = &ctx.config.retry;
     let mut attempt = 0;
     loop {

@@ -11,7 +11,15 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use super::*;
 use crate::auth::Credentials;
-use crate::model::SyncUsage;
+use crate::model::{AssetId, SyncUsage, UsageUri};
+
+fn id(text: &str) -> AssetId {
+    AssetId::parse(text).expect("a valid asset id")
+}
+
+fn uri(text: &str) -> UsageUri {
+    UsageUri::parse(text).expect("a valid uri")
+}
 
 const INTEGRATION: &str = "0191a303-9d99-433e-ada4-d244f37e1d7d";
 const ASSET: &str = "C078E8EE-C13A-4DA5-86EC8D6F335364EB";
@@ -66,7 +74,7 @@ async fn create_sends_a_form_to_the_slashed_path_with_the_bearer_token() {
         .await;
     let usage = client(&server)
         .await
-        .create_usage(ASSET, "https://cms.example/p?a=1", "Hero image")
+        .create_usage(&id(ASSET), &uri("https://cms.example/p?a=1"), "Hero image")
         .await
         .unwrap();
     assert_eq!(usage.id, "u1");
@@ -93,10 +101,10 @@ async fn delete_always_names_the_uri_and_treats_404_as_already_gone() {
         .mount(&server)
         .await;
     let c = client(&server).await;
-    c.delete_usage(ASSET, "https://cms.example/p")
+    c.delete_usage(&id(ASSET), &uri("https://cms.example/p"))
         .await
         .unwrap();
-    c.delete_usage(ASSET, "https://cms.example/gone")
+    c.delete_usage(&id(ASSET), &uri("https://cms.example/gone"))
         .await
         .unwrap();
 }
@@ -116,7 +124,7 @@ async fn list_asks_by_asset_and_integration_and_keeps_only_our_usages() {
         .expect(1)
         .mount(&server)
         .await;
-    let usages = client(&server).await.list_usages(ASSET).await.unwrap();
+    let usages = client(&server).await.list_usages(&id(ASSET)).await.unwrap();
     assert_eq!(usages.len(), 1);
     assert_eq!(usages[0].uri, "/ours");
 }
@@ -192,7 +200,7 @@ async fn a_server_error_may_have_been_applied_and_is_retried() {
         .await;
     let e = client(&server)
         .await
-        .create_usage(ASSET, "/p", "")
+        .create_usage(&id(ASSET), &uri("/p"), "")
         .await
         .unwrap_err();
     assert_eq!(
@@ -212,7 +220,7 @@ async fn a_429_pauses_every_request_of_the_process() {
         .mount(&server)
         .await;
     let c = client(&server).await;
-    let e = c.list_usages(ASSET).await.unwrap_err();
+    let e = c.list_usages(&id(ASSET)).await.unwrap_err();
     assert_eq!(e.reaction(), Reaction::PauseAll);
     assert!(
         c.gate().paused_until().is_some(),
@@ -230,7 +238,7 @@ async fn a_slow_answer_is_a_timeout_that_may_have_been_applied() {
         .await;
     let e = client(&server)
         .await
-        .create_usage(ASSET, "/p", "")
+        .create_usage(&id(ASSET), &uri("/p"), "")
         .await
         .unwrap_err();
     assert!(matches!(e, Error::Timeout(_)), "{e:?}");
@@ -252,7 +260,7 @@ async fn redirects_are_never_followed() {
         .await;
     let e = client(&server)
         .await
-        .delete_usage(ASSET, "/p")
+        .delete_usage(&id(ASSET), &uri("/p"))
         .await
         .unwrap_err();
     assert!(matches!(e, Error::Redirect { .. }), "{e:?}");
@@ -267,7 +275,11 @@ async fn a_rejected_token_is_reported_as_such() {
         .expect(1)
         .mount(&server)
         .await;
-    let e = client(&server).await.list_usages(ASSET).await.unwrap_err();
+    let e = client(&server)
+        .await
+        .list_usages(&id(ASSET))
+        .await
+        .unwrap_err();
     assert_eq!(e.reaction(), Reaction::CredentialsRejected);
 }
 
@@ -296,7 +308,7 @@ fn assert_too_large(e: &Error) {
 async fn an_endless_answer_stops_at_the_cap_as_a_transient_failure() {
     let (url, mut hung_up) = crate::body::tests::endless_server().await;
     let client = client_at(&url, Some(CAP)).await;
-    let e = client.list_usages(ASSET).await.unwrap_err();
+    let e = client.list_usages(&id(ASSET)).await.unwrap_err();
     assert_too_large(&e);
     assert!(
         hung_up.recv().await.is_some(),
@@ -326,7 +338,7 @@ async fn an_answer_announcing_more_than_the_cap_fails_before_it_is_read() {
         .await;
     let e = client_at(&server.uri(), Some(CAP))
         .await
-        .list_usages(ASSET)
+        .list_usages(&id(ASSET))
         .await
         .unwrap_err();
     assert_too_large(&e);
@@ -352,7 +364,7 @@ async fn an_endless_error_page_shows_its_start_only() {
     });
     let e = client_at(&url, Some(CAP))
         .await
-        .list_usages(ASSET)
+        .list_usages(&id(ASSET))
         .await
         .unwrap_err();
     let Error::Status { status, body } = &e else {

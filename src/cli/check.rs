@@ -111,7 +111,8 @@ async fn check_with(config: &Config, client: &Client) -> Result<Exit, Failure> {
         }
     }
 
-    match client.list_usages(PROBE_ASSET).await {
+    let probe_asset = crate::model::AssetId::parse(PROBE_ASSET).expect("a valid asset id");
+    match client.list_usages(&probe_asset).await {
         Ok(_) => println!("Usage API:    readable (asset.usage:read and the STATISTICS role)"),
         // Bynder's answer for an unknown asset is not documented; neither is a 403.
         Err(e) if matches!(e.status().map(|s| s.as_u16()), Some(400 | 404)) => {

@@ -13,7 +13,7 @@ use super::status::print_profile;
 use super::{Exit, Failure};
 use crate::app::Context;
 use crate::bynder::{self, Client, SyncAnswer};
-use crate::model::SyncUsage;
+use crate::model::{AssetId, SyncUsage, UsageUri};
 use crate::profile::{Fact, PortalProfile};
 
 /// The reserved prefix of every uri a probe creates usages on.
@@ -45,16 +45,16 @@ pub struct Step {
 struct Probe<'a> {
     client: &'a Client,
     profile: &'a PortalProfile,
-    asset: String,
+    asset: AssetId,
     base: String,
     steps: Vec<Step>,
     /// (asset, uri) pairs that may hold a usage of ours: what the clean-up removes.
-    touched: Vec<(String, String)>,
+    touched: Vec<(AssetId, UsageUri)>,
 }
 
 impl Probe<'_> {
-    fn uri(&self, n: u32) -> String {
-        format!("{}:{n}", self.base)
+    fn uri(&self, n: u32) -> UsageUri {
+        UsageUri::parse(&format!("{}:{n}", self.base)).expect("a probe uri is a valid uri")
     }
 
     fn note(&mut self, step: &'static str, result: impl Into<String>, detail: impl Into<String>) {
@@ -65,21 +65,25 @@ impl Probe<'_> {
         });
     }
 
-    fn touch(&mut self, asset: &str, uri: &str) {
-        let key = (asset.to_owned(), uri.to_owned());
+    fn touch(&mut self, asset: &AssetId, uri: &UsageUri) {
+        let key = (asset.clone(), uri.clone());
         if !self.touched.contains(&key) {
             self.touched.push(key);
         }
     }
 
     /// Our usages of `asset` on `uri`, read back.
-    async fn on_uri(&self, asset: &str, uri: &str) -> Result<Vec<bynder::Usage>, bynder::Error> {
+    async fn on_uri(
+        &self,
+        asset: &AssetId,
+        uri: &UsageUri,
+    ) -> Result<Vec<bynder::Usage>, bynder::Error> {
         Ok(self
             .client
             .list_usages(asset)
             .await?
             .into_iter()
-            .filter(|u| u.uri == uri)
+            .filter(|u| u.uri == *uri)
             .collect())
     }
 }
@@ -87,10 +91,10 @@ impl Probe<'_> {
 /// Runs the probe; see the module doc.
 pub async fn probe(ctx: &Context, args: &ProbeArgs) -> Result<Exit, Failure> {
     let mut assets = args.assets.iter().map(|a| a.trim().to_owned());
-    let asset = assets.next().unwrap_or_default();
-    crate::model::AssetId::parse(&asset).map_err(|reason| {
+    let given = assets.next().unwrap_or_default();
+    let asset = AssetId::parse(&given).map_err(|reason| {
         Failure::Config(crate::config::ConfigError::new(format!(
-            "--asset {asset:?}: {reason}. Fix: give the id of an existing asset of the portal"
+            "--asset {given:?}: {reason}. Fix: give the id of an existing asset of the portal"
         )))
     })?;
     let second = match assets.next() {
@@ -100,12 +104,9 @@ pub async fn probe(ctx: &Context, args: &ProbeArgs) -> Result<Exit, Failure> {
                 "the two --asset ids name the same asset. Fix: give two different assets",
             )))
         }
-        None => ctx
-            .store
-            .other_known_asset(&asset)
-            .await?
-            .filter(|b| crate::model::AssetId::parse(b).is_ok()),
+        None => ctx.store.other_known_asset(&asset).await?,
     };
+    let second = second.and_then(|b| AssetId::parse(&b).ok());
     let random: u64 = rand::random();
     let mut probe = Probe {
         client: &ctx.client,
@@ -115,7 +116,7 @@ pub async fn probe(ctx: &Context, args: &ProbeArgs) -> Result<Exit, Failure> {
         steps: Vec::new(),
         touched: Vec::new(),
     };
-    let outcome = run_steps(&mut probe, second.as_deref()).await;
+    let outcome = run_steps(&mut probe, second.as_ref()).await;
     let leftovers = clean_up(&mut probe).await;
     let profile = ctx.profile.facts();
     if args.json {
@@ -165,7 +166,7 @@ pub async fn probe(ctx: &Context, args: &ProbeArgs) -> Result<Exit, Failure> {
 }
 
 /// The steps; an error ends them (the clean-up still runs) and becomes the command's failure.
-async fn run_steps(probe: &mut Probe<'_>, second: Option<&str>) -> Result<(), Failure> {
+async fn run_steps(probe: &mut Probe<'_>, second: Option<&AssetId>) -> Result<(), Failure> {
     // Authentication and scopes.
     match probe.client.credentials().token_info().await {
         Ok(Some(info)) => {
@@ -326,7 +327,7 @@ async fn run_steps(probe: &mut Probe<'_>, second: Option<&str>) -> Result<(), Fa
     };
     match probe
         .client
-        .sync_usages(std::slice::from_ref(&p2), &[listing(&asset, &p2)])
+        .sync_usages(&[p2.to_string()], &[listing(&asset, &p2)])
         .await
     {
         Ok(answer) => {
@@ -394,7 +395,10 @@ async fn run_steps(probe: &mut Probe<'_>, second: Option<&str>) -> Result<(), Fa
 }
 
 /// Two usages on one probe uri (two assets), then a sync that drops one: is it removed?
-async fn sync_delete_semantics(probe: &mut Probe<'_>, second: Option<&str>) -> Result<(), Failure> {
+async fn sync_delete_semantics(
+    probe: &mut Probe<'_>,
+    second: Option<&AssetId>,
+) -> Result<(), Failure> {
     const STEP: &str = "sync removes an omitted asset";
     let Some(other) = second else {
         probe.note(
@@ -410,15 +414,11 @@ async fn sync_delete_semantics(probe: &mut Probe<'_>, second: Option<&str>) -> R
     probe.touch(other, &p3);
     let entry = |a: &str| SyncUsage {
         asset_id: a.to_owned(),
-        uri: p3.clone(),
+        uri: p3.to_string(),
         additional: NOTE.to_owned(),
     };
     let both = [entry(&asset), entry(other)];
-    if let Err(e) = probe
-        .client
-        .sync_usages(std::slice::from_ref(&p3), &both)
-        .await
-    {
+    if let Err(e) = probe.client.sync_usages(&[p3.to_string()], &both).await {
         probe.note(STEP, "unknown", e.to_string());
         return Ok(());
     }
@@ -444,7 +444,7 @@ async fn sync_delete_semantics(probe: &mut Probe<'_>, second: Option<&str>) -> R
     }
     if let Err(e) = probe
         .client
-        .sync_usages(std::slice::from_ref(&p3), &both[1..])
+        .sync_usages(&[p3.to_string()], &both[1..])
         .await
     {
         probe.note(STEP, "unknown", e.to_string());
@@ -482,7 +482,7 @@ async fn clean_up(probe: &mut Probe<'_>) -> Vec<(String, String)> {
         }
     }
     let mut left = Vec::new();
-    let mut assets: Vec<&String> = touched.iter().map(|(a, _)| a).collect();
+    let mut assets: Vec<&AssetId> = touched.iter().map(|(a, _)| a).collect();
     assets.dedup();
     for asset in assets {
         match probe.client.list_usages(asset).await {
@@ -490,11 +490,16 @@ async fn clean_up(probe: &mut Probe<'_>) -> Vec<(String, String)> {
                 usages
                     .into_iter()
                     .filter(|u| u.uri.starts_with(&probe.base))
-                    .map(|u| (asset.clone(), u.uri)),
+                    .map(|u| (asset.to_string(), u.uri)),
             ),
             Err(e) => {
                 failures.push(format!("reading {asset} back: {e}"));
-                left.extend(touched.iter().filter(|(a, _)| a == asset).cloned());
+                left.extend(
+                    touched
+                        .iter()
+                        .filter(|(a, _)| a == asset)
+                        .map(|(a, u)| (a.to_string(), u.to_string())),
+                );
             }
         }
     }

@@ -14,8 +14,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use crate::config::DatabaseSettings;
-use crate::model::RawRow;
 use crate::model::SyncUsage;
+use crate::model::{AssetId, RawRow, SkipReason, UsageUri};
 use crate::plan::{Queued, Target};
 use crate::queue::next::Next;
 
@@ -69,8 +69,8 @@ pub struct Store {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Operation {
     pub id: i64,
-    pub asset_id: String,
-    pub uri: String,
+    pub asset_id: AssetId,
+    pub uri: UsageUri,
     pub target: Target,
     pub state: OperationState,
     pub uncertain: bool,
@@ -454,7 +454,7 @@ impl Store {
         .bind(run_id)
         .bind(&now)
         .bind(max_run_attempts as i64)
-        .map(operation_from_row)
+        .try_map(operation_from_row)
         .fetch_optional(&self.pool)
         .await
     }
@@ -601,7 +601,7 @@ impl Store {
             if dead_only { "WHERE state = 'dead'" } else { "" }
         );
         sqlx::query(sqlx::AssertSqlSafe(sql))
-            .map(operation_from_row)
+            .try_map(operation_from_row)
             .fetch_all(&self.pool)
             .await
     }
@@ -672,7 +672,7 @@ impl Store {
             .bind(run_id)
             .bind(&now)
             .bind(&uri)
-            .map(operation_from_row)
+            .try_map(operation_from_row)
             .fetch_all(&mut *tx)
             .await?;
             batch.ops.extend(claimed);
@@ -997,10 +997,16 @@ impl Store {
     }
 
     /// Every asset id with a recorded usage or a queued operation: what drift repair reads back.
-    pub async fn managed_asset_ids(&self) -> Result<Vec<String>, sqlx::Error> {
-        sqlx::query_scalar(
+    pub async fn managed_asset_ids(&self) -> Result<Vec<AssetId>, sqlx::Error> {
+        sqlx::query(
             "SELECT DISTINCT asset_id FROM recorded_usages UNION SELECT DISTINCT asset_id FROM operations",
         )
+        .try_map(|row: sqlx::sqlite::SqliteRow| {
+            AssetId::parse(row.get(0)).map_err(|reason| sqlx::Error::ColumnDecode {
+                index: "asset_id".to_owned(),
+                source: reason.to_string().into(),
+            })
+        })
         .fetch_all(&self.pool)
         .await
     }
@@ -1208,11 +1214,17 @@ fn target_from(action: String, additional: Option<String>) -> Target {
     }
 }
 
-fn operation_from_row(row: sqlx::sqlite::SqliteRow) -> Operation {
-    Operation {
+/// An operation as stored. Its key was valid when it was queued; a row whose key no longer
+/// parses (a database edited by hand) is a decode error, never a delete without a uri.
+fn operation_from_row(row: sqlx::sqlite::SqliteRow) -> Result<Operation, sqlx::Error> {
+    let invalid = |column: &str, reason: SkipReason| sqlx::Error::ColumnDecode {
+        index: column.to_owned(),
+        source: reason.to_string().into(),
+    };
+    Ok(Operation {
         id: row.get(0),
-        asset_id: row.get(1),
-        uri: row.get(2),
+        asset_id: AssetId::parse(row.get(1)).map_err(|r| invalid("asset_id", r))?,
+        uri: UsageUri::parse(row.get(2)).map_err(|r| invalid("uri", r))?,
         target: target_from(row.get(3), row.get(4)),
         state: row.get(5),
         uncertain: row.get(6),
@@ -1222,5 +1234,5 @@ fn operation_from_row(row: sqlx::sqlite::SqliteRow) -> Operation {
         last_error: row.get(10),
         created_at: row.get(11),
         updated_at: row.get(12),
-    }
+    })
 }

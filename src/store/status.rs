@@ -64,7 +64,7 @@ impl Store {
              WHERE state = 'dead' ORDER BY id LIMIT ?",
         )
         .bind(limit)
-        .map(operation_from_row)
+        .try_map(operation_from_row)
         .fetch_all(&self.pool)
         .await
     }
