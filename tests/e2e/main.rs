@@ -11,6 +11,7 @@ mod hostile_portal;
 mod operator;
 mod portals;
 mod properties;
+mod proxy;
 mod reliability;
 mod resync;
 mod strategies;
