@@ -200,3 +200,46 @@ async fn https_requests_tunnel_through_the_proxy_in_https_proxy_and_no_proxy_byp
         "with NO_PROXY naming the portal's host the proxy must see nothing"
     );
 }
+
+/// REGRESSION: `healthcheck` (the container's HEALTHCHECK) asked the daemon's own /healthz on
+/// loopback through the proxy in HTTP_PROXY or ALL_PROXY, which cannot reach the container's
+/// loopback: a container given a proxy turned unhealthy. The probe never uses a proxy now.
+#[tokio::test]
+async fn healthcheck_asks_the_daemon_directly_whatever_proxy_the_environment_names() {
+    let app = spawn_app().await;
+    // Stands in for the daemon's endpoint: answers every connection with 200.
+    let daemon = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listen = daemon.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = daemon.accept().await {
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                let _ = conn.read(&mut request).await;
+                let _ = conn
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    let (proxy, mut connections) = start_proxy().await;
+
+    let out = run_with(
+        &app.config_path,
+        &["healthcheck"],
+        &[
+            ("BYNDER_USAGE_SYNC_SERVER__LISTEN", &listen),
+            ("HTTP_PROXY", &proxy),
+            ("HTTPS_PROXY", &proxy),
+            ("ALL_PROXY", &proxy),
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        drain(&mut connections),
+        Vec::<String>::new(),
+        "the health probe must not go through the proxy"
+    );
+}
