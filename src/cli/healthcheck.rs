@@ -15,8 +15,11 @@ pub async fn probe(listen: std::net::SocketAddr, path: &str) -> anyhow::Result<(
         });
     }
     let url = format!("http://{address}{path}");
+    // The daemon is on this host's (or container's) loopback: a proxy from HTTP_PROXY or
+    // ALL_PROXY could not reach it, and would turn a healthy container unhealthy.
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
+        .no_proxy()
         .build()
         .context("building the HTTP client")?;
     let response = client.get(&url).send().await.with_context(|| {

@@ -213,3 +213,64 @@ impl App {
         );
     }
 }
+
+/// Runs the `openssl` command in `dir`; the tests that need TLS servers make their certificates
+/// with it.
+pub fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("this test needs the openssl command: apt-get install openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A TLS server on a free loopback port serving `cert` and `key` (files in `dir`): `openssl
+/// s_server -www` answers every request with 200 and a status page. Returns the port and the
+/// process, which is killed when dropped.
+pub async fn openssl_s_server(
+    dir: &std::path::Path,
+    cert: &str,
+    key: &str,
+) -> (u16, tokio::process::Child) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = tokio::process::Command::new("openssl")
+        .current_dir(dir)
+        .args([
+            "s_server",
+            "-accept",
+            &format!("127.0.0.1:{port}"),
+            "-cert",
+            cert,
+            "-key",
+            key,
+            "-www",
+            "-quiet",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start openssl s_server");
+    // s_server offers no readiness signal through a pipe: wait until it accepts connections.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "openssl s_server did not start"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    (port, server)
+}

@@ -126,19 +126,6 @@ async fn a_token_endpoint_with_an_endless_answer_fails_check_clearly() {
     first_hang_up(&mut connections).await;
 }
 
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("this test needs the openssl command: apt-get install openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// REGRESSION: a portal (or proxy) serving a self-signed CA certificate as its own certificate
 /// failed with rustls' `CaUsedAsEndEntity`, and the message said "set bynder.ca_file" even
 /// with that very certificate in bynder.ca_file. It now says what is wrong: a CA certificate
@@ -170,41 +157,7 @@ async fn a_ca_certificate_served_as_the_portal_certificate_is_named_as_such() {
             "subjectAltName=IP:127.0.0.1",
         ],
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let _server = tokio::process::Command::new("openssl")
-        .current_dir(d)
-        .args([
-            "s_server",
-            "-accept",
-            &format!("127.0.0.1:{port}"),
-            "-cert",
-            "ca.pem",
-            "-key",
-            "ca.key",
-            "-www",
-            "-quiet",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start openssl s_server");
-    // s_server offers no readiness signal through a pipe: wait until it accepts connections.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "openssl s_server did not start"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let (port, _server) = openssl_s_server(d, "ca.pem", "ca.key").await;
     let site = Site::new(
         &format!("https://127.0.0.1:{port}"),
         &format!("ca_file = \"{}\"", d.join("ca.pem").display()),

@@ -13,6 +13,7 @@ mod in_process;
 mod operator;
 mod portals;
 mod properties;
+mod proxy;
 mod reliability;
 mod resync;
 mod server;
