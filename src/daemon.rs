@@ -3,7 +3,7 @@
 //! at a time, the graceful shutdown, and the systemd notifications (READY, STATUS, WATCHDOG,
 //! STOPPING).
 //!
-//! It decides nothing about usages: every run is `reconcile`'s, the endpoints are `http`'s, and
+//! It decides nothing about usages: every run is `run`'s, the endpoints are `http`'s, and
 //! the health they report is `health`'s (the worker writes it).
 //!
 //! Runs never overlap: the cron jobs only wake the worker (a tick that arrives while a run is

@@ -3,7 +3,7 @@
 //! (queue depth, dead letters, the rate-limit pause) from the database at scrape time.
 //!
 //! It does not count anything itself: requests, 429s and latency are recorded by `bynder`, runs and
-//! operations by `reconcile`, token renewals by `auth`, each where the event happens.
+//! operations by `queue::drain`, token renewals by `auth`, each where the event happens.
 
 use std::sync::{Mutex, OnceLock};
 

@@ -1,6 +1,7 @@
 //! Text that came from outside (the portal's answers and error bodies, usages read back) made
 //! safe to show on a terminal: control characters and invisible direction overrides are written
-//! as escapes, so an error body cannot move the cursor, recolour the screen or hide text.
+//! as escapes, so an error body cannot move the cursor, recolour the screen or hide text. Also
+//! [`error_chain`], a typed error with all its causes on one line.
 
 use std::borrow::Cow;
 

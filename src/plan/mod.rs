@@ -1,5 +1,6 @@
 //! The pure reconcile: for one (asset, uri) key, what the desired state, the recorded state and
-//! the queue say, and what must happen. No SQL, no HTTP.
+//! the queue say, and what must happen. No SQL, no HTTP. The streaming merge that applies it to a
+//! whole run is [`merge`].
 //!
 //! The queue holds *targets* (what Bynder must end up holding for a key), not requests, so a
 //! create followed by a delete before anything was sent simply cancels, and the latest
