@@ -393,13 +393,22 @@ async fn bounded_search(
     state: &AppState,
     q: &str,
 ) -> Result<Result<Vec<Match>, &'static str>, PageError> {
-    let Ok(_permit) = state.searches.try_acquire() else {
+    bounded(&state.searches, SEARCH_TIME, search(&state.ctx, q)).await
+}
+
+/// `work` with a permit of `permits` (none free: refused at once) and at most `limit` long.
+async fn bounded<T, E>(
+    permits: &Semaphore,
+    limit: Duration,
+    work: impl Future<Output = Result<T, E>>,
+) -> Result<Result<T, &'static str>, E> {
+    let Ok(_permit) = permits.try_acquire() else {
         return Ok(Err(
             "Too many searches are running at once: try again in a moment.",
         ));
     };
-    match tokio::time::timeout(SEARCH_TIME, search(&state.ctx, q)).await {
-        Ok(found) => found.map(Ok),
+    match tokio::time::timeout(limit, work).await {
+        Ok(done) => done.map(Ok),
         Err(_) => Ok(Err(
             "The search took longer than 5 seconds and was stopped: search for a whole asset id \
              or uri, or a longer part of a uri.",
@@ -948,6 +957,27 @@ mod tests {
         assert!(cut.starts_with(&"é".repeat(SHOWN)), "{cut}");
         assert!(cut.ends_with("… (5 more characters)"), "{cut}");
         assert_eq!(shown("<b>"), "&lt;b&gt;");
+    }
+
+    /// REGRESSION: a search had no time limit; a slow one held its database connection and
+    /// its page for as long as it took.
+    #[tokio::test(start_paused = true)]
+    async fn a_search_that_takes_too_long_is_stopped_and_one_over_the_limit_is_refused() {
+        let permits = Semaphore::new(1);
+        let slow = bounded(
+            &permits,
+            SEARCH_TIME,
+            std::future::pending::<Result<(), ()>>(),
+        );
+        assert!(matches!(slow.await, Ok(Err(why)) if why.contains("longer than 5 seconds")));
+        let held = permits
+            .try_acquire()
+            .expect("the stopped search gave its permit back");
+        let refused = bounded(&permits, SEARCH_TIME, async { Ok::<_, ()>(()) }).await;
+        assert!(matches!(refused, Ok(Err(why)) if why.contains("Too many searches")));
+        drop(held);
+        let answered = bounded(&permits, SEARCH_TIME, async { Ok::<_, ()>(7) }).await;
+        assert_eq!(answered, Ok(Ok(7)));
     }
 
     #[test]

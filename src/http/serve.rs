@@ -113,12 +113,9 @@ impl Registry {
     /// `None` when every open connection is answering a request: the new one is refused.
     fn admit(&mut self, max_connections: usize) -> Option<(u64, Arc<Connection>)> {
         while self.open.len() >= max_connections.max(1) {
-            let oldest_idle = self
-                .open
-                .iter()
-                .find(|(_, c)| c.is_idle())
-                .map(|(id, _)| *id)?;
-            self.close(oldest_idle);
+            if !self.close_oldest_idle() {
+                return None;
+            }
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -127,11 +124,21 @@ impl Registry {
         Some((id, connection))
     }
 
-    fn close(&mut self, id: u64) {
+    /// Closes the oldest connection that is not answering a request; false when there is none.
+    fn close_oldest_idle(&mut self) -> bool {
+        let oldest_idle = self
+            .open
+            .iter()
+            .find(|(_, c)| c.is_idle())
+            .map(|(id, _)| *id);
+        let Some(id) = oldest_idle else {
+            return false;
+        };
         if let Some(connection) = self.open.remove(&id) {
             // A stored permit: the connection's task sees it even if it is not waiting yet.
             connection.evicted.notify_one();
         }
+        true
     }
 }
 
@@ -167,7 +174,7 @@ pub async fn serve(
                     );
                     last_exhaustion_warning = Some(Instant::now());
                 }
-                evict_oldest_idle(&registry);
+                registry.lock().expect("registry lock").close_oldest_idle();
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -211,18 +218,6 @@ pub async fn serve(
         tasks.shutdown().await;
     }
     Ok(())
-}
-
-fn evict_oldest_idle(registry: &Mutex<Registry>) {
-    let mut registry = registry.lock().expect("registry lock");
-    let oldest_idle = registry
-        .open
-        .iter()
-        .find(|(_, c)| c.is_idle())
-        .map(|(id, _)| *id);
-    if let Some(id) = oldest_idle {
-        registry.close(id);
-    }
 }
 
 /// Leaves the registry when the connection's task ends, however it ends.

@@ -1005,10 +1005,7 @@ impl Store {
             "SELECT DISTINCT asset_id FROM recorded_usages UNION SELECT DISTINCT asset_id FROM operations",
         )
         .try_map(|row: sqlx::sqlite::SqliteRow| {
-            AssetId::parse(row.get(0)).map_err(|reason| sqlx::Error::ColumnDecode {
-                index: "asset_id".to_owned(),
-                source: reason.to_string().into(),
-            })
+            AssetId::parse(row.get(0)).map_err(|r| invalid_key("asset_id", r))
         })
         .fetch_all(&self.pool)
         .await
@@ -1220,14 +1217,10 @@ fn target_from(action: String, additional: Option<String>) -> Target {
 /// An operation as stored. Its key was valid when it was queued; a row whose key no longer
 /// parses (a database edited by hand) is a decode error, never a delete without a uri.
 fn operation_from_row(row: sqlx::sqlite::SqliteRow) -> Result<Operation, sqlx::Error> {
-    let invalid = |column: &str, reason: SkipReason| sqlx::Error::ColumnDecode {
-        index: column.to_owned(),
-        source: reason.to_string().into(),
-    };
     Ok(Operation {
         id: row.get(0),
-        asset_id: AssetId::parse(row.get(1)).map_err(|r| invalid("asset_id", r))?,
-        uri: UsageUri::parse(row.get(2)).map_err(|r| invalid("uri", r))?,
+        asset_id: AssetId::parse(row.get(1)).map_err(|r| invalid_key("asset_id", r))?,
+        uri: UsageUri::parse(row.get(2)).map_err(|r| invalid_key("uri", r))?,
         target: target_from(row.get(3), row.get(4)),
         state: row.get(5),
         uncertain: row.get(6),
@@ -1238,4 +1231,12 @@ fn operation_from_row(row: sqlx::sqlite::SqliteRow) -> Result<Operation, sqlx::E
         created_at: row.get(11),
         updated_at: row.get(12),
     })
+}
+
+/// A stored key that no longer parses (a database edited by hand), as a decode error.
+fn invalid_key(column: &str, reason: SkipReason) -> sqlx::Error {
+    sqlx::Error::ColumnDecode {
+        index: column.to_owned(),
+        source: reason.to_string().into(),
+    }
 }

@@ -18,4 +18,5 @@ mod reliability;
 mod resync;
 mod server;
 mod strategies;
+mod structure;
 mod telemetry;
