@@ -34,6 +34,13 @@ use crate::text::error_chain;
 /// How often the worker looks for queued operations whose retry is due (one indexed query).
 pub const QUEUE_POLL: Duration = Duration::from_secs(1);
 
+/// How often the watcher looks at the end of the change log (one look at its primary key).
+pub const CHANGES_POLL: Duration = Duration::from_millis(100);
+
+/// How long the watcher lets a burst of CMS writes gather after the first one it sees, so that
+/// they are planned and sent together.
+pub const CHANGES_COALESCE: Duration = Duration::from_millis(200);
+
 /// The options of the scheduled drift repair (`sync.verify_schedule`): a reconcile that first
 /// reads Bynder back for every managed asset, as `resync --verify` does.
 fn verify_options() -> RunOptions {
@@ -44,11 +51,21 @@ fn verify_options() -> RunOptions {
     }
 }
 
-/// The options of the scheduled reconcile (`sync.schedule`) and of the one at start-up.
+/// The options of the scheduled reconcile (`sync.schedule`): it skips the full merge when nothing
+/// can have changed since the last full pass (change capture planned every write since).
 fn reconcile_options() -> RunOptions {
     RunOptions {
         command: "reconcile",
+        if_changed: true,
         ..RunOptions::default()
+    }
+}
+
+/// The options of the reconcile at start-up: always a full pass.
+fn startup_options() -> RunOptions {
+    RunOptions {
+        if_changed: false,
+        ..reconcile_options()
     }
 }
 
@@ -165,6 +182,13 @@ pub async fn run_until_stopped(
         queue_unreadable: false,
     };
     let mut worker = Some(tokio::spawn(worker.run()));
+    let watcher = ctx.source.captures_changes().then(|| {
+        tokio::spawn(watch_changes(
+            ctx.store.clone(),
+            triggers.clone(),
+            stop_rx.clone(),
+        ))
+    });
     let watchdog = sd_notify::watchdog_enabled()
         .map(|period| tokio::spawn(feed_watchdog(ctx.store.clone(), period, stop_rx.clone())));
     notify(&[
@@ -225,6 +249,9 @@ pub async fn run_until_stopped(
     }
     if let Some(watchdog) = watchdog {
         join_by(watchdog, deadline).await;
+    }
+    if let Some(watcher) = watcher {
+        join_by(watcher, deadline).await;
     }
     let close = async {
         ctx.source.close().await;
@@ -379,6 +406,52 @@ async fn feed_watchdog(store: store::Store, period: Duration, mut stop: watch::R
 struct Triggers {
     reconcile: Notify,
     verify: Notify,
+    /// The change log has entries the worker has not been woken for.
+    changes: Notify,
+}
+
+/// Watches the end of the change log and wakes the worker for new entries, once a burst has had
+/// [`CHANGES_COALESCE`] to gather. Entries a change run left in the log (a refused mass delete, a
+/// failed run) wake it again only when more arrive; the next scheduled reconcile sees them too.
+async fn watch_changes(
+    store: store::Store,
+    triggers: Arc<Triggers>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut seen: Option<i64> = None;
+    let mut unreadable = false;
+    let mut tick = tokio::time::interval(CHANGES_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        let latest = match store.latest_change().await {
+            Ok(latest) => {
+                unreadable = false;
+                latest
+            }
+            Err(e) => {
+                if !unreadable {
+                    tracing::warn!("cannot read the change log: {e:#}");
+                }
+                unreadable = true;
+                continue;
+            }
+        };
+        let Some(latest) = latest else { continue };
+        if seen.is_some_and(|s| s >= latest) {
+            continue;
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            () = tokio::time::sleep(CHANGES_COALESCE) => {}
+        }
+        // Everything up to here is planned by the run this wakes (it reads the log's end itself).
+        seen = store.latest_change().await.ok().flatten().or(Some(latest));
+        triggers.changes.notify_one();
+    }
 }
 
 async fn start_scheduler(
@@ -442,8 +515,12 @@ async fn start_scheduler(
 /// One job of the worker.
 #[derive(Debug, Clone, Copy)]
 enum Work {
+    /// The full pass at start-up.
+    StartupReconcile,
     Reconcile,
     Verify,
+    /// Plan and send what the change log names.
+    Changes,
     /// Send queued operations whose retry is due, if any.
     Drain,
 }
@@ -479,7 +556,7 @@ impl Worker {
     async fn run(mut self) {
         // A reconcile at start catches up with what changed while the daemon was down and resumes
         // whatever the queue holds.
-        let mut next = Some(Work::Reconcile);
+        let mut next = Some(Work::StartupReconcile);
         loop {
             let work = match next.take() {
                 Some(work) => work,
@@ -490,6 +567,7 @@ impl Worker {
                         () = stopped(stop) => return,
                         () = self.triggers.verify.notified() => Work::Verify,
                         () = self.triggers.reconcile.notified() => Work::Reconcile,
+                        () = self.triggers.changes.notified() => Work::Changes,
                         () = tokio::time::sleep(QUEUE_POLL) => Work::Drain,
                     }
                 }
@@ -528,9 +606,22 @@ impl Worker {
                     Some(Err(e)) => self.observe_error("drain", e).await,
                 }
             }
-            Work::Reconcile | Work::Verify => {
+            Work::Changes => {
+                if self.drain_suspended {
+                    // The portal was unreachable or refused the credentials: the change waits
+                    // in the log for the next scheduled reconcile, as queued operations do.
+                    return;
+                }
+                match self.until_stopped(run::changes_once(&ctx, progress)).await {
+                    None | Some(Ok(None)) => {}
+                    Some(Ok(Some(report))) => self.observe("changes", &report).await,
+                    Some(Err(e)) => self.observe_error("changes", e).await,
+                }
+            }
+            Work::StartupReconcile | Work::Reconcile | Work::Verify => {
                 let options = match work {
                     Work::Verify => verify_options(),
+                    Work::StartupReconcile => startup_options(),
                     _ => reconcile_options(),
                 };
                 match self.until_stopped(self.credentials_usable()).await {
@@ -656,7 +747,10 @@ mod tests {
     #[test]
     fn the_scheduled_jobs_are_recorded_under_their_own_names() {
         assert_eq!(reconcile_options().command, "reconcile");
+        assert_eq!(startup_options().command, "reconcile");
         assert_eq!(verify_options().command, "verify");
+        // Only the scheduled reconcile may skip the merge; the one at start always merges.
+        assert!(reconcile_options().if_changed && !startup_options().if_changed);
         assert!(verify_options().verify && !reconcile_options().verify);
         assert!(!verify_options().dry_run && !reconcile_options().dry_run);
     }

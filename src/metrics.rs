@@ -153,7 +153,8 @@ pub async fn seed_last_success(store: &Store) -> Result<(), sqlx::Error> {
     let last = runs
         .iter()
         .filter(|r| {
-            r.command != "drain"
+            // A drain, or a plan of only the changed assets, does not say all of Bynder matches.
+            !matches!(r.command.as_str(), "drain" | "changes")
                 && matches!(r.outcome.as_deref(), Some("converged" | "nothing_to_do"))
         })
         .filter_map(|r| r.finished_at.as_deref())

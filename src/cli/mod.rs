@@ -96,6 +96,11 @@ pub enum Command {
         /// so scripts and monitoring can alert on drift. Error exit codes still win.
         #[arg(long)]
         detailed_exitcode: bool,
+        /// Skip the full merge when nothing can have changed since the last full pass (every
+        /// write to cms_asset_references since went through the change-capture triggers and was
+        /// planned); the queue is still sent. For cron jobs; a plain resync always merges all.
+        #[arg(long, conflicts_with_all = ["verify", "dry_run"])]
+        if_changed: bool,
     },
     /// Show the state database: last runs, queue, dead letters, rate-limit pause.
     Status {
@@ -220,6 +225,7 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
             allow_mass_delete,
             verify,
             detailed_exitcode,
+            if_changed,
         } => {
             let config = start(&source)?;
             let options = RunOptions {
@@ -228,6 +234,7 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
                 allow_mass_delete,
                 keep_all_items: json,
                 verify,
+                if_changed,
             };
             resync::resync(config, options, json, detailed_exitcode).await
         }

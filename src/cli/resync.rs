@@ -69,6 +69,11 @@ pub fn print_report(report: &RunReport) {
          {} row(s) read, {} skipped",
         p.creates, p.updates, p.deletes, p.verifies, p.already_queued, p.cancelled, p.rows_read, p.skipped
     );
+    if let Some(at) = &p.unchanged_since {
+        println!(
+            "Nothing changed since the full pass at {at} (--if-changed): the merge was skipped"
+        );
+    }
     let groups = [
         (Change::Create, "Creates", p.creates),
         (Change::Update, "Updates (delete, then create)", p.updates),

@@ -10,6 +10,7 @@ use crate::app::Context;
 use crate::model::{key_order, AssetId, Reference, SkipReason, UsageUri};
 use crate::plan::{decide, Change, Decision, Desired, Queued, Target};
 use crate::run::error::RunError;
+use crate::store::changes::{save_full_pass, trim_changes, FullPass};
 use crate::store::{self, SourceRow};
 
 /// How many rows of each kind a report keeps when not asked for everything.
@@ -53,6 +54,9 @@ pub struct PlanReport {
     pub skipped_rows: Vec<SkippedRow>,
     /// Whether `items` and `skipped_rows` hold everything or a sample.
     pub complete: bool,
+    /// The merge was skipped: nothing changed since the full pass at this time (`--if-changed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unchanged_since: Option<String>,
 }
 
 /// What planning is asked to do.
@@ -64,6 +68,28 @@ pub(crate) struct PlanOptions {
     pub allow_mass_delete: bool,
     /// Write the plan to the queue (otherwise only report it).
     pub write: bool,
+}
+
+/// Which keys a plan covers, and what it settles in the change log.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Scope {
+    /// Only the keys of these assets (ids compared ignoring case), what the change log named;
+    /// `None`: every key (a full pass).
+    pub assets: Option<Vec<String>>,
+    /// The change log's end when the plan began, trimmed with the plan: everything written up
+    /// to it is read by this plan.
+    pub log_upto: Option<i64>,
+    /// Recorded as the last full pass with the plan.
+    pub pass: Option<FullPass>,
+}
+
+impl Scope {
+    /// A full pass that settles nothing in the change log (dry runs, custom sources).
+    pub(crate) const FULL: Scope = Scope {
+        assets: None,
+        log_upto: None,
+        pass: None,
+    };
 }
 
 type Key = (String, String);
@@ -177,6 +203,7 @@ fn key_of(row: &SourceRow) -> Option<Key> {
 pub(crate) async fn plan_run(
     ctx: &Context,
     options: PlanOptions,
+    scope: &Scope,
 ) -> Result<(PlanReport, Option<String>), RunError> {
     let write = options.write;
     let keep_all = options.keep_all_items;
@@ -185,15 +212,25 @@ pub(crate) async fn plan_run(
         complete: keep_all,
         ..PlanReport::default()
     };
+    let (rows, mut recorded, mut queued) = match &scope.assets {
+        None => (
+            ctx.source.stream_rows(),
+            ctx.store.stream_recorded(),
+            ctx.store.stream_queued(),
+        ),
+        Some(assets) => (
+            ctx.source.rows_of_assets(assets),
+            ctx.store.stream_recorded_of(assets),
+            ctx.store.stream_queued_of(assets),
+        ),
+    };
     let mut desired = DesiredStream {
-        rows: ctx.source.stream_rows(),
+        rows,
         last: None,
         uri_prefixes: prefixes.clone(),
         uri_schemes: ctx.config.sync.uri_schemes.clone(),
         reading: ctx.source.reading(),
     };
-    let mut recorded = ctx.store.stream_recorded();
-    let mut queued = ctx.store.stream_queued();
 
     let mut d_head = desired.next(&mut report, keep_all).await?;
     let mut r_head = recorded.try_next().await?;
@@ -308,11 +345,20 @@ pub(crate) async fn plan_run(
     }
     drop((desired, recorded, queued));
 
+    // A plan of some assets cannot tell whether the table has usable rows elsewhere; the run
+    // plans everything instead when the table is empty (`run::changes_once`).
+    let valid_rows = scope.assets.is_none().then_some(valid_rows);
     let refused = mass_delete_refusal(ctx, options, &report, valid_rows);
-    if let Some(tx) = tx {
+    if let Some(mut tx) = tx {
         if refused.is_some() {
             tx.rollback().await?;
         } else {
+            if let Some(upto) = scope.log_upto {
+                trim_changes(&mut tx, upto).await?;
+            }
+            if let Some(pass) = &scope.pass {
+                save_full_pass(&mut tx, Some(pass)).await?;
+            }
             tx.commit().await.map_err(RunError::WritePlan)?;
         }
     }
@@ -350,7 +396,7 @@ fn mass_delete_refusal(
     ctx: &Context,
     options: PlanOptions,
     report: &PlanReport,
-    valid_rows: u64,
+    valid_rows: Option<u64>,
 ) -> Option<String> {
     if options.allow_mass_delete || report.deletes == 0 {
         return None;
@@ -363,7 +409,7 @@ fn mass_delete_refusal(
             report.deletes
         ));
     }
-    if valid_rows == 0 {
+    if valid_rows == Some(0) {
         return Some(format!(
             "cms_asset_references has no usable rows, so every one of the {} recorded usages would be deleted; \
              nothing was sent. If the table is empty on purpose, run again with --allow-mass-delete",

@@ -19,9 +19,10 @@ pub use self::error::RunError;
 
 use crate::app::Context;
 use crate::files::{LockError, Modes, RunLock};
-use crate::plan::merge::{plan_run, PlanOptions};
+use crate::plan::merge::{plan_run, PlanOptions, Scope};
 use crate::queue::drain::drain;
 use crate::queue::RunEffect;
+use crate::store::changes::{Changes, FullPass};
 use crate::store::RunCounts;
 use crate::verify::{verify_assets, VerifyReport, VerifyStop};
 
@@ -39,6 +40,9 @@ pub struct RunOptions {
     pub keep_all_items: bool,
     /// Read Bynder back for every managed asset first and repair drift (`--verify`).
     pub verify: bool,
+    /// Skip the full merge when nothing can have changed since the last full pass
+    /// (`--if-changed`, the daemon's scheduled reconcile); see [`unchanged_since_full_pass`].
+    pub if_changed: bool,
 }
 
 impl RunOptions {
@@ -60,8 +64,21 @@ impl Default for RunOptions {
             allow_mass_delete: false,
             keep_all_items: false,
             verify: false,
+            if_changed: false,
         }
     }
+}
+
+/// Most changed assets one change run plans by themselves; beyond it (a bulk load) the run
+/// merges everything, which costs no more and sends the same batches.
+pub const CHANGED_ASSETS_PER_PLAN: usize = 2_000;
+
+/// What a run plans.
+enum Planning {
+    /// Everything (a full pass), or nothing when `if_changed` and nothing changed.
+    Full,
+    /// The assets the change log names.
+    Changes(Changes),
 }
 
 /// How a run ended. Callers branch on it (exit codes, daemon health).
@@ -133,7 +150,7 @@ pub async fn reconcile_with_progress(
     let result = reconcile_in_span(ctx, options, progress)
         .instrument(span.clone())
         .await;
-    record_run_span(&span, &result);
+    record_run_span(&span, result.as_ref().ok());
     result
 }
 
@@ -148,7 +165,7 @@ async fn reconcile_in_span(
             return Ok(RunReport {
                 run_id: None,
                 outcome: RunOutcome::DryRun,
-                plan: plan_run(ctx, options.plan(false)).await?.0,
+                plan: plan_run(ctx, options.plan(false), &Scope::FULL).await?.0,
                 sent: SendReport::default(),
                 dead_letters: ctx.store.queue_summary().await?.dead,
                 verify: None,
@@ -166,7 +183,9 @@ async fn reconcile_in_span(
             None => RunOutcome::DryRun,
             Some(VerifyStop::CredentialsRejected) => credentials_rejected(ctx),
         };
-        let plan = plan_run(&scratch, options.plan(false)).await?.0;
+        let plan = plan_run(&scratch, options.plan(false), &Scope::FULL)
+            .await?
+            .0;
         let dead_letters = scratch.store.queue_summary().await?.dead;
         scratch.store.close().await;
         return Ok(RunReport {
@@ -179,15 +198,36 @@ async fn reconcile_in_span(
         });
     }
 
+    locked_run(ctx, options, progress, false)
+        .await
+        .map(|report| report.expect("a full run always runs"))
+}
+
+/// Takes the run lock and runs: a full pass, or (`changes`) a plan of what the change log names,
+/// `None` when it names nothing.
+async fn locked_run(
+    ctx: &Context,
+    options: &RunOptions,
+    progress: Arc<dyn Progress>,
+    changes: bool,
+) -> Result<Option<RunReport>, RunError> {
     let _lock = run_lock(ctx, options.command).await?;
+    let planning = if changes {
+        match ctx.store.pending_changes(CHANGED_ASSETS_PER_PLAN).await? {
+            Some(changes) => Planning::Changes(changes),
+            None => return Ok(None),
+        }
+    } else {
+        Planning::Full
+    };
     let recovered = ctx.store.recover_in_flight().await?;
     if recovered > 0 {
         tracing::warn!(recovered, "operations were in flight when a previous run stopped; they are read back before anything is re-sent");
     }
     let run_id = ctx.store.start_run(options.command).await?;
     crate::telemetry::record_run_id(run_id);
-    match run_started(ctx, options, progress, run_id).await {
-        Ok(report) => Ok(report),
+    match run_started(ctx, options, progress, run_id, planning).await {
+        Ok(report) => Ok(Some(report)),
         Err(error) => {
             // Leave an outcome in the run history, so `status` does not show it as running.
             let message = crate::text::error_chain(&error);
@@ -204,12 +244,171 @@ async fn reconcile_in_span(
     }
 }
 
+/// Plans what the change log names so far (the daemon calls it within a fraction of a second of
+/// a CMS write), queues it and sends it, under the run lock like any run; recorded as a run named
+/// `changes`. `None`: the log was empty, or the source is not the captured table.
+#[tracing::instrument(skip_all)]
+pub async fn changes_once(
+    ctx: &Context,
+    progress: Arc<dyn Progress>,
+) -> Result<Option<RunReport>, RunError> {
+    if !ctx.source.captures_changes() {
+        return Ok(None);
+    }
+    let options = RunOptions {
+        command: "changes",
+        ..RunOptions::default()
+    };
+    let span = crate::telemetry::run_span(options.command, false, false);
+    let result = locked_run(ctx, &options, progress, true)
+        .instrument(span.clone())
+        .await;
+    match &result {
+        Ok(None) => {}
+        Ok(Some(report)) => record_run_span(&span, Some(report)),
+        Err(_) => record_run_span(&span, None),
+    }
+    result
+}
+
+/// What planning depends on besides the rows, as a digest: the version of this program and the
+/// settings that decide which rows are ours and how they are read.
+fn planning_digest(ctx: &Context) -> String {
+    use sha2::Digest as _;
+    let config = &ctx.config;
+    let inputs = format!(
+        "{}\n{:?}\n{:?}\n{:?}\n{:?}",
+        env!("CARGO_PKG_VERSION"),
+        config.sync.uri_prefixes,
+        config.sync.uri_schemes,
+        config.source.database,
+        config.source.query,
+    );
+    let digest = sha2::Sha256::digest(inputs.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The scope of a full pass: over the captured table it settles the change log up to where it
+/// ended when the pass began, and records the pass (while the triggers are in place).
+async fn full_pass_scope(ctx: &Context) -> Result<Scope, RunError> {
+    if !ctx.source.captures_changes() {
+        return Ok(Scope::FULL);
+    }
+    // Triggers lost with a recreated table go back first: from then on every write is logged,
+    // and this pass reads what was written before.
+    if ctx.store.ensure_capture().await? {
+        tracing::warn!(
+            "the change-capture triggers on cms_asset_references were missing (was the table \
+             recreated?) and were put back; this full pass covers what was written meanwhile"
+        );
+    }
+    // The log's end next: whatever is written after it is read by this pass or planned later.
+    let log_upto = ctx.store.latest_change().await?;
+    let pass = Some(FullPass {
+        fingerprint: ctx.store.fingerprint(&planning_digest(ctx)).await?,
+        at: crate::model::now_text(),
+    });
+    Ok(Scope {
+        assets: None,
+        log_upto,
+        pass,
+    })
+}
+
+/// When the last full pass was, if nothing can have changed since: the source is the captured
+/// table, the triggers are in place, the change log holds nothing unplanned, and the schema, the
+/// row count and the planning settings are those the pass saw. Every write since went through
+/// the triggers and was planned by a change run, so a full merge would find nothing new. Edits
+/// that bypass the triggers change the schema (a dropped trigger, a recreated table) or most
+/// likely the row count; the rest are caught by the next drift repair (`sync.verify_schedule`)
+/// or a plain `resync`, which always merge everything.
+async fn unchanged_since_full_pass(ctx: &Context) -> Result<Option<String>, RunError> {
+    if !ctx.source.captures_changes() {
+        return Ok(None);
+    }
+    let Some(last) = ctx.store.last_full_pass().await? else {
+        return Ok(None);
+    };
+    if ctx.store.latest_change().await?.is_some() || !ctx.store.capture_installed().await? {
+        return Ok(None);
+    }
+    let now = ctx.store.fingerprint(&planning_digest(ctx)).await?;
+    Ok((now == last.fingerprint).then_some(last.at))
+}
+
+async fn source_is_empty(ctx: &Context) -> Result<bool, RunError> {
+    ctx.source
+        .is_empty()
+        .await
+        .map_err(|source| RunError::Source {
+            reading: ctx.source.reading().to_owned(),
+            source,
+        })
+}
+
+/// The last full pass carried over a plan of the changed assets: that plan settles the change
+/// log as the pass did, so the record stays trusted, with the row count as it is now (read after
+/// the log's end, so it counts every write the plan covers). `None` when no pass was trusted, or
+/// the schema or the planning settings changed since.
+async fn advanced_full_pass(ctx: &Context) -> Result<Option<FullPass>, RunError> {
+    let Some(last) = ctx.store.last_full_pass().await? else {
+        return Ok(None);
+    };
+    let now = ctx.store.fingerprint(&planning_digest(ctx)).await?;
+    let same_ground = now.schema_version == last.fingerprint.schema_version
+        && now.planning == last.fingerprint.planning;
+    Ok(same_ground.then_some(FullPass {
+        fingerprint: now,
+        at: last.at,
+    }))
+}
+
+/// Plans the run: everything (or nothing, when `if_changed` and nothing changed), or the assets
+/// the change log names. Returns the report, the mass-delete refusal if any, and whether the
+/// plan covered the whole table (only then can the run say Bynder matches it).
+async fn plan_step(
+    ctx: &Context,
+    options: &RunOptions,
+    planning: Planning,
+) -> Result<(PlanReport, Option<String>, bool), RunError> {
+    let changes = match planning {
+        Planning::Full => {
+            if options.if_changed && !options.verify {
+                if let Some(at) = unchanged_since_full_pass(ctx).await? {
+                    tracing::debug!(last_full_pass = %at, "nothing changed since the last full pass: merge skipped");
+                    let plan = PlanReport {
+                        unchanged_since: Some(at),
+                        complete: true,
+                        ..PlanReport::default()
+                    };
+                    return Ok((plan, None, true));
+                }
+            }
+            None
+        }
+        Planning::Changes(changes) => Some(changes),
+    };
+    let scope = match changes {
+        // A bulk load, or a table emptied: the full pass (and its mass-delete guard) decides.
+        Some(changes) if !changes.more && !source_is_empty(ctx).await? => Scope {
+            assets: Some(changes.assets),
+            log_upto: Some(changes.upto),
+            pass: advanced_full_pass(ctx).await?,
+        },
+        _ => full_pass_scope(ctx).await?,
+    };
+    let full = scope.assets.is_none();
+    let (plan, refused) = plan_run(ctx, options.plan(true), &scope).await?;
+    Ok((plan, refused, full))
+}
+
 /// The part of a run after its record was started: verify, plan, send, record the outcome.
 async fn run_started(
     ctx: &Context,
     options: &RunOptions,
     progress: Arc<dyn Progress>,
     run_id: i64,
+    planning: Planning,
 ) -> Result<RunReport, RunError> {
     let requests_before = ctx.client.requests_sent();
 
@@ -220,7 +419,7 @@ async fn run_started(
         verify = Some(report);
         verify_stopped = stop.is_some();
     }
-    let (plan, refused) = plan_run(ctx, options.plan(true)).await?;
+    let (plan, refused, full) = plan_step(ctx, options, planning).await?;
     let (outcome, sent) = if verify_stopped {
         (credentials_rejected(ctx), SendReport::default())
     } else if let Some(why) = refused {
@@ -236,7 +435,7 @@ async fn run_started(
     record_run(
         ctx,
         run_id,
-        true,
+        full,
         requests_before,
         outcome,
         plan,
@@ -275,7 +474,8 @@ async fn drain_outcome(
 }
 
 /// Completes the run's record, metrics and log line, and builds its report. `reconciled`: the
-/// run planned from the CMS rows (a plain drain of the queue did not).
+/// run planned from all the CMS rows (a plain drain of the queue, or a plan of only the changed
+/// assets, did not).
 #[allow(clippy::too_many_arguments)]
 async fn record_run(
     ctx: &Context,
@@ -394,17 +594,17 @@ pub async fn drain_queue_once(
         .await
     };
     let result = run.instrument(span.clone()).await;
-    record_run_span(&span, &result);
+    record_run_span(&span, result.as_ref().ok());
     result.map(Some)
 }
 
 /// Records how a run ended on its span: the outcome label (`failed` for an error), the plan's
 /// and the sending's counts. Error messages are not recorded: they quote the portal. (Each field
 /// is recorded once: a second value would be a second attribute of the same name.)
-fn record_run_span<E>(span: &tracing::Span, result: &Result<RunReport, E>) {
-    let report = match result {
-        Ok(report) => report,
-        Err(_) => {
+fn record_run_span(span: &tracing::Span, report: Option<&RunReport>) {
+    let report = match report {
+        Some(report) => report,
+        None => {
             span.record("run.outcome", "failed");
             span.record("otel.status_code", "error");
             return;

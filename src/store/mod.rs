@@ -22,6 +22,7 @@ use crate::model::{AssetId, RawRow, SkipReason, UsageUri};
 use crate::plan::{Queued, Target};
 use crate::queue::next::Next;
 
+pub mod changes;
 mod cms;
 pub mod source;
 mod status;
@@ -257,6 +258,7 @@ impl Store {
     /// Applies every pending migration.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         MIGRATOR.run(&self.pool).await?;
+        changes::install_capture(&self.pool).await?;
         Ok(())
     }
 
@@ -802,11 +804,17 @@ impl Store {
     }
 
     /// Deletes every dead letter. Returns how many were removed.
+    /// Deletes the dead letters. The last full pass is forgotten with them: a row that still
+    /// asks for a purged change must be planned again by the next reconcile, skipped or not.
     pub async fn purge_dead(&self) -> Result<u64, sqlx::Error> {
-        Ok(sqlx::query("DELETE FROM operations WHERE state = 'dead'")
-            .execute(&self.pool)
+        let mut tx = self.pool.begin().await?;
+        let purged = sqlx::query("DELETE FROM operations WHERE state = 'dead'")
+            .execute(&mut *tx)
             .await?
-            .rows_affected())
+            .rows_affected();
+        changes::save_full_pass(&mut tx, None).await?;
+        tx.commit().await?;
+        Ok(purged)
     }
 
     pub async fn queue_summary(&self) -> Result<QueueSummary, sqlx::Error> {

@@ -76,6 +76,9 @@ pub struct Source {
     /// The source is the product's own table (no `source.query`): it is read a page at a time
     /// along its key index, which is much faster than row by row.
     paged: bool,
+    /// The source is the state database's own table, whose writes the capture triggers log:
+    /// the daemon can plan only what changed.
+    captured: bool,
 }
 
 /// Why the source cannot be used.
@@ -160,7 +163,20 @@ pub async fn open_source(config: &Config) -> Result<Source, SourceError> {
         paged: config.source.query.is_none()
             && encoding.eq_ignore_ascii_case("UTF-8")
             && indexed > 0,
+        captured: config.source.query.is_none() && config.source.database.is_none(),
     })
+}
+
+/// A row of the sorted statement: the three values as bytes, then whether both keys are text.
+fn source_row(row: sqlx::sqlite::SqliteRow) -> SourceRow {
+    SourceRow {
+        raw: RawRow {
+            asset_id: row.get(0),
+            uri: row.get(1),
+            additional: row.get(2),
+        },
+        text_keys: row.get::<bool, _>(3),
+    }
 }
 
 impl Source {
@@ -172,14 +188,40 @@ impl Source {
         }
         sqlx::query(sqlx::AssertSqlSafe(self.statement.clone()))
             .fetch(&self.pool)
-            .map_ok(|row| SourceRow {
-                raw: RawRow {
-                    asset_id: row.get(0),
-                    uri: row.get(1),
-                    additional: row.get(2),
-                },
-                text_keys: row.get::<bool, _>(3),
-            })
+            .map_ok(source_row)
+            .boxed()
+    }
+
+    /// Whether writes to the source are logged by the capture triggers (the state database's own
+    /// `cms_asset_references`; not a CMS's own file, not a custom query).
+    pub fn captures_changes(&self) -> bool {
+        self.captured
+    }
+
+    /// Whether the source has no row at all.
+    pub async fn is_empty(&self) -> Result<bool, sqlx::Error> {
+        let statement = format!("SELECT NOT EXISTS (SELECT 1 FROM ({DEFAULT_QUERY}))");
+        sqlx::query_scalar(sqlx::AssertSqlSafe(statement))
+            .fetch_one(&self.pool)
+            .await
+    }
+
+    /// The rows of these assets (ids compared ignoring ASCII case), in the order of
+    /// [`Source::stream_rows`]; only for the captured table ([`Source::captures_changes`]).
+    pub fn rows_of_assets(
+        &self,
+        assets: &[String],
+    ) -> BoxStream<'_, Result<SourceRow, sqlx::Error>> {
+        const ROWS: &str = "SELECT CAST(asset_id AS BLOB), CAST(uri AS BLOB), CAST(additional AS BLOB), \
+                typeof(asset_id) IN ('text', 'null') AND typeof(uri) IN ('text', 'null') \
+             FROM cms_asset_references WHERE asset_id COLLATE NOCASE IN (SELECT value FROM json_each(?1)) \
+             ORDER BY asset_id COLLATE NOCASE, uri COLLATE BINARY, asset_id COLLATE BINARY, \
+                additional COLLATE BINARY";
+        let assets = serde_json::to_string(assets).expect("strings serialise");
+        sqlx::query(ROWS)
+            .bind(assets)
+            .fetch(&self.pool)
+            .map_ok(source_row)
             .boxed()
     }
 

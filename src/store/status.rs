@@ -50,7 +50,7 @@ impl Store {
     /// When the last reconcile that converged (or had nothing to do) finished.
     pub async fn last_successful_reconcile(&self) -> Result<Option<String>, sqlx::Error> {
         sqlx::query_scalar(
-            "SELECT max(finished_at) FROM runs WHERE outcome IN ('converged', 'nothing_to_do') AND command != 'drain'",
+            "SELECT max(finished_at) FROM runs WHERE outcome IN ('converged', 'nothing_to_do') AND command NOT IN ('drain', 'changes')",
         )
         .fetch_one(&self.pool)
         .await

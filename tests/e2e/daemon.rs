@@ -202,8 +202,12 @@ impl Watched for SpawnedDaemon {
 /// Polling, with a bound, because what the tests wait for here (usages in the simulated portal,
 /// rows in the state database, an endpoint's answer) has no change notification to wait on;
 /// waits for a log line or a systemd notification use their watch channels instead.
-async fn eventually<F, Fut>(daemon: &impl Watched, what: &str, within: Duration, mut check: F)
-where
+pub(crate) async fn eventually<F, Fut>(
+    daemon: &impl Watched,
+    what: &str,
+    within: Duration,
+    mut check: F,
+) where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
@@ -219,7 +223,7 @@ where
     }
 }
 
-async fn converged(app: &App) -> bool {
+pub(crate) async fn converged(app: &App) -> bool {
     app.ours() == app.desired().await
 }
 

@@ -4,6 +4,7 @@
 
 mod auth;
 mod bad_input;
+mod changes;
 mod common;
 mod concurrency;
 mod daemon;

@@ -1,0 +1,383 @@
+//! Change capture: the log the triggers on `cms_asset_references` write (`cms_changes`, one
+//! entry per asset id a write touched), read by the daemon's watcher and by the runs that plan
+//! only what changed, and trimmed in the same transaction that queues the plan covering it. Beside
+//! it, the record of the last full pass, which lets a scheduled reconcile skip the full merge
+//! when nothing can have changed since.
+
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+use sqlx::{Row, SqliteConnection};
+
+use crate::plan::Queued;
+use crate::store::{target_from, OperationState, Store};
+
+/// The triggers the migration installs; change capture is trusted only while all are there.
+const TRIGGERS: [&str; 3] = [
+    "cms_changes_after_insert",
+    "cms_changes_after_update",
+    "cms_changes_after_delete",
+];
+
+/// The setting that holds the last full pass's [`Fingerprint`] (absent: none trusted).
+const FULL_PASS: &str = "cms.full_pass";
+
+/// What the log holds up to one sequence number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changes {
+    /// The highest sequence number covered: the plan trims the log up to it.
+    pub upto: i64,
+    /// The asset ids that changed (case variants once), at most the limit asked for.
+    pub assets: Vec<String>,
+    /// More assets changed than the limit: plan everything instead.
+    pub more: bool,
+}
+
+/// What a full pass saw, cheap to read again: when it has not changed, neither has the table
+/// (every write since went through the triggers, which change capture planned already).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Fingerprint {
+    /// `PRAGMA schema_version`: dropping a trigger or recreating the table changes it.
+    pub schema_version: i64,
+    /// Rows in `cms_asset_references` (a file swapped under the daemon rarely keeps the count).
+    pub rows: i64,
+    /// What planning depends on beside the rows (settings, version), as a digest.
+    pub planning: String,
+}
+
+/// The last full pass: what it saw and when (`YYYY-MM-DDTHH:MM:SS.mmmZ`, UTC).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FullPass {
+    pub fingerprint: Fingerprint,
+    pub at: String,
+}
+
+impl Store {
+    /// Whether the three capture triggers are installed on `cms_asset_references`.
+    pub async fn capture_installed(&self) -> Result<bool, sqlx::Error> {
+        let found: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'cms_asset_references' \
+             AND name IN (?1, ?2, ?3)",
+        )
+        .bind(TRIGGERS[0])
+        .bind(TRIGGERS[1])
+        .bind(TRIGGERS[2])
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(found == TRIGGERS.len() as i64)
+    }
+
+    /// Puts the capture triggers back if any is missing; whether it had to.
+    pub async fn ensure_capture(&self) -> Result<bool, sqlx::Error> {
+        if self.capture_installed().await? {
+            return Ok(false);
+        }
+        install_capture(&self.pool).await?;
+        Ok(true)
+    }
+
+    /// The highest sequence number in the log, if it holds anything: one look at the end of its
+    /// primary key, cheap enough to poll several times a second.
+    pub async fn latest_change(&self) -> Result<Option<i64>, sqlx::Error> {
+        sqlx::query_scalar("SELECT max(seq) FROM cms_changes")
+            .fetch_one(&self.probe)
+            .await
+    }
+
+    /// The changes logged so far: every distinct asset id up to the highest sequence number now
+    /// in the log, at most `limit` of them (`more` says there were others). `None`: the log is
+    /// empty.
+    pub async fn pending_changes(&self, limit: usize) -> Result<Option<Changes>, sqlx::Error> {
+        let Some(upto) = self.latest_change().await? else {
+            return Ok(None);
+        };
+        let rows = sqlx::query(
+            "SELECT DISTINCT asset_id FROM cms_changes WHERE seq <= ?1 AND asset_id IS NOT NULL LIMIT ?2",
+        )
+        .bind(upto)
+        .bind(limit as i64 + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut assets: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        let more = assets.len() > limit;
+        assets.truncate(limit);
+        Ok(Some(Changes { upto, assets, more }))
+    }
+
+    /// Reads what a full pass would record now.
+    pub async fn fingerprint(&self, planning: &str) -> Result<Fingerprint, sqlx::Error> {
+        let schema_version: i64 = sqlx::query_scalar("PRAGMA schema_version")
+            .fetch_one(&self.pool)
+            .await?;
+        let rows = super::cms::count_cms_rows(&self.pool).await?;
+        Ok(Fingerprint {
+            schema_version,
+            rows,
+            planning: planning.to_owned(),
+        })
+    }
+
+    /// The last full pass recorded, if one is trusted.
+    pub async fn last_full_pass(&self) -> Result<Option<FullPass>, sqlx::Error> {
+        Ok(self
+            .setting(FULL_PASS)
+            .await?
+            .and_then(|v| serde_json::from_str(&v).ok()))
+    }
+
+    /// The recorded usages of these assets (ids compared ignoring case), in key order: what a
+    /// plan of only the changed assets merges.
+    pub fn stream_recorded_of(
+        &self,
+        assets: &[String],
+    ) -> BoxStream<'static, Result<(String, String, String), sqlx::Error>> {
+        let assets = serde_json::to_string(assets).expect("strings serialise");
+        let pool = self.pool.clone();
+        futures::stream::once(async move {
+            sqlx::query_as::<_, (String, String, String)>(
+                "SELECT asset_id, uri, additional FROM recorded_usages \
+                 WHERE asset_id IN (SELECT value FROM json_each(?1)) ORDER BY asset_id, uri",
+            )
+            .bind(assets)
+            .fetch_all(&pool)
+            .await
+        })
+        .map_ok(|rows| futures::stream::iter(rows.into_iter().map(Ok)))
+        .try_flatten()
+        .boxed()
+    }
+
+    /// The queued operations of these assets, in key order (see [`Store::stream_recorded_of`]).
+    pub fn stream_queued_of(
+        &self,
+        assets: &[String],
+    ) -> BoxStream<'static, Result<(String, String, Queued), sqlx::Error>> {
+        let assets = serde_json::to_string(assets).expect("strings serialise");
+        let pool = self.pool.clone();
+        futures::stream::once(async move {
+            sqlx::query(
+                "SELECT asset_id, uri, action, additional, state, uncertain FROM operations \
+                 WHERE asset_id IN (SELECT value FROM json_each(?1)) ORDER BY asset_id, uri",
+            )
+            .bind(assets)
+            .fetch_all(&pool)
+            .await
+        })
+        .map_ok(|rows| {
+            futures::stream::iter(rows.into_iter().map(|row| {
+                let queued = Queued {
+                    target: target_from(row.get(2), row.get(3)),
+                    dead: row.get::<OperationState, _>(4) == OperationState::Dead,
+                    uncertain: row.get(5),
+                };
+                Ok((row.get(0), row.get(1), queued))
+            }))
+        })
+        .try_flatten()
+        .boxed()
+    }
+}
+
+/// Puts the change log and its triggers in place if they are missing (the migration's own,
+/// idempotent statements): a CMS that dropped and recreated its table lost the triggers with it.
+pub(super) async fn install_capture(pool: &sqlx::SqlitePool) -> Result<(), sqlx::Error> {
+    let table: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'cms_asset_references'",
+    )
+    .fetch_one(pool)
+    .await?;
+    if table > 0 {
+        sqlx::raw_sql(include_str!(
+            "../../migrations/20261202000005_capture_cms_changes.sql"
+        ))
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Deletes the log's entries up to `upto`, inside the transaction that queues their plan.
+pub async fn trim_changes(conn: &mut SqliteConnection, upto: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM cms_changes WHERE seq <= ?")
+        .bind(upto)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Records a full pass (or forgets the last one, with `None`), inside the transaction that
+/// queues its plan.
+pub async fn save_full_pass(
+    conn: &mut SqliteConnection,
+    pass: Option<&FullPass>,
+) -> Result<(), sqlx::Error> {
+    match pass {
+        Some(pass) => {
+            let value = serde_json::to_string(pass).expect("a fingerprint serialises");
+            sqlx::query(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .bind(FULL_PASS)
+            .bind(value)
+            .execute(conn)
+            .await?
+        }
+        None => {
+            sqlx::query("DELETE FROM settings WHERE key = ?1")
+                .bind(FULL_PASS)
+                .execute(conn)
+                .await?
+        }
+    };
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DatabaseSettings;
+    use crate::store::{open_store, OpenMode};
+
+    async fn scratch_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = DatabaseSettings {
+            path: dir.path().join("state.db"),
+            busy_timeout: std::time::Duration::from_secs(5),
+            group_shared: false,
+            lock_timeout: std::time::Duration::from_secs(5),
+        };
+        let store = open_store(&settings, OpenMode::Create).await.unwrap();
+        (dir, store)
+    }
+
+    async fn exec(store: &Store, sql: &str) {
+        sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+            .execute(&store.pool)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn every_write_to_the_cms_table_logs_the_asset_ids_it_touched() {
+        let (_dir, store) = scratch_store().await;
+        assert!(store.capture_installed().await.unwrap());
+        assert_eq!(store.pending_changes(10).await.unwrap(), None);
+        exec(
+            &store,
+            "INSERT INTO cms_asset_references (asset_id, uri) VALUES ('A', 'u1'), ('b', 'u2')",
+        )
+        .await;
+        exec(
+            &store,
+            "UPDATE cms_asset_references SET asset_id = 'C' WHERE asset_id = 'b'",
+        )
+        .await;
+        exec(
+            &store,
+            "UPDATE cms_asset_references SET additional = 'x' WHERE asset_id = 'A'",
+        )
+        .await;
+        exec(
+            &store,
+            "DELETE FROM cms_asset_references WHERE asset_id = 'C'",
+        )
+        .await;
+        exec(
+            &store,
+            "INSERT INTO cms_asset_references (asset_id, uri) VALUES ('a', 'u3'), (X'00', 'u4')",
+        )
+        .await;
+        let changes = store.pending_changes(10).await.unwrap().unwrap();
+        let mut assets: Vec<String> = changes
+            .assets
+            .iter()
+            .map(|a| a.to_ascii_lowercase())
+            .collect();
+        assets.sort();
+        // Case variants of one id count once; the BLOB id is logged, but has no id to plan.
+        assert_eq!(assets, ["a", "b", "c"]);
+        assert!(!changes.more);
+        let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM cms_changes")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        // 2 inserts, an update of the key (old and new id), an update of the note (one id), a
+        // delete, 2 inserts.
+        assert_eq!(logged, 8);
+    }
+
+    #[tokio::test]
+    async fn the_log_is_trimmed_up_to_what_a_plan_covered_and_never_reuses_numbers() {
+        let (_dir, store) = scratch_store().await;
+        exec(
+            &store,
+            "INSERT INTO cms_asset_references (asset_id, uri) VALUES ('A', 'u1')",
+        )
+        .await;
+        let first = store.pending_changes(10).await.unwrap().unwrap();
+        exec(
+            &store,
+            "INSERT INTO cms_asset_references (asset_id, uri) VALUES ('B', 'u1')",
+        )
+        .await;
+        let mut tx = store.begin().await.unwrap();
+        trim_changes(&mut tx, first.upto).await.unwrap();
+        tx.commit().await.unwrap();
+        let left = store.pending_changes(10).await.unwrap().unwrap();
+        assert_eq!(left.assets, ["B"]);
+        assert!(left.upto > first.upto);
+        let mut tx = store.begin().await.unwrap();
+        trim_changes(&mut tx, left.upto).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(store.latest_change().await.unwrap(), None);
+        exec(
+            &store,
+            "INSERT INTO cms_asset_references (asset_id, uri) VALUES ('C', 'u1')",
+        )
+        .await;
+        assert!(store.latest_change().await.unwrap().unwrap() > left.upto);
+    }
+
+    #[tokio::test]
+    async fn more_changed_assets_than_the_limit_are_reported_as_more() {
+        let (_dir, store) = scratch_store().await;
+        exec(&store, "INSERT INTO cms_asset_references (asset_id, uri) VALUES ('A', 'u'), ('B', 'u'), ('C', 'u')").await;
+        let changes = store.pending_changes(2).await.unwrap().unwrap();
+        assert_eq!(changes.assets.len(), 2);
+        assert!(changes.more);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_trigger_is_seen_and_changes_the_fingerprint() {
+        let (_dir, store) = scratch_store().await;
+        let before = store.fingerprint("p").await.unwrap();
+        assert_eq!(before, store.fingerprint("p").await.unwrap());
+        exec(&store, "DROP TRIGGER cms_changes_after_update").await;
+        assert!(!store.capture_installed().await.unwrap());
+        assert_ne!(
+            before.schema_version,
+            store.fingerprint("p").await.unwrap().schema_version
+        );
+        // `migrate` puts it back.
+        store.migrate().await.unwrap();
+        assert!(store.capture_installed().await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_full_pass_is_recorded_read_back_and_forgotten() {
+        let (_dir, store) = scratch_store().await;
+        assert_eq!(store.last_full_pass().await.unwrap(), None);
+        let pass = FullPass {
+            fingerprint: store.fingerprint("p").await.unwrap(),
+            at: "2026-12-02T10:00:00.000Z".into(),
+        };
+        let mut tx = store.begin().await.unwrap();
+        save_full_pass(&mut tx, Some(&pass)).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(store.last_full_pass().await.unwrap(), Some(pass));
+        let mut tx = store.begin().await.unwrap();
+        save_full_pass(&mut tx, None).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(store.last_full_pass().await.unwrap(), None);
+    }
+}
