@@ -10,7 +10,7 @@ use crate::app::Context;
 use crate::model::{key_order, AssetId, Reference, SkipReason, UsageUri};
 use crate::plan::{decide, Change, Decision, Desired, Queued, Target};
 use crate::run::error::RunError;
-use crate::store::changes::{save_full_pass, trim_changes, FullPass};
+use crate::store::changes::{save_full_pass, set_change_deletes, trim_changes, FullPass};
 use crate::store::{self, SourceRow};
 
 /// How many rows of each kind a report keeps when not asked for everything.
@@ -81,6 +81,10 @@ pub(crate) struct Scope {
     pub log_upto: Option<i64>,
     /// Recorded as the last full pass with the plan.
     pub pass: Option<FullPass>,
+    /// Deletes that change runs queued since the last reconcile: a plan of some assets counts
+    /// them with its own against `sync.max_deletes`, so a table emptied a little at a time is
+    /// refused as a truncation in one transaction would be.
+    pub prior_deletes: u64,
 }
 
 impl Scope {
@@ -89,6 +93,7 @@ impl Scope {
         assets: None,
         log_upto: None,
         pass: None,
+        prior_deletes: 0,
     };
 }
 
@@ -348,7 +353,7 @@ pub(crate) async fn plan_run(
     // A plan of some assets cannot tell whether the table has usable rows elsewhere; the run
     // plans everything instead when the table is empty (`run::changes_once`).
     let valid_rows = scope.assets.is_none().then_some(valid_rows);
-    let refused = mass_delete_refusal(ctx, options, &report, valid_rows);
+    let refused = mass_delete_refusal(ctx, options, &report, valid_rows, scope.prior_deletes);
     if let Some(mut tx) = tx {
         if refused.is_some() {
             tx.rollback().await?;
@@ -358,6 +363,14 @@ pub(crate) async fn plan_run(
             }
             if let Some(pass) = &scope.pass {
                 save_full_pass(&mut tx, Some(pass)).await?;
+            }
+            // A full pass starts the count of change runs' deletes again; a change run adds to it.
+            let change_deletes = match scope.assets {
+                None => 0,
+                Some(_) => scope.prior_deletes + report.deletes,
+            };
+            if ctx.source.captures_changes() {
+                set_change_deletes(&mut tx, change_deletes).await?;
             }
             tx.commit().await.map_err(RunError::WritePlan)?;
         }
@@ -391,12 +404,14 @@ fn push_item(report: &mut PlanReport, keep_all: bool, key: &Key, change: Change,
     }
 }
 
-/// The guard against a truncated CMS table: too many deletes, or every row gone.
+/// The guard against a truncated CMS table: too many deletes (with those change runs queued since
+/// the last reconcile, `prior`), or every row gone.
 fn mass_delete_refusal(
     ctx: &Context,
     options: PlanOptions,
     report: &PlanReport,
     valid_rows: Option<u64>,
+    prior: u64,
 ) -> Option<String> {
     if options.allow_mass_delete || report.deletes == 0 {
         return None;
@@ -406,6 +421,15 @@ fn mass_delete_refusal(
         return Some(format!(
             "refusing to delete {} usages in one run (sync.max_deletes = {max}); nothing was sent. \
              If the CMS table really lost these rows on purpose, run again with --allow-mass-delete",
+            report.deletes
+        ));
+    }
+    if report.deletes + prior > max {
+        return Some(format!(
+            "refusing to delete {} more usages: changes seen since the last reconcile already \
+             deleted {prior} (sync.max_deletes = {max} per reconcile); nothing was sent. The next \
+             scheduled reconcile decides; if the CMS table really lost these rows on purpose, run \
+             `resync --allow-mass-delete`",
             report.deletes
         ));
     }

@@ -312,6 +312,7 @@ async fn full_pass_scope(ctx: &Context) -> Result<Scope, RunError> {
         assets: None,
         log_upto,
         pass,
+        prior_deletes: 0,
     })
 }
 
@@ -376,6 +377,8 @@ async fn plan_step(
             if options.if_changed && !options.verify {
                 if let Some(at) = unchanged_since_full_pass(ctx).await? {
                     tracing::debug!(last_full_pass = %at, "nothing changed since the last full pass: merge skipped");
+                    // A reconcile all the same: change runs' deletes are counted afresh.
+                    ctx.store.reset_change_deletes().await?;
                     let plan = PlanReport {
                         unchanged_since: Some(at),
                         complete: true,
@@ -394,6 +397,7 @@ async fn plan_step(
             assets: Some(changes.assets),
             log_upto: Some(changes.upto),
             pass: advanced_full_pass(ctx).await?,
+            prior_deletes: ctx.store.change_deletes().await?,
         },
         _ => full_pass_scope(ctx).await?,
     };

@@ -21,6 +21,9 @@ const TRIGGERS: [&str; 3] = [
 /// The setting that holds the last full pass's [`Fingerprint`] (absent: none trusted).
 const FULL_PASS: &str = "cms.full_pass";
 
+/// The setting that counts the deletes change runs queued since the last reconcile.
+const CHANGE_DELETES: &str = "cms.change_deletes";
+
 /// What the log holds up to one sequence number.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Changes {
@@ -124,6 +127,22 @@ impl Store {
             .and_then(|v| serde_json::from_str(&v).ok()))
     }
 
+    /// How many deletes change runs queued since the last reconcile (the mass-delete guard
+    /// counts them with a change run's own).
+    pub async fn change_deletes(&self) -> Result<u64, sqlx::Error> {
+        Ok(self
+            .setting(CHANGE_DELETES)
+            .await?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// Starts the count of change runs' deletes again (a reconcile that skipped its merge).
+    pub async fn reset_change_deletes(&self) -> Result<(), sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        set_change_deletes(&mut conn, 0).await
+    }
+
     /// The recorded usages of these assets (ids compared ignoring case), in key order: what a
     /// plan of only the changed assets merges.
     pub fn stream_recorded_of(
@@ -201,6 +220,22 @@ pub async fn trim_changes(conn: &mut SqliteConnection, upto: i64) -> Result<(), 
         .bind(upto)
         .execute(conn)
         .await?;
+    Ok(())
+}
+
+/// Sets the count of deletes change runs queued since the last reconcile, inside the
+/// transaction that queues a plan (0 after a reconcile).
+pub async fn set_change_deletes(
+    conn: &mut SqliteConnection,
+    count: u64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )
+    .bind(CHANGE_DELETES)
+    .bind(count.to_string())
+    .execute(conn)
+    .await?;
     Ok(())
 }
 

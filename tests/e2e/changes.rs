@@ -232,6 +232,62 @@ async fn a_mass_delete_seen_by_change_capture_is_refused_and_waits_in_the_log() 
 }
 
 #[tokio::test]
+async fn a_table_emptied_a_little_at_a_time_is_refused_like_a_truncation() {
+    let app = spawn_app_with(Setup {
+        sync: "max_deletes = 3".to_owned(),
+        ..defaults()
+    })
+    .await;
+    for n in 1..=10 {
+        app.insert(&asset(n), &page(n), None).await;
+    }
+    let daemon = spawn_daemon(&app).await;
+    started(&daemon, &app).await;
+
+    // Two deletes: within the limit, sent.
+    app.exec(&format!(
+        "DELETE FROM cms_asset_references WHERE asset_id IN ('{}', '{}')",
+        asset(1),
+        asset(2)
+    ))
+    .await;
+    eventually(
+        &daemon,
+        "the first deletes sent",
+        Duration::from_secs(10),
+        || converged(&app),
+    )
+    .await;
+    // Two more, in another transaction: four since the last reconcile, over the limit of 3.
+    app.exec(&format!(
+        "DELETE FROM cms_asset_references WHERE asset_id IN ('{}', '{}')",
+        asset(3),
+        asset(4)
+    ))
+    .await;
+    eventually(
+        &daemon,
+        "a refused change run",
+        Duration::from_secs(10),
+        || async {
+            runs(&app)
+                .await
+                .iter()
+                .any(|(c, o)| c == "changes" && o.as_deref() == Some("mass_delete_refused"))
+        },
+    )
+    .await;
+    assert_eq!(app.ours().len(), 8, "the second deletes wait");
+    daemon.stop().await.expect("the daemon stops cleanly");
+
+    // A reconcile decides on the whole table (two deletes, within the limit) and starts counting
+    // again.
+    let out = app.run(&["resync"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    app.assert_converged().await;
+}
+
+#[tokio::test]
 async fn a_custom_source_query_is_not_planned_by_change_capture() {
     let app = spawn_app_with(Setup {
         extra: "[source]\nquery = \"SELECT asset_id, uri, additional FROM cms_asset_references\"\n"
