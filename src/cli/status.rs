@@ -12,6 +12,7 @@ pub async fn status(config: Config, json: bool) -> Result<Exit, Failure> {
     let recorded = store.recorded_count().await?;
     let queue = store.queue_summary().await?;
     let runs = store.recent_runs(10).await?;
+    let capture = store.capture_summary().await?;
     let dead = store.list_operations(true).await?;
     let paused_until = store
         .setting("rate_limit_paused_until")
@@ -30,6 +31,7 @@ pub async fn status(config: Config, json: bool) -> Result<Exit, Failure> {
             "cms_rows": cms_rows,
             "recorded_usages": recorded,
             "queue": queue,
+            "change_capture": capture,
             "rate_limit_paused_until": paused_until,
             "auth_warning": auth_warning,
             "dead_letters": dead,
@@ -72,6 +74,23 @@ pub async fn status(config: Config, json: bool) -> Result<Exit, Failure> {
         "Queue:        {} pending, {} in flight, {} dead letter(s){oldest}",
         queue.pending, queue.in_flight, queue.dead
     );
+    let changes = if config.source.database.is_some() || config.source.query.is_some() {
+        "off (a custom source keeps to sync.schedule)".to_owned()
+    } else if !capture.triggers_installed {
+        "TRIGGERS MISSING (the next full pass or `migrate` puts them back)".to_owned()
+    } else {
+        format!(
+            "on; {} log entr{} not yet planned; last full pass {}",
+            capture.unplanned_entries,
+            if capture.unplanned_entries == 1 {
+                "y"
+            } else {
+                "ies"
+            },
+            capture.last_full_pass.as_deref().unwrap_or("never")
+        )
+    };
+    println!("Changes:      {changes}");
     match &paused_until {
         Some(t) => println!("Rate limit:   PAUSED until {t} (Bynder answered 429)"),
         None => println!("Rate limit:   not paused"),

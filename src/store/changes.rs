@@ -54,7 +54,29 @@ pub struct FullPass {
     pub at: String,
 }
 
+/// Change capture at a glance, for `status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CaptureSummary {
+    /// Whether the three triggers are on `cms_asset_references`.
+    pub triggers_installed: bool,
+    /// Log entries no plan has covered yet (a refused change run leaves them).
+    pub unplanned_entries: i64,
+    /// When the last full pass trusted by `--if-changed` ran.
+    pub last_full_pass: Option<String>,
+}
+
 impl Store {
+    /// Change capture at a glance (`status`).
+    pub async fn capture_summary(&self) -> Result<CaptureSummary, sqlx::Error> {
+        Ok(CaptureSummary {
+            triggers_installed: self.capture_installed().await?,
+            unplanned_entries: sqlx::query_scalar("SELECT count(*) FROM cms_changes")
+                .fetch_one(&self.pool)
+                .await?,
+            last_full_pass: self.last_full_pass().await?.map(|p| p.at),
+        })
+    }
+
     /// Whether the three capture triggers are installed on `cms_asset_references`.
     pub async fn capture_installed(&self) -> Result<bool, sqlx::Error> {
         let found: i64 = sqlx::query_scalar(

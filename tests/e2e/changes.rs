@@ -224,6 +224,18 @@ async fn a_mass_delete_seen_by_change_capture_is_refused_and_waits_in_the_log() 
         "the refused changes stay in the log"
     );
     daemon.stop().await.expect("the daemon stops cleanly");
+    // `status` shows them waiting.
+    let out = app.run(&["status", "--json"]).await;
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let capture = &status["change_capture"];
+    assert_eq!(capture["triggers_installed"], true);
+    assert!(
+        capture["unplanned_entries"].as_i64().unwrap() > 0,
+        "{capture}"
+    );
+    assert!(capture["last_full_pass"].is_string(), "{capture}");
+    let out = app.run(&["status"]).await;
+    assert!(stdout(&out).contains("not yet planned"), "{}", stdout(&out));
 
     // The operator confirms: the full pass sends the deletes and settles the log.
     let out = app.run(&["resync", "--allow-mass-delete"]).await;
