@@ -10,7 +10,7 @@ use crate::app::Context;
 use crate::model::{key_order, AssetId, Reference, SkipReason, UsageUri};
 use crate::plan::{decide, Change, Decision, Desired, Queued, Target};
 use crate::run::error::RunError;
-use crate::store::{self, SourceRow};
+use crate::store::SourceRow;
 
 /// How many rows of each kind a report keeps when not asked for everything.
 pub const REPORT_SAMPLE: usize = 20;
@@ -199,7 +199,7 @@ pub(crate) async fn plan_run(
     let mut r_head = recorded.try_next().await?;
     let mut q_head = queued.try_next().await?;
     let mut tx = if write {
-        Some(ctx.store.begin().await?)
+        Some(ctx.store.begin_plan().await?)
     } else {
         None
     };
@@ -250,7 +250,7 @@ pub(crate) async fn plan_run(
             if q.is_some() {
                 report.cancelled += 1;
                 if let Some(tx) = tx.as_mut() {
-                    store::cancel(tx, &key.0, &key.1).await?;
+                    tx.cancel(&key.0, &key.1).await?;
                 }
             }
             continue;
@@ -289,7 +289,7 @@ pub(crate) async fn plan_run(
             Decision::Cancel => {
                 report.cancelled += 1;
                 if let Some(tx) = tx.as_mut() {
-                    store::cancel(tx, &key.0, &key.1).await?;
+                    tx.cancel(&key.0, &key.1).await?;
                 }
             }
             Decision::Enqueue { target, change } => {
@@ -301,7 +301,7 @@ pub(crate) async fn plan_run(
                 }
                 push_item(&mut report, keep_all, &key, change, &target);
                 if let Some(tx) = tx.as_mut() {
-                    store::enqueue(tx, &key.0, &key.1, &target).await?;
+                    tx.enqueue(&key.0, &key.1, &target).await?;
                 }
             }
         }
