@@ -532,3 +532,71 @@ async fn completing_a_sync_batch_records_each_outcome() {
     expected.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(ops, expected);
 }
+
+/// The candidate uris of a sync batch as they were chosen before the walk along the due-time
+/// index: the whole pending queue grouped by uri.
+async fn candidates_by_grouping(store: &Store, run_id: i64, now: &str, max: i64) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT uri FROM operations WHERE state = 'pending' \
+             AND (run_id IS NOT ?1 OR (next_attempt_at <= ?2 AND run_attempts < ?3)) \
+             AND uri NOT IN (SELECT uri FROM operations WHERE state = 'in_flight') \
+         GROUP BY uri ORDER BY min(next_attempt_at), uri LIMIT 1024",
+    )
+    .bind(run_id)
+    .bind(now)
+    .bind(max)
+    .fetch_all(&store.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn sync_candidates_come_in_the_order_grouping_the_queue_gave() {
+    let (_dir, store) = fresh().await;
+    // 1,500 uris, three operations each, due at one of seven times (so the 1,024th uri shares
+    // its due time with many others, some sorting before it), more rows than one page; some
+    // uris have an operation in flight, some operations used up this run's attempts (due
+    // earliest, so counting them would change the order).
+    let mut tx = store.begin().await.unwrap();
+    for n in 0..1500usize {
+        for k in 0..3usize {
+            let due = format!("2026-01-01T00:00:0{}.000Z", (n * 5 + k * 3) % 7);
+            let (state, run_id, run_attempts, due) = match (n % 11, k) {
+                (0, 0) => ("in_flight", 5, 0, due),
+                (1, 0) => ("pending", 5, 3, "2025-01-01T00:00:00.000Z".to_owned()),
+                (2, 1) => ("dead", 5, 0, "2025-01-01T00:00:00.000Z".to_owned()),
+                _ => ("pending", (n % 2) as i64 * 5, 0, due),
+            };
+            sqlx::query(
+                "INSERT INTO operations (asset_id, uri, action, state, run_id, run_attempts, next_attempt_at, \
+                     created_at, updated_at) VALUES (?1, ?2, 'delete', ?3, ?4, ?5, ?6, ?6, ?6)",
+            )
+            .bind(asset(3 * n + k))
+            .bind(format!("https://cms.example/{}", (n * 7919) % 1500))
+            .bind(state)
+            .bind(run_id)
+            .bind(run_attempts)
+            .bind(&due)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        }
+    }
+    tx.commit().await.unwrap();
+    let now = "2026-06-01T00:00:00.000Z";
+    let expected = candidates_by_grouping(&store, 5, now, 3).await;
+    assert_eq!(expected.len(), SYNC_CANDIDATES);
+    let mut conn = store.pool.acquire().await.unwrap();
+    let got = sync_candidates(&mut conn, 5, now, 3).await.unwrap();
+    assert_eq!(got, expected);
+
+    // Fewer uris than the limit, after most are claimed: still the same.
+    sqlx::query("UPDATE operations SET state = 'dead' WHERE id % 5 != 0")
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    let expected = candidates_by_grouping(&store, 5, now, 3).await;
+    assert!(expected.len() < SYNC_CANDIDATES && !expected.is_empty());
+    let got = sync_candidates(&mut conn, 5, now, 3).await.unwrap();
+    assert_eq!(got, expected);
+}
