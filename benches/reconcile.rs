@@ -1,4 +1,5 @@
-//! The benchmark suite: `cargo bench --bench reconcile` (add `-- quick` for smaller sizes).
+//! The benchmark suite: `cargo bench --bench reconcile` (add `-- quick` for smaller sizes, and
+//! any other word to run only the scenarios whose name contains it, e.g. `-- first-sync`).
 //! Drives the real release binary against the simulated portal on loopback and prints the
 //! figures BENCHMARKS.md reports. Peak memory is the child's own maximum RSS, measured by a
 //! fresh wrapper process per run (`getrusage(RUSAGE_CHILDREN)`), so runs do not mask each other.
@@ -28,11 +29,42 @@ fn main() {
         return;
     }
     let quick = args.iter().any(|a| a == "quick");
+    // Cargo adds `--bench`; every other word but `quick` picks scenarios by name.
+    let filters: Vec<String> = args[1..]
+        .iter()
+        .filter(|a| *a != "quick" && !a.starts_with('-'))
+        .cloned()
+        .collect();
+    let selected = Selected(filters);
+    for name in SCENARIOS {
+        if !selected.runs(name) {
+            println!("skipped: {name}");
+        }
+    }
+    if !SCENARIOS.iter().any(|name| selected.runs(name)) {
+        eprintln!(
+            "no scenario matches {:?}; the scenarios: {SCENARIOS:?}",
+            selected.0
+        );
+        std::process::exit(2);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(run_all(quick));
+    runtime.block_on(run_all(quick, &selected));
+}
+
+/// The scenarios, by the names a filter matches.
+const SCENARIOS: [&str; 4] = ["steady-state", "first-sync", "per-usage-rate", "baseline"];
+
+/// The scenario filter: no words runs everything, else the scenarios whose name contains one.
+struct Selected(Vec<String>);
+
+impl Selected {
+    fn runs(&self, scenario: &str) -> bool {
+        self.0.is_empty() || self.0.iter().any(|f| scenario.contains(f.as_str()))
+    }
 }
 
 /// Runs the binary with `args`, then prints its exit code, wall time and peak RSS.
@@ -156,7 +188,7 @@ async fn start_portal(options: Options) -> Simulator {
     .unwrap()
 }
 
-async fn run_all(quick: bool) {
+async fn run_all(quick: bool, selected: &Selected) {
     println!(
         "bynder-usage-sync benchmarks ({} mode), binary {BINARY}",
         if quick { "quick" } else { "full" }
@@ -168,7 +200,22 @@ async fn run_all(quick: bool) {
             .unwrap_or(0)
     );
 
-    // 1. Steady state: nothing changed, so zero API calls; time and peak memory by table size.
+    if selected.runs("steady-state") {
+        steady_state(quick).await;
+    }
+    if selected.runs("first-sync") {
+        first_sync(quick).await;
+    }
+    if selected.runs("per-usage-rate") {
+        per_usage_rate(quick).await;
+    }
+    if selected.runs("baseline") {
+        baseline(quick).await;
+    }
+}
+
+/// Steady state: nothing changed, so zero API calls; time and peak memory by table size.
+async fn steady_state(quick: bool) {
     for references in if quick {
         vec![10_000u64, 100_000]
     } else {
@@ -186,8 +233,10 @@ async fn run_all(quick: bool) {
             m.max_rss_mb
         );
     }
+}
 
-    // 2. First sync through the sync endpoint: API calls and time.
+/// First sync through the sync endpoint: API calls and time.
+async fn first_sync(quick: bool) {
     let (references, uris) = if quick {
         (20_000u64, 4_000u64)
     } else {
@@ -205,15 +254,19 @@ async fn run_all(quick: bool) {
         m.elapsed.as_secs_f64(),
         m.max_rss_mb
     );
+}
 
-    // 3. per_usage under Bynder's own limit (4,500 requests per 5 minutes): the achieved rate.
+/// Bynder's own limit: 4,500 requests per 5 minutes.
+const BYNDER_LIMIT: RateLimit = RateLimit {
+    max_requests: 4500,
+    window: Duration::from_secs(300),
+};
+
+/// per_usage under Bynder's own limit: the achieved rate.
+async fn per_usage_rate(quick: bool) {
     let creates = if quick { 100u64 } else { 300 };
-    let bynder_limit = RateLimit {
-        max_requests: 4500,
-        window: Duration::from_secs(300),
-    };
     let portal = start_portal(Options {
-        rate_limit: Some(bynder_limit),
+        rate_limit: Some(BYNDER_LIMIT),
         ..Options::default()
     })
     .await;
@@ -233,14 +286,16 @@ async fn run_all(quick: bool) {
         rate * 10.0,
         c.rate_limited
     );
+}
 
-    // 4. Baseline: the same workload the way it is done by hand today (one GET per asset, then
-    //    one create per missing usage, sequentially), side by side with the daemon.
+/// Baseline: the same workload the way it is done by hand today (one GET per asset, then one
+/// create per missing usage, sequentially), side by side with the daemon.
+async fn baseline(quick: bool) {
     let (references, uris) = if quick { (400u64, 80u64) } else { (2_000, 400) };
     let latency = Duration::from_millis(20);
     let portal_a = start_portal(Options {
         latency,
-        rate_limit: Some(bynder_limit),
+        rate_limit: Some(BYNDER_LIMIT),
         ..Options::default()
     })
     .await;
@@ -254,7 +309,7 @@ async fn run_all(quick: bool) {
 
     let portal_b = start_portal(Options {
         latency,
-        rate_limit: Some(bynder_limit),
+        rate_limit: Some(BYNDER_LIMIT),
         ..Options::default()
     })
     .await;

@@ -10,8 +10,8 @@ use crate::app::Context;
 use crate::model::{key_order, AssetId, Reference, SkipReason, UsageUri};
 use crate::plan::{decide, Change, Decision, Desired, Queued, Target};
 use crate::run::error::RunError;
-use crate::store::changes::{save_full_pass, set_change_deletes, trim_changes, FullPass};
-use crate::store::{self, SourceRow};
+use crate::store::changes::FullPass;
+use crate::store::SourceRow;
 
 /// How many rows of each kind a report keeps when not asked for everything.
 pub const REPORT_SAMPLE: usize = 20;
@@ -241,7 +241,7 @@ pub(crate) async fn plan_run(
     let mut r_head = recorded.try_next().await?;
     let mut q_head = queued.try_next().await?;
     let mut tx = if write {
-        Some(ctx.store.begin().await?)
+        Some(ctx.store.begin_plan().await?)
     } else {
         None
     };
@@ -292,7 +292,7 @@ pub(crate) async fn plan_run(
             if q.is_some() {
                 report.cancelled += 1;
                 if let Some(tx) = tx.as_mut() {
-                    store::cancel(tx, &key.0, &key.1).await?;
+                    tx.cancel(&key.0, &key.1).await?;
                 }
             }
             continue;
@@ -331,7 +331,7 @@ pub(crate) async fn plan_run(
             Decision::Cancel => {
                 report.cancelled += 1;
                 if let Some(tx) = tx.as_mut() {
-                    store::cancel(tx, &key.0, &key.1).await?;
+                    tx.cancel(&key.0, &key.1).await?;
                 }
             }
             Decision::Enqueue { target, change } => {
@@ -343,7 +343,7 @@ pub(crate) async fn plan_run(
                 }
                 push_item(&mut report, keep_all, &key, change, &target);
                 if let Some(tx) = tx.as_mut() {
-                    store::enqueue(tx, &key.0, &key.1, &target).await?;
+                    tx.enqueue(&key.0, &key.1, &target).await?;
                 }
             }
         }
@@ -359,10 +359,10 @@ pub(crate) async fn plan_run(
             tx.rollback().await?;
         } else {
             if let Some(upto) = scope.log_upto {
-                trim_changes(&mut tx, upto).await?;
+                tx.trim_changes(upto).await?;
             }
             if let Some(pass) = &scope.pass {
-                save_full_pass(&mut tx, Some(pass)).await?;
+                tx.save_full_pass(pass).await?;
             }
             // A full pass starts the count of change runs' deletes again; a change run adds to it.
             let change_deletes = match scope.assets {
@@ -370,7 +370,7 @@ pub(crate) async fn plan_run(
                 Some(_) => scope.prior_deletes + report.deletes,
             };
             if ctx.source.captures_changes() {
-                set_change_deletes(&mut tx, change_deletes).await?;
+                tx.set_change_deletes(change_deletes).await?;
             }
             tx.commit().await.map_err(RunError::WritePlan)?;
         }

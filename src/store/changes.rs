@@ -218,6 +218,24 @@ impl Store {
     }
 }
 
+/// The change log's bookkeeping, in the transaction that queues a plan.
+impl super::PlanWriter {
+    /// Deletes the log's entries up to `upto`: the plan covers them.
+    pub async fn trim_changes(&mut self, upto: i64) -> Result<(), sqlx::Error> {
+        trim_changes(&mut self.tx, upto).await
+    }
+
+    /// Records the plan as the last full pass.
+    pub async fn save_full_pass(&mut self, pass: &FullPass) -> Result<(), sqlx::Error> {
+        save_full_pass(&mut self.tx, Some(pass)).await
+    }
+
+    /// Sets the count of deletes change runs queued since the last reconcile.
+    pub async fn set_change_deletes(&mut self, count: u64) -> Result<(), sqlx::Error> {
+        set_change_deletes(&mut self.tx, count).await
+    }
+}
+
 /// Puts the change log and its triggers in place if they are missing (the migration's own,
 /// idempotent statements): a CMS that dropped and recreated its table lost the triggers with it.
 pub(super) async fn install_capture(pool: &sqlx::SqlitePool) -> Result<(), sqlx::Error> {

@@ -26,6 +26,8 @@ pub mod changes;
 mod cms;
 pub mod source;
 mod status;
+#[cfg(test)]
+mod tests;
 
 pub use self::cms::CmsRow;
 pub use self::status::{FoundCmsRow, FoundOperation, FoundRecorded};
@@ -625,72 +627,85 @@ impl Store {
         let now = now_text();
         // IMMEDIATE: the batch is read and claimed under one write lock, so nothing changes between.
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let candidates: Vec<String> = sqlx::query_scalar(
-            "SELECT uri FROM operations WHERE state = 'pending' \
-                 AND (run_id IS NOT ?1 OR (next_attempt_at <= ?2 AND run_attempts < ?3)) \
-                 AND uri NOT IN (SELECT uri FROM operations WHERE state = 'in_flight') \
-             GROUP BY uri ORDER BY min(next_attempt_at), uri LIMIT 1024",
-        )
-        .bind(run_id)
-        .bind(&now)
-        .bind(max_run_attempts as i64)
-        .fetch_all(&mut *tx)
-        .await?;
+        let candidates = sync_candidates(&mut tx, run_id, &now, max_run_attempts).await?;
+        // The candidates' listings are read a chunk of uris at a time (one query for their
+        // recorded usages, one for their pending operations; CROSS JOIN keeps the chunk's uris
+        // the outer loop, which SQLite without statistics would not) until the batch is full;
+        // then every taken uri's pending operations are claimed in one statement.
         let mut batch = SyncBatch::default();
-        for uri in candidates {
-            // Keyed by the asset id ignoring case (one usage), holding the id to send: a queued
-            // target's (as the CMS wrote it last) over the recorded one.
-            let mut wanted: std::collections::BTreeMap<String, (String, String)> =
-                sqlx::query_as("SELECT asset_id, additional FROM recorded_usages WHERE uri = ?")
-                    .bind(&uri)
-                    .fetch_all(&mut *tx)
-                    .await?
-                    .into_iter()
-                    .map(|(asset_id, additional): (String, String)| {
-                        (asset_id.to_ascii_lowercase(), (asset_id, additional))
-                    })
-                    .collect();
-            let queued: Vec<(String, String, Option<String>)> = sqlx::query_as(
-                "SELECT asset_id, action, additional FROM operations WHERE uri = ? AND state = 'pending'",
+        'chunks: for chunk in candidates.chunks(CLAIM_CHUNK_URIS) {
+            let uris = json_text(chunk);
+            // Per uri of the chunk, keyed by the asset id ignoring case (one usage), holding the
+            // id to send: a queued target's (as the CMS wrote it last) over the recorded one.
+            let mut wanted: Vec<std::collections::BTreeMap<String, (String, String)>> =
+                vec![Default::default(); chunk.len()];
+            let recorded: Vec<(i64, String, String)> = sqlx::query_as(
+                "SELECT j.key, r.asset_id, r.additional FROM json_each(?1) AS j \
+                 CROSS JOIN recorded_usages AS r ON r.uri = j.value",
             )
-            .bind(&uri)
+            .bind(&uris)
             .fetch_all(&mut *tx)
             .await?;
-            for (asset_id, action, additional) in queued {
+            for (i, asset_id, additional) in recorded {
+                wanted[i as usize].insert(asset_id.to_ascii_lowercase(), (asset_id, additional));
+            }
+            let queued: Vec<(i64, String, String, Option<String>)> = sqlx::query_as(
+                "SELECT j.key, o.asset_id, o.action, o.additional FROM json_each(?1) AS j \
+                 CROSS JOIN operations AS o ON o.uri = j.value AND o.state = 'pending'",
+            )
+            .bind(&uris)
+            .fetch_all(&mut *tx)
+            .await?;
+            for (i, asset_id, action, additional) in queued {
                 let folded = asset_id.to_ascii_lowercase();
+                let wanted = &mut wanted[i as usize];
                 match target_from(action, additional) {
                     Target::Upsert(a) => wanted.insert(folded, (asset_id, a)),
                     Target::Delete => wanted.remove(&folded),
                 };
             }
-            if !batch.uris.is_empty() && batch.listing.len() + wanted.len() > batch_size {
-                break;
+            for (uri, wanted) in chunk.iter().zip(wanted) {
+                if !batch.uris.is_empty() && batch.listing.len() + wanted.len() > batch_size {
+                    break 'chunks;
+                }
+                batch
+                    .listing
+                    .extend(
+                        wanted
+                            .into_values()
+                            .map(|(asset_id, additional)| SyncUsage {
+                                asset_id,
+                                uri: uri.clone(),
+                                additional,
+                            }),
+                    );
+                batch.uris.push(uri.clone());
             }
-            let claimed = sqlx::query(
+        }
+        if !batch.uris.is_empty() {
+            let mut claimed = sqlx::query(
                 "UPDATE operations SET state = 'in_flight', \
                      run_attempts = CASE WHEN run_id IS ?1 THEN run_attempts ELSE 0 END, \
                      run_id = ?1, updated_at = ?2 \
-                 WHERE uri = ?3 AND state = 'pending' \
+                 WHERE state = 'pending' AND uri IN (SELECT value FROM json_each(?3)) \
                  RETURNING id, asset_id, uri, action, additional, state, uncertain, attempts, run_attempts, \
                      next_attempt_at, last_error, created_at, updated_at",
             )
             .bind(run_id)
             .bind(&now)
-            .bind(&uri)
+            .bind(json_text(&batch.uris))
             .try_map(operation_from_row)
             .fetch_all(&mut *tx)
             .await?;
-            batch.ops.extend(claimed);
-            batch.listing.extend(
-                wanted
-                    .into_values()
-                    .map(|(asset_id, additional)| SyncUsage {
-                        asset_id,
-                        uri: uri.clone(),
-                        additional,
-                    }),
-            );
-            batch.uris.push(uri);
+            // In the batch's uri order, then queue order within a uri (RETURNING has none).
+            let position: std::collections::HashMap<&str, usize> = batch
+                .uris
+                .iter()
+                .enumerate()
+                .map(|(i, uri)| (uri.as_str(), i))
+                .collect();
+            claimed.sort_by_key(|op| (position[op.uri.as_str()], op.id));
+            batch.ops = claimed;
         }
         if batch.uris.is_empty() {
             tx.rollback().await?;
@@ -714,43 +729,49 @@ impl Store {
         // IMMEDIATE: this transaction may read before it writes; a deferred one could not
         // upgrade to a write lock once another connection committed (SQLITE_BUSY, no busy wait).
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        for (asset_id, uri) in rejected_listed {
-            forget_recorded(&mut tx, asset_id, uri).await?;
-        }
+        // Set-based, a statement per kind of write: the keys of a batch's operations are
+        // distinct, and `rejected_listed` holds none of them, so the order of the kinds does not
+        // change the result of writing them one operation at a time.
+        let mut forget: Vec<(&str, &str)> = rejected_listed
+            .iter()
+            .map(|(a, u)| (a.as_str(), u.as_str()))
+            .collect();
+        let mut record: Vec<(&str, &str, &str, Option<&str>)> = Vec::new();
+        let mut finish: Vec<i64> = Vec::new();
+        let mut dead: Vec<(i64, String)> = Vec::new();
         for (op, outcome) in batch.ops.iter().zip(outcomes) {
             match outcome {
                 SyncOpOutcome::Upserted {
                     additional,
                     usage_id,
                 } => {
-                    record_usage(
-                        &mut tx,
-                        &op.asset_id,
-                        &op.uri,
-                        additional,
-                        usage_id.as_deref(),
-                    )
-                    .await?;
-                    finish_operation(&mut tx, op.id).await?;
+                    record.push((&op.asset_id, &op.uri, additional, usage_id.as_deref()));
+                    finish.push(op.id);
                 }
                 SyncOpOutcome::Removed => {
-                    forget_recorded(&mut tx, &op.asset_id, &op.uri).await?;
-                    finish_operation(&mut tx, op.id).await?;
+                    forget.push((&op.asset_id, &op.uri));
+                    finish.push(op.id);
                 }
                 SyncOpOutcome::Rejected(reason) => {
-                    forget_recorded(&mut tx, &op.asset_id, &op.uri).await?;
-                    sqlx::query(
-                        "UPDATE operations SET state = 'dead', uncertain = 0, attempts = attempts + 1, \
-                             last_error = ?, updated_at = ? WHERE id = ?",
-                    )
-                    .bind(format!("Bynder rejected the usage: {reason}"))
-                    .bind(&now)
-                    .bind(op.id)
-                    .execute(&mut *tx)
-                    .await?;
+                    forget.push((&op.asset_id, &op.uri));
+                    dead.push((op.id, format!("Bynder rejected the usage: {reason}")));
                 }
                 SyncOpOutcome::Unsettled => {}
             }
+        }
+        forget_recorded_all(&mut tx, &forget).await?;
+        record_usages(&mut tx, &record, &now).await?;
+        finish_operations(&mut tx, &finish).await?;
+        if !dead.is_empty() {
+            sqlx::query(
+                "UPDATE operations SET state = 'dead', uncertain = 0, attempts = attempts + 1, \
+                     last_error = j.value ->> 1, updated_at = ?2 \
+                 FROM json_each(?1) AS j WHERE operations.id = j.value ->> 0",
+            )
+            .bind(json_text(&dead))
+            .bind(&now)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await
     }
@@ -992,6 +1013,12 @@ impl Store {
         self.pool.begin().await
     }
 
+    /// The transaction a plan is written in, its queue writes collected a chunk at a time (see
+    /// [`PlanWriter`]).
+    pub async fn begin_plan(&self) -> Result<PlanWriter, sqlx::Error> {
+        Ok(PlanWriter::new(self.pool.begin().await?))
+    }
+
     /// Whether the pool still answers (the systemd watchdog is fed only then).
     pub async fn alive(&self) -> Result<(), sqlx::Error> {
         sqlx::query("SELECT 1").execute(&self.pool).await.map(drop)
@@ -1168,6 +1195,248 @@ pub async fn cancel(
         .bind(uri)
         .execute(conn)
         .await?;
+    Ok(())
+}
+
+/// Most uris one sync batch is chosen from.
+const SYNC_CANDIDATES: usize = 1024;
+
+/// Queued operations read per query while choosing them.
+const CANDIDATE_PAGE_ROWS: i64 = 2048;
+
+/// The uris a sync batch is chosen from, in queue order: every uri with an operation this run
+/// may send now and none in flight, by the earliest due time among those operations, then by
+/// uri; the first [`SYNC_CANDIDATES`]. The pending operations are walked in due order (their
+/// index) a page at a time, and the walk stops once no later operation can change the first
+/// uris: grouping the whole queue by uri instead cost each batch of a first sync a scan of every
+/// queued operation.
+async fn sync_candidates(
+    conn: &mut SqliteConnection,
+    run_id: i64,
+    now: &str,
+    max_run_attempts: u32,
+) -> Result<Vec<String>, sqlx::Error> {
+    // `(earliest due time, uri)`, in the order found: due times never decrease along the walk,
+    // so each uri is found at its earliest.
+    let mut found: Vec<(String, String)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut cursor = (String::new(), 0i64);
+    'walk: loop {
+        let page: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT uri, next_attempt_at, id FROM operations WHERE state = 'pending' \
+                 AND (run_id IS NOT ?1 OR (next_attempt_at <= ?2 AND run_attempts < ?3)) \
+                 AND uri NOT IN (SELECT uri FROM operations WHERE state = 'in_flight') \
+                 AND (next_attempt_at, id) > (?4, ?5) \
+             ORDER BY next_attempt_at, id LIMIT ?6",
+        )
+        .bind(run_id)
+        .bind(now)
+        .bind(max_run_attempts as i64)
+        .bind(&cursor.0)
+        .bind(cursor.1)
+        .bind(CANDIDATE_PAGE_ROWS)
+        .fetch_all(&mut *conn)
+        .await?;
+        let last_page = (page.len() as i64) < CANDIDATE_PAGE_ROWS;
+        for (uri, due, id) in page {
+            // Enough uris, and past every operation due at the same time as the last of them
+            // (a uri due then may still sort before it).
+            if found.len() >= SYNC_CANDIDATES && due > found[SYNC_CANDIDATES - 1].0 {
+                break 'walk;
+            }
+            if seen.insert(uri.clone()) {
+                found.push((due.clone(), uri));
+            }
+            cursor = (due, id);
+        }
+        if last_page {
+            break;
+        }
+    }
+    found.sort();
+    found.truncate(SYNC_CANDIDATES);
+    Ok(found.into_iter().map(|(_, uri)| uri).collect())
+}
+
+/// Uris of sync-batch candidates whose listings are read per query.
+const CLAIM_CHUNK_URIS: usize = 100;
+
+/// Queue writes a [`PlanWriter`] collects before writing them in one statement.
+pub const PLAN_WRITE_CHUNK: usize = 1000;
+
+/// `value` as JSON text, bound as one parameter and read back with `json_each`.
+fn json_text<T: serde::Serialize + ?Sized>(value: &T) -> String {
+    // Strings, numbers, options and tuples of them always serialise.
+    serde_json::to_string(value).expect("plain values serialise to JSON")
+}
+
+/// The transaction a plan is written in. Its writes are [`enqueue`] and [`cancel`] exactly, but
+/// collected and written [`PLAN_WRITE_CHUNK`] at a time (one `INSERT ... SELECT FROM json_each`,
+/// one `DELETE`), the statement per usage being what a first sync of 100,000 usages spent its
+/// time on. Everything is written in the one transaction: [`PlanWriter::commit`] writes what is
+/// still collected first; [`PlanWriter::rollback`] (or dropping the writer) discards all of it.
+pub struct PlanWriter {
+    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    /// `(asset_id, uri, action, additional, queued_at)`, in the order they were planned.
+    enqueues: Vec<(String, String, &'static str, Option<String>, String)>,
+    cancels: Vec<(String, String)>,
+    /// The collected keys (asset id folded, as the queue compares it): a key planned twice has
+    /// what was collected written first, so the later write wins as it would one at a time.
+    keys: std::collections::HashSet<(String, String)>,
+}
+
+impl PlanWriter {
+    fn new(tx: sqlx::Transaction<'static, sqlx::Sqlite>) -> PlanWriter {
+        PlanWriter {
+            tx,
+            enqueues: Vec::new(),
+            cancels: Vec::new(),
+            keys: Default::default(),
+        }
+    }
+
+    /// [`enqueue`], collected.
+    pub async fn enqueue(
+        &mut self,
+        asset_id: &str,
+        uri: &str,
+        target: &Target,
+    ) -> Result<(), sqlx::Error> {
+        self.collect(asset_id, uri).await?;
+        let (action, additional) = match target {
+            Target::Upsert(a) => ("upsert", Some(a.clone())),
+            Target::Delete => ("delete", None),
+        };
+        self.enqueues.push((
+            asset_id.to_owned(),
+            uri.to_owned(),
+            action,
+            additional,
+            now_text(),
+        ));
+        self.flush_if_full().await
+    }
+
+    /// [`cancel`], collected.
+    pub async fn cancel(&mut self, asset_id: &str, uri: &str) -> Result<(), sqlx::Error> {
+        self.collect(asset_id, uri).await?;
+        self.cancels.push((asset_id.to_owned(), uri.to_owned()));
+        self.flush_if_full().await
+    }
+
+    /// Writes what is collected, then commits the whole plan.
+    pub async fn commit(mut self) -> Result<(), sqlx::Error> {
+        self.flush().await?;
+        self.tx.commit().await
+    }
+
+    /// Discards the whole plan, written or collected.
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.tx.rollback().await
+    }
+
+    async fn collect(&mut self, asset_id: &str, uri: &str) -> Result<(), sqlx::Error> {
+        if !self
+            .keys
+            .insert((asset_id.to_ascii_lowercase(), uri.to_owned()))
+        {
+            self.flush().await?;
+            self.keys
+                .insert((asset_id.to_ascii_lowercase(), uri.to_owned()));
+        }
+        Ok(())
+    }
+
+    async fn flush_if_full(&mut self) -> Result<(), sqlx::Error> {
+        if self.enqueues.len() + self.cancels.len() >= PLAN_WRITE_CHUNK {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is collected: the collected keys are distinct, so the order of the two
+    /// statements does not matter.
+    async fn flush(&mut self) -> Result<(), sqlx::Error> {
+        if !self.enqueues.is_empty() {
+            sqlx::query(
+                "INSERT INTO operations (asset_id, uri, action, additional, state, next_attempt_at, created_at, updated_at) \
+                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, 'pending', value ->> 4, value ->> 4, value ->> 4 \
+                 FROM json_each(?1) WHERE true \
+                 ON CONFLICT (asset_id, uri) DO UPDATE SET asset_id = excluded.asset_id, action = excluded.action, \
+                     additional = excluded.additional, state = 'pending', attempts = 0, run_attempts = 0, run_id = NULL, next_attempt_at = excluded.next_attempt_at, \
+                     last_error = NULL, updated_at = excluded.updated_at",
+            )
+            .bind(json_text(&self.enqueues))
+            .execute(&mut *self.tx)
+            .await?;
+            self.enqueues.clear();
+        }
+        if !self.cancels.is_empty() {
+            sqlx::query(
+                "DELETE FROM operations WHERE id IN (SELECT o.id FROM json_each(?1) AS j \
+                 CROSS JOIN operations AS o ON o.asset_id = j.value ->> 0 AND o.uri = j.value ->> 1 \
+                 WHERE o.state != 'in_flight')",
+            )
+            .bind(json_text(&self.cancels))
+            .execute(&mut *self.tx)
+            .await?;
+            self.cancels.clear();
+        }
+        self.keys.clear();
+        Ok(())
+    }
+}
+
+/// [`finish_operation`] for many ids in one statement.
+async fn finish_operations(conn: &mut SqliteConnection, ids: &[i64]) -> Result<(), sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("DELETE FROM operations WHERE id IN (SELECT value FROM json_each(?1))")
+        .bind(json_text(ids))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// [`record_usage`] for many `(asset_id, uri, additional, usage_id)` in one statement, all
+/// synced at `now`. The keys must be distinct.
+async fn record_usages(
+    conn: &mut SqliteConnection,
+    usages: &[(&str, &str, &str, Option<&str>)],
+    now: &str,
+) -> Result<(), sqlx::Error> {
+    if usages.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO recorded_usages (asset_id, uri, additional, usage_id, synced_at) \
+         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, ?2 FROM json_each(?1) WHERE true \
+         ON CONFLICT (asset_id, uri) DO UPDATE SET asset_id = excluded.asset_id, additional = excluded.additional, \
+             usage_id = coalesce(excluded.usage_id, recorded_usages.usage_id), synced_at = excluded.synced_at",
+    )
+    .bind(json_text(usages))
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// [`forget_recorded`] for many `(asset_id, uri)` in one statement.
+async fn forget_recorded_all(
+    conn: &mut SqliteConnection,
+    keys: &[(&str, &str)],
+) -> Result<(), sqlx::Error> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "DELETE FROM recorded_usages WHERE (asset_id, uri) IN \
+         (SELECT value ->> 0, value ->> 1 FROM json_each(?1))",
+    )
+    .bind(json_text(keys))
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
