@@ -1155,7 +1155,9 @@ pub struct SourceRow {
 }
 
 /// Queues a target for a key, replacing any operation for it (coalescing). An uncertain flag is
-/// kept: whatever the new target, the key must first be read back.
+/// kept: whatever the new target, the key must first be read back. One row at a time: the
+/// semantics [`PlanWriter`] is tested against (plans write through it).
+#[cfg(test)]
 pub async fn enqueue(
     conn: &mut SqliteConnection,
     asset_id: &str,
@@ -1184,7 +1186,8 @@ pub async fn enqueue(
     Ok(())
 }
 
-/// Removes a queued operation that is no longer needed.
+/// Removes a queued operation that is no longer needed, one at a time (see [`enqueue`]).
+#[cfg(test)]
 pub async fn cancel(
     conn: &mut SqliteConnection,
     asset_id: &str,
