@@ -5,7 +5,7 @@
 //! reports: the write-to-Bynder latency (one row at a time), a bulk load while running, the CPU
 //! of the idle daemon, and the scheduled reconcile of a large unchanged table.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -13,12 +13,13 @@ use bynder_usage_sync::simulator::{Options, Simulator};
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{Connection, SqliteConnection};
 
-const TOKEN: &str = "bench-token";
-const INTEGRATION: &str = "0191a303-9d99-433e-ada4-d244f37e1d7d";
-const BINARY: &str = env!("CARGO_BIN_EXE_bynder-usage-sync");
+mod support;
 
-fn asset(i: u64) -> String {
-    format!("{:08X}-C13A-4DA5-86EC{:012X}", i / 7, i / 7)
+use support::{asset, Workspace, BINARY, INTEGRATION, TOKEN};
+
+/// The daemon's workspace: its own port, otherwise the defaults.
+fn workspace(portal: &Simulator) -> Workspace {
+    support::workspace(portal, "[server]\nlisten = \"127.0.0.1:0\"")
 }
 
 fn uri(i: u64) -> String {
@@ -32,40 +33,6 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(run_all(quick));
-}
-
-struct Workspace {
-    _dir: tempfile::TempDir,
-    config: PathBuf,
-    db: PathBuf,
-}
-
-fn workspace(portal: &Simulator) -> Workspace {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.toml");
-    let db = dir.path().join("state.db");
-    std::fs::write(
-        &config,
-        format!(
-            "[bynder]\nbase_url = \"{}\"\nintegration_id = \"{INTEGRATION}\"\nallow_insecure_http = true\n\
-             [auth]\npermanent_token = \"{TOKEN}\"\n[database]\npath = \"state.db\"\n[log]\nlevel = \"warn\"\n\
-             [server]\nlisten = \"127.0.0.1:0\"\n",
-            portal.base_url()
-        ),
-    )
-    .unwrap();
-    let out = Command::new(BINARY)
-        .arg("--config")
-        .arg(&config)
-        .arg("migrate")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    Workspace {
-        _dir: dir,
-        config,
-        db,
-    }
 }
 
 async fn cms(db: &Path) -> SqliteConnection {

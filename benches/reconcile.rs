@@ -4,7 +4,7 @@
 //! figures BENCHMARKS.md reports. Peak memory is the child's own maximum RSS, measured by a
 //! fresh wrapper process per run (`getrusage(RUSAGE_CHILDREN)`), so runs do not mask each other.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -12,15 +12,9 @@ use bynder_usage_sync::simulator::{Options, RateLimit, Simulator};
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{Connection, SqliteConnection};
 
-const TOKEN: &str = "bench-token";
-const INTEGRATION: &str = "0191a303-9d99-433e-ada4-d244f37e1d7d";
-const BINARY: &str = env!("CARGO_BIN_EXE_bynder-usage-sync");
+mod support;
 
-/// Reference `i`'s asset: seven references per asset (the pairs stay unique as long as the uri
-/// count is at least seven).
-fn asset(i: u64) -> String {
-    format!("{:08X}-C13A-4DA5-86EC{:012X}", i / 7, i / 7)
-}
+use support::{asset, workspace, BINARY, INTEGRATION, TOKEN};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -116,39 +110,6 @@ fn measured_run(config: &Path, args: &[&str]) -> Measured {
         exit: field("exit") as i32,
         elapsed: Duration::from_millis(field("elapsed_ms") as u64),
         max_rss_mb: field("max_rss_kb") as f64 / 1024.0,
-    }
-}
-
-struct Workspace {
-    _dir: tempfile::TempDir,
-    config: PathBuf,
-    db: PathBuf,
-}
-
-fn workspace(portal: &Simulator, extra: &str) -> Workspace {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.toml");
-    let db = dir.path().join("state.db");
-    std::fs::write(
-        &config,
-        format!(
-            "[bynder]\nbase_url = \"{}\"\nintegration_id = \"{INTEGRATION}\"\nallow_insecure_http = true\n\
-             [auth]\npermanent_token = \"{TOKEN}\"\n[database]\npath = \"state.db\"\n[log]\nlevel = \"warn\"\n{extra}\n",
-            portal.base_url()
-        ),
-    )
-    .unwrap();
-    let status = Command::new(BINARY)
-        .arg("--config")
-        .arg(&config)
-        .arg("migrate")
-        .output()
-        .unwrap();
-    assert!(status.status.success());
-    Workspace {
-        _dir: dir,
-        config,
-        db,
     }
 }
 
