@@ -180,6 +180,7 @@ pub async fn run_until_stopped(
         stop: stop_rx.clone(),
         drain_suspended: false,
         queue_unreadable: false,
+        changes_failures: 0,
     };
     let mut worker = Some(tokio::spawn(worker.run()));
     let watcher = ctx.source.captures_changes().then(|| {
@@ -408,6 +409,27 @@ struct Triggers {
     verify: Notify,
     /// The change log has entries the worker has not been woken for.
     changes: Notify,
+    /// When a change run failed (a CMS transaction holding the database's lock past
+    /// `database.busy_timeout`, say): when the watcher wakes the worker again for the same entries.
+    changes_retry: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl Triggers {
+    /// Takes the retry of a failed change run if it is due.
+    fn take_due_retry(&self) -> bool {
+        let mut retry = self.changes_retry.lock().expect("not poisoned");
+        let due = retry.is_some_and(|at| tokio::time::Instant::now() >= at);
+        if due {
+            *retry = None;
+        }
+        due
+    }
+}
+
+/// How long after its `failures`-th failure in a row a change run is tried again: 1 s, doubling,
+/// at most a minute.
+fn changes_retry_delay(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(60))
 }
 
 /// Watches the end of the change log and wakes the worker for new entries, once a burst has had
@@ -437,11 +459,25 @@ async fn watch_changes(
                     tracing::warn!("cannot read the change log: {e:#}");
                 }
                 unreadable = true;
+                // A log table dropped by hand makes every CMS write fail (the triggers write
+                // it): put it back.
+                match store.ensure_capture().await {
+                    Ok(true) => tracing::warn!(
+                        "the change log or its triggers were missing and were put back; the \
+                         next full pass covers what was written meanwhile"
+                    ),
+                    Ok(false) => {}
+                    Err(e) => tracing::debug!("cannot put the change log back: {e:#}"),
+                }
                 continue;
             }
         };
         let Some(latest) = latest else { continue };
         if seen.is_some_and(|s| s >= latest) {
+            // Nothing new; the entries a failed change run left are tried again when due.
+            if triggers.take_due_retry() {
+                triggers.changes.notify_one();
+            }
             continue;
         }
         tokio::select! {
@@ -537,6 +573,8 @@ struct Worker {
     drain_suspended: bool,
     /// Whether the last look at the queue failed (logged once, not every poll).
     queue_unreadable: bool,
+    /// Change runs that failed in a row (their retry waits longer each time).
+    changes_failures: u32,
 }
 
 /// Lets the drain know the daemon is stopping.
@@ -613,9 +651,21 @@ impl Worker {
                     return;
                 }
                 match self.until_stopped(run::changes_once(&ctx, progress)).await {
-                    None | Some(Ok(None)) => {}
-                    Some(Ok(Some(report))) => self.observe("changes", &report).await,
-                    Some(Err(e)) => self.observe_error("changes", e).await,
+                    None => {}
+                    Some(Ok(report)) => {
+                        self.changes_failures = 0;
+                        if let Some(report) = report {
+                            self.observe("changes", &report).await;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        self.changes_failures += 1;
+                        let delay = changes_retry_delay(self.changes_failures);
+                        *self.triggers.changes_retry.lock().expect("not poisoned") =
+                            Some(tokio::time::Instant::now() + delay);
+                        tracing::warn!(?delay, "the change run is tried again after {delay:?}");
+                        self.observe_error("changes", e).await;
+                    }
                 }
             }
             Work::StartupReconcile | Work::Reconcile | Work::Verify => {
@@ -744,6 +794,12 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[test]
+    fn a_failed_change_run_is_tried_again_sooner_first_then_at_most_every_minute() {
+        let delays: Vec<u64> = (1..=9).map(|n| changes_retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+    }
+
     #[test]
     fn the_scheduled_jobs_are_recorded_under_their_own_names() {
         assert_eq!(reconcile_options().command, "reconcile");

@@ -76,10 +76,12 @@ pub(crate) struct Scope {
     /// Only the keys of these assets (ids compared ignoring case), what the change log named;
     /// `None`: every key (a full pass).
     pub assets: Option<Vec<String>>,
-    /// The change log's end when the plan began, trimmed with the plan: everything written up
-    /// to it is read by this plan.
+    /// The change log's end when the plan began, trimmed with the plan (only the entries of
+    /// `assets`, and those naming no asset, when set): everything written up to it is read by
+    /// this plan.
     pub log_upto: Option<i64>,
-    /// Recorded as the last full pass with the plan.
+    /// Recorded as the last full pass with the plan (a plan of some assets without one forgets
+    /// the last).
     pub pass: Option<FullPass>,
     /// Deletes that change runs queued since the last reconcile: a plan of some assets counts
     /// them with its own against `sync.max_deletes`, so a table emptied a little at a time is
@@ -359,10 +361,13 @@ pub(crate) async fn plan_run(
             tx.rollback().await?;
         } else {
             if let Some(upto) = scope.log_upto {
-                tx.trim_changes(upto).await?;
+                tx.trim_changes(upto, scope.assets.as_deref()).await?;
             }
-            if let Some(pass) = &scope.pass {
-                tx.save_full_pass(pass).await?;
+            match (&scope.pass, &scope.assets) {
+                (Some(pass), _) => tx.save_full_pass(Some(pass)).await?,
+                // A plan of some assets that cannot carry the last full pass over ends it.
+                (None, Some(_)) => tx.save_full_pass(None).await?,
+                (None, None) => {}
             }
             // A full pass starts the count of change runs' deletes again; a change run adds to it.
             let change_deletes = match scope.assets {

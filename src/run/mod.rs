@@ -292,7 +292,12 @@ fn planning_digest(ctx: &Context) -> String {
 /// ended when the pass began, and records the pass (while the triggers are in place).
 async fn full_pass_scope(ctx: &Context) -> Result<Scope, RunError> {
     if !ctx.source.captures_changes() {
-        return Ok(Scope::FULL);
+        // The triggers still log writes to the state database's own table, which this source
+        // does not read: the pass settles them, so the log does not grow for ever.
+        return Ok(Scope {
+            log_upto: ctx.store.log_counter().await.ok(),
+            ..Scope::FULL
+        });
     }
     // Triggers lost with a recreated table go back first: from then on every write is logged,
     // and this pass reads what was written before.
@@ -303,7 +308,7 @@ async fn full_pass_scope(ctx: &Context) -> Result<Scope, RunError> {
         );
     }
     // The log's end next: whatever is written after it is read by this pass or planned later.
-    let log_upto = ctx.store.latest_change().await?;
+    let log_upto = Some(ctx.store.log_counter().await?);
     let pass = Some(FullPass {
         fingerprint: ctx.store.fingerprint(&planning_digest(ctx)).await?,
         at: crate::model::now_text(),
@@ -330,7 +335,10 @@ async fn unchanged_since_full_pass(ctx: &Context) -> Result<Option<String>, RunE
     let Some(last) = ctx.store.last_full_pass().await? else {
         return Ok(None);
     };
-    if ctx.store.latest_change().await?.is_some() || !ctx.store.capture_installed().await? {
+    if ctx.store.latest_change().await?.is_some()
+        || !ctx.store.log_settled().await?
+        || !ctx.store.capture_installed().await?
+    {
         return Ok(None);
     }
     let now = ctx.store.fingerprint(&planning_digest(ctx)).await?;
@@ -365,13 +373,13 @@ async fn advanced_full_pass(ctx: &Context) -> Result<Option<FullPass>, RunError>
 }
 
 /// Plans the run: everything (or nothing, when `if_changed` and nothing changed), or the assets
-/// the change log names. Returns the report, the mass-delete refusal if any, and whether the
-/// plan covered the whole table (only then can the run say Bynder matches it).
+/// the change log names. A refused plan of changed assets is planned again without the assets
+/// whose deletes were refused, so one refusal does not hold back every other write.
 async fn plan_step(
     ctx: &Context,
     options: &RunOptions,
     planning: Planning,
-) -> Result<(PlanReport, Option<String>, bool), RunError> {
+) -> Result<Planned, RunError> {
     let changes = match planning {
         Planning::Full => {
             if options.if_changed && !options.verify {
@@ -384,7 +392,12 @@ async fn plan_step(
                         complete: true,
                         ..PlanReport::default()
                     };
-                    return Ok((plan, None, true));
+                    return Ok(Planned {
+                        plan,
+                        refused: None,
+                        full: true,
+                        send: true,
+                    });
                 }
             }
             None
@@ -394,16 +407,81 @@ async fn plan_step(
     let scope = match changes {
         // A bulk load, or a table emptied: the full pass (and its mass-delete guard) decides.
         Some(changes) if !changes.more && !source_is_empty(ctx).await? => Scope {
-            assets: Some(changes.assets),
+            assets: Some(changes.assets.clone()),
             log_upto: Some(changes.upto),
-            pass: advanced_full_pass(ctx).await?,
+            // Entries deleted by hand may have named other assets: no longer trusted.
+            pass: match changes.unbroken {
+                true => advanced_full_pass(ctx).await?,
+                false => None,
+            },
             prior_deletes: ctx.store.change_deletes().await?,
         },
         _ => full_pass_scope(ctx).await?,
     };
-    let full = scope.assets.is_none();
-    let (plan, refused) = plan_run(ctx, options.plan(true), &scope).await?;
-    Ok((plan, refused, full))
+    let Some(assets) = scope.assets.clone() else {
+        let (plan, refused) = plan_run(ctx, options.plan(true), &scope).await?;
+        return Ok(Planned {
+            plan,
+            send: refused.is_none(),
+            refused,
+            full: true,
+        });
+    };
+    // A plan of the changed assets keeps every item: a refusal names the assets it holds back.
+    let every_item = PlanOptions {
+        keep_all_items: true,
+        ..options.plan(true)
+    };
+    let (plan, refused) = plan_run(ctx, every_item, &scope).await?;
+    let Some(why) = refused else {
+        return Ok(Planned {
+            plan,
+            refused: None,
+            full: false,
+            send: true,
+        });
+    };
+    // The deletes wait (with their assets' log entries) for the next reconcile to decide;
+    // the other assets' changes need not: they are planned and sent now.
+    let held: std::collections::HashSet<String> = plan
+        .items
+        .iter()
+        .filter(|item| item.change == crate::plan::Change::Delete)
+        .map(|item| item.asset_id.to_ascii_lowercase())
+        .collect();
+    let rest: Vec<String> = assets
+        .into_iter()
+        .filter(|a| !held.contains(&a.to_ascii_lowercase()))
+        .collect();
+    // The held entries stay in the log, so no reconcile skips its merge until one planned them.
+    let rest_scope = Scope {
+        assets: Some(rest),
+        ..scope
+    };
+    let (mut sent_plan, again) = plan_run(ctx, options.plan(true), &rest_scope).await?;
+    sent_plan.skipped_rows = plan.skipped_rows;
+    sent_plan.skipped = plan.skipped;
+    let why = format!(
+        "{why}. The changes of {} other asset(s) were sent; the deletes wait in the change log",
+        rest_scope.assets.as_ref().map_or(0, Vec::len)
+    );
+    Ok(Planned {
+        plan: sent_plan,
+        refused: Some(again.unwrap_or(why)),
+        full: false,
+        send: true,
+    })
+}
+
+/// What planning gave a run.
+struct Planned {
+    plan: PlanReport,
+    /// The mass-delete guard's refusal, if any.
+    refused: Option<String>,
+    /// The plan covered the whole table (only then can the run say Bynder matches it).
+    full: bool,
+    /// Something was queued: the queue is sent.
+    send: bool,
 }
 
 /// The part of a run after its record was started: verify, plan, send, record the outcome.
@@ -423,17 +501,27 @@ async fn run_started(
         verify = Some(report);
         verify_stopped = stop.is_some();
     }
-    let (plan, refused, full) = plan_step(ctx, options, planning).await?;
+    let Planned {
+        plan,
+        refused,
+        full,
+        send,
+    } = plan_step(ctx, options, planning).await?;
     let (outcome, sent) = if verify_stopped {
         (credentials_rejected(ctx), SendReport::default())
-    } else if let Some(why) = refused {
+    } else if !send {
+        let why = refused.expect("a plan not sent was refused");
         (RunOutcome::MassDeleteRefused(why), SendReport::default())
     } else {
         let queued = ctx.store.queue_summary().await?.pending;
         progress.planned(queued as u64);
         let (stop, sent) = drain(ctx, run_id, progress.as_ref()).await?;
         progress.finished();
-        let outcome = drain_outcome(ctx, stop, &sent).await?;
+        let outcome = match refused {
+            // Sent what was not held back; the refusal is what the operator must see.
+            Some(why) => RunOutcome::MassDeleteRefused(why),
+            None => drain_outcome(ctx, stop, &sent).await?,
+        };
         (outcome, sent)
     };
     record_run(

@@ -21,6 +21,9 @@ const TRIGGERS: [&str; 3] = [
 /// The setting that holds the last full pass's [`Fingerprint`] (absent: none trusted).
 const FULL_PASS: &str = "cms.full_pass";
 
+/// The setting that holds the highest sequence number a plan trimmed the log up to.
+const LOG_TRIMMED: &str = "cms.log_trimmed";
+
 /// The setting that counts the deletes change runs queued since the last reconcile.
 const CHANGE_DELETES: &str = "cms.change_deletes";
 
@@ -33,6 +36,9 @@ pub struct Changes {
     pub assets: Vec<String>,
     /// More assets changed than the limit: plan everything instead.
     pub more: bool,
+    /// Every entry since the last plan's is still there: none was deleted by hand, so the
+    /// assets named are all that changed since (a plan of them may carry the full pass over).
+    pub unbroken: bool,
 }
 
 /// What a full pass saw, cheap to read again: when it has not changed, neither has the table
@@ -77,18 +83,19 @@ impl Store {
         })
     }
 
-    /// Whether the three capture triggers are installed on `cms_asset_references`.
+    /// Whether the three capture triggers are installed on `cms_asset_references`, and the log
+    /// they write is there.
     pub async fn capture_installed(&self) -> Result<bool, sqlx::Error> {
         let found: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'cms_asset_references' \
-             AND name IN (?1, ?2, ?3)",
+            "SELECT count(*) FROM sqlite_master WHERE (type = 'trigger' AND tbl_name = 'cms_asset_references' \
+             AND name IN (?1, ?2, ?3)) OR (type = 'table' AND name = 'cms_changes')",
         )
         .bind(TRIGGERS[0])
         .bind(TRIGGERS[1])
         .bind(TRIGGERS[2])
         .fetch_one(&self.pool)
         .await?;
-        Ok(found == TRIGGERS.len() as i64)
+        Ok(found == TRIGGERS.len() as i64 + 1)
     }
 
     /// Puts the capture triggers back if any is missing; whether it had to.
@@ -125,7 +132,42 @@ impl Store {
         let mut assets: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
         let more = assets.len() > limit;
         assets.truncate(limit);
-        Ok(Some(Changes { upto, assets, more }))
+        let (entries, trimmed): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM cms_changes WHERE seq <= ?1), \
+                    coalesce((SELECT CAST(value AS INTEGER) FROM settings WHERE key = ?2), 0)",
+        )
+        .bind(upto)
+        .bind(LOG_TRIMMED)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Some(Changes {
+            upto,
+            assets,
+            more,
+            unbroken: entries == upto - trimmed,
+        }))
+    }
+
+    /// The log's sequence counter: the number of the last entry ever written (0: none), which
+    /// a full pass covers whatever entries are still there.
+    pub async fn log_counter(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'cms_changes'), 0)",
+        )
+        .fetch_one(&self.pool)
+        .await
+    }
+
+    /// Whether every entry the triggers ever wrote was covered by a plan: the log's sequence
+    /// counter is where the last plan trimmed it. Entries deleted by hand leave it ahead.
+    pub async fn log_settled(&self) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'cms_changes'), 0) \
+                  = coalesce((SELECT CAST(value AS INTEGER) FROM settings WHERE key = ?1), 0)",
+        )
+        .bind(LOG_TRIMMED)
+        .fetch_one(&self.pool)
+        .await
     }
 
     /// Reads what a full pass would record now.
@@ -220,14 +262,42 @@ impl Store {
 
 /// The change log's bookkeeping, in the transaction that queues a plan.
 impl super::PlanWriter {
-    /// Deletes the log's entries up to `upto`: the plan covers them.
-    pub async fn trim_changes(&mut self, upto: i64) -> Result<(), sqlx::Error> {
-        trim_changes(&mut self.tx, upto).await
+    /// Deletes the log's entries up to `upto` that the plan covers: all, or (`assets`) those
+    /// of these assets and those naming none.
+    pub async fn trim_changes(
+        &mut self,
+        upto: i64,
+        assets: Option<&[String]>,
+    ) -> Result<(), sqlx::Error> {
+        match assets {
+            None => trim_changes(&mut self.tx, upto).await,
+            Some(assets) => {
+                let assets = serde_json::to_string(assets).expect("strings serialise");
+                sqlx::query(
+                    "DELETE FROM cms_changes WHERE seq <= ?1 \
+                     AND (asset_id IS NULL OR asset_id IN (SELECT value FROM json_each(?2)))",
+                )
+                .bind(upto)
+                .bind(assets)
+                .execute(&mut *self.tx)
+                .await?;
+                // Only a log emptied up to `upto` is settled up to it.
+                let left: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM cms_changes WHERE seq <= ?1")
+                        .bind(upto)
+                        .fetch_one(&mut *self.tx)
+                        .await?;
+                if left == 0 {
+                    trim_changes(&mut self.tx, upto).await?;
+                }
+                Ok(())
+            }
+        }
     }
 
-    /// Records the plan as the last full pass.
-    pub async fn save_full_pass(&mut self, pass: &FullPass) -> Result<(), sqlx::Error> {
-        save_full_pass(&mut self.tx, Some(pass)).await
+    /// Records the plan as the last full pass, or (`None`) forgets the last one.
+    pub async fn save_full_pass(&mut self, pass: Option<&FullPass>) -> Result<(), sqlx::Error> {
+        save_full_pass(&mut self.tx, pass).await
     }
 
     /// Sets the count of deletes change runs queued since the last reconcile.
@@ -258,8 +328,15 @@ pub(super) async fn install_capture(pool: &sqlx::SqlitePool) -> Result<(), sqlx:
 pub async fn trim_changes(conn: &mut SqliteConnection, upto: i64) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM cms_changes WHERE seq <= ?")
         .bind(upto)
-        .execute(conn)
+        .execute(&mut *conn)
         .await?;
+    sqlx::query(
+        "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )
+    .bind(LOG_TRIMMED)
+    .bind(upto.to_string())
+    .execute(conn)
+    .await?;
     Ok(())
 }
 

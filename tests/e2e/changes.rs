@@ -141,6 +141,53 @@ async fn a_cms_write_reaches_bynder_within_seconds_without_waiting_for_the_sched
     daemon.stop().await.expect("the daemon stops cleanly");
 }
 
+/// REGRESSION: a change run that failed on the CMS's write lock (held past
+/// `database.busy_timeout`) was never tried again; the row waited for the next schedule.
+#[tokio::test]
+async fn a_change_run_that_fails_on_a_held_lock_is_tried_again() {
+    let app = spawn_app_with(defaults()).await;
+    let config = std::fs::read_to_string(&app.config_path).unwrap();
+    std::fs::write(
+        &app.config_path,
+        config.replace(
+            "path = \"state.db\"",
+            "path = \"state.db\"\nbusy_timeout = \"1s\"",
+        ),
+    )
+    .unwrap();
+    let daemon = spawn_daemon(&app).await;
+    started(&daemon, &app).await;
+
+    // The CMS commits a row, then holds the write lock for 3 s: the change run the row wakes
+    // cannot record itself and fails after 1 s.
+    use sqlx::Connection as _;
+    let mut cms = sqlx::SqliteConnection::connect(&format!("sqlite://{}", app.db_path.display()))
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO cms_asset_references (asset_id, uri) VALUES (?, ?)")
+        .bind(asset(1))
+        .bind(page(1))
+        .execute(&mut cms)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut cms)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await; // the CMS's long transaction, not a wait for the daemon
+    sqlx::query("ROLLBACK").execute(&mut cms).await.unwrap();
+
+    eventually(
+        &daemon,
+        "the row in Bynder after the lock",
+        Duration::from_secs(15),
+        || converged(&app),
+    )
+    .await;
+    assert_eq!(app.ours().len(), 1);
+    daemon.stop().await.expect("the daemon stops cleanly");
+}
+
 #[tokio::test]
 async fn a_burst_of_single_row_writes_is_coalesced_and_a_bulk_load_goes_out_in_a_few_batches() {
     let app = spawn_app_with(defaults()).await;
@@ -291,6 +338,16 @@ async fn a_table_emptied_a_little_at_a_time_is_refused_like_a_truncation() {
     )
     .await;
     assert_eq!(app.ours().len(), 8, "the second deletes wait");
+    // REGRESSION: a refused delete held back every later write until the next reconcile.
+    app.insert(&asset(20), &page(20), None).await;
+    eventually(
+        &daemon,
+        "an unrelated row in Bynder",
+        Duration::from_secs(10),
+        || async { app.ours().iter().any(|(a, _, _)| *a == asset(20)) },
+    )
+    .await;
+    assert_eq!(app.ours().len(), 9, "the held deletes still wait");
     daemon.stop().await.expect("the daemon stops cleanly");
 
     // A reconcile decides on the whole table (two deletes, within the limit) and starts counting
@@ -316,6 +373,11 @@ async fn a_custom_source_query_is_not_planned_by_change_capture() {
     assert!(report.is_none(), "a custom query keeps the schedule alone");
     assert!(app.ours().is_empty());
     ctx.store.close().await;
+    // REGRESSION: the triggers kept logging writes no run ever trimmed; a full pass does now.
+    assert!(log_entries(&app).await > 0);
+    app.resync_expecting(0).await;
+    app.assert_converged().await;
+    assert_eq!(log_entries(&app).await, 0, "the full pass settled the log");
 }
 
 struct NoProgress;
@@ -396,6 +458,25 @@ async fn if_changed_skips_the_merge_only_while_nothing_can_have_changed() {
     assert!(log_entries(&app).await > 0, "the trigger is back");
     let out = if_changed().await;
     assert_eq!(plan(&out)["creates"], 1);
+
+    // REGRESSION: entries deleted from the log by hand made a change look settled.
+    app.exec(&format!(
+        "INSERT INTO cms_asset_references (asset_id, uri) VALUES ('{}', '{}'); DELETE FROM cms_changes",
+        asset(10),
+        page(10)
+    ))
+    .await;
+    app.exec(&format!(
+        "DELETE FROM cms_asset_references WHERE asset_id = '{}'",
+        asset(8)
+    ))
+    .await;
+    app.exec("DELETE FROM cms_changes").await;
+    let out = if_changed().await;
+    assert!(plan(&out)["unchanged_since"].is_null(), "{}", stdout(&out));
+    assert_eq!(plan(&out)["creates"], 1);
+    assert_eq!(plan(&out)["deletes"], 1);
+    app.assert_converged().await;
 
     // A purged dead letter must be planned again: purging forgets the last full pass.
     assert!(plan(&if_changed().await)["unchanged_since"].is_string());
