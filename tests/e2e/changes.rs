@@ -188,6 +188,47 @@ async fn a_change_run_that_fails_on_a_held_lock_is_tried_again() {
     daemon.stop().await.expect("the daemon stops cleanly");
 }
 
+/// REGRESSION: a `cms_changes` table dropped by hand made every CMS write fail (the triggers
+/// write it) until the next full pass.
+#[tokio::test]
+async fn a_dropped_change_log_is_put_back_by_the_running_daemon() {
+    let app = spawn_app_with(defaults()).await;
+    let daemon = spawn_daemon(&app).await;
+    started(&daemon, &app).await;
+    app.exec("DROP TABLE cms_changes").await;
+    // Each attempt on a new connection: one that ran the DROP keeps its own view of the schema
+    // and does not see a table another connection created until it reloads it.
+    use sqlx::Connection as _;
+    let url = format!("sqlite://{}", app.db_path.display());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut cms = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        let written = sqlx::query(
+            "INSERT INTO cms_asset_references (asset_id, uri, additional) VALUES (?, ?, NULL)",
+        )
+        .bind(asset(1))
+        .bind(page(1))
+        .execute(&mut cms)
+        .await;
+        match written {
+            Ok(_) => break,
+            Err(e) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the CMS still cannot write: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eventually(
+        &daemon,
+        "the row in Bynder",
+        Duration::from_secs(10),
+        || converged(&app),
+    )
+    .await;
+    daemon.stop().await.expect("the daemon stops cleanly");
+}
+
 #[tokio::test]
 async fn a_burst_of_single_row_writes_is_coalesced_and_a_bulk_load_goes_out_in_a_few_batches() {
     let app = spawn_app_with(defaults()).await;
