@@ -330,14 +330,7 @@ pub async fn trim_changes(conn: &mut SqliteConnection, upto: i64) -> Result<(), 
         .bind(upto)
         .execute(&mut *conn)
         .await?;
-    sqlx::query(
-        "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-    )
-    .bind(LOG_TRIMMED)
-    .bind(upto.to_string())
-    .execute(conn)
-    .await?;
-    Ok(())
+    put_setting(conn, LOG_TRIMMED, Some(&upto.to_string())).await
 }
 
 /// Sets the count of deletes change runs queued since the last reconcile, inside the
@@ -346,14 +339,7 @@ pub async fn set_change_deletes(
     conn: &mut SqliteConnection,
     count: u64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-    )
-    .bind(CHANGE_DELETES)
-    .bind(count.to_string())
-    .execute(conn)
-    .await?;
-    Ok(())
+    put_setting(conn, CHANGE_DELETES, Some(&count.to_string())).await
 }
 
 /// Records a full pass (or forgets the last one, with `None`), inside the transaction that
@@ -362,24 +348,28 @@ pub async fn save_full_pass(
     conn: &mut SqliteConnection,
     pass: Option<&FullPass>,
 ) -> Result<(), sqlx::Error> {
-    match pass {
-        Some(pass) => {
-            let value = serde_json::to_string(pass).expect("a fingerprint serialises");
-            sqlx::query(
-                "INSERT INTO settings (key, value) VALUES (?1, ?2) \
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            )
-            .bind(FULL_PASS)
-            .bind(value)
+    let value = pass.map(|p| serde_json::to_string(p).expect("a fingerprint serialises"));
+    put_setting(conn, FULL_PASS, value.as_deref()).await
+}
+
+/// Sets (or, with `None`, removes) a setting inside the caller's transaction.
+async fn put_setting(
+    conn: &mut SqliteConnection,
+    key: &str,
+    value: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    match value {
+        Some(value) => sqlx::query(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(conn)
+        .await?,
+        None => sqlx::query("DELETE FROM settings WHERE key = ?1")
+            .bind(key)
             .execute(conn)
-            .await?
-        }
-        None => {
-            sqlx::query("DELETE FROM settings WHERE key = ?1")
-                .bind(FULL_PASS)
-                .execute(conn)
-                .await?
-        }
+            .await?,
     };
     Ok(())
 }
@@ -387,20 +377,7 @@ pub async fn save_full_pass(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DatabaseSettings;
-    use crate::store::{open_store, OpenMode};
-
-    async fn scratch_store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let settings = DatabaseSettings {
-            path: dir.path().join("state.db"),
-            busy_timeout: std::time::Duration::from_secs(5),
-            group_shared: false,
-            lock_timeout: std::time::Duration::from_secs(5),
-        };
-        let store = open_store(&settings, OpenMode::Create).await.unwrap();
-        (dir, store)
-    }
+    use crate::store::tests::fresh as scratch_store;
 
     async fn exec(store: &Store, sql: &str) {
         sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))

@@ -3,7 +3,8 @@
 
 use super::*;
 
-async fn fresh() -> (tempfile::TempDir, Store) {
+/// A new, migrated state database in a temporary folder.
+pub(super) async fn fresh() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let settings = DatabaseSettings {
         path: dir.path().join("state.db"),
