@@ -124,6 +124,8 @@ pub(super) fn secret_files_readable_by_others(raw: &RawConfig) -> Vec<String> {
         ("auth.token_file", &auth.token_file),
         ("auth.token_secret_file", &auth.token_secret_file),
         ("server.token_file", &raw.server.token_file),
+        ("source.password_file", &raw.source.password_file),
+        ("source.url_file", &raw.source.url_file),
     ]
     .into_iter()
     .filter_map(|(key, file)| {
