@@ -184,12 +184,18 @@ impl MariaDb {
         );
         let dir = folder_for("mysql");
         let data = dir.path().join("data");
+        // A temporary folder of its own: servers sharing /tmp collide on their temporary
+        // tables' names (a parallel install then fails on `mysql.tmp_user_sys`).
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        run("chown", Command::new("chown").arg("mysql:").arg(&tmp));
         run(
             "mariadb-install-db",
             Command::new(install)
                 .arg("--no-defaults")
                 .arg("--user=mysql")
                 .arg(format!("--datadir={}", data.display()))
+                .arg(format!("--tmpdir={}", tmp.display()))
                 .args(["--skip-test-db", "--auth-root-authentication-method=socket"]),
         );
         let init = dir.path().join("init.sql");
@@ -214,6 +220,7 @@ impl MariaDb {
             .arg("--no-defaults")
             .arg("--user=mysql")
             .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .arg(format!("--port={port}"))
             .arg("--bind-address=127.0.0.1")
             .arg(format!("--socket={}", dir.path().join("sock").display()))

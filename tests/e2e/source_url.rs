@@ -1,8 +1,16 @@
 //! `source.url`: the CMS rows read from the CMS's own PostgreSQL or MariaDB database, through
 //! the binary, against real servers the tests start themselves (see `databases`).
 
+use bynder_usage_sync::app::build_context;
+use bynder_usage_sync::config::{load_config, ConfigSource};
+use bynder_usage_sync::run;
+
 use crate::common::*;
 use crate::databases::{MariaDb, Postgres, DB_PASSWORD};
+
+struct NoProgress;
+
+impl run::Progress for NoProgress {}
 
 /// An app whose `[source]` section is `source` (the url and what goes with it).
 async fn app_reading(source: &str) -> App {
@@ -189,14 +197,21 @@ async fn bad_postgres_rows_are_skipped_and_reported_while_the_good_ones_sync() {
         ),
     )
     .await;
-    let app = app_reading(&format!("url = \"{}\"", pg_url(&pg, "cms"))).await;
+    // A NULL key, as a custom query over a LEFT JOIN can give.
+    let query = "SELECT asset_id, uri, additional FROM cms_asset_references \
+                 UNION ALL SELECT NULL, 'https://cms.example/null', NULL";
+    let app = app_reading(&format!(
+        "url = \"{}\"\nquery = \"{query}\"",
+        pg_url(&pg, "cms")
+    ))
+    .await;
     let out = app.resync_expecting(0).await;
     let text = stdout(&out);
     for reason in [
         "asset_id has characters no Bynder id has",
         "uri has leading or trailing whitespace",
         "additional contains a control character",
-        "3 skipped",
+        "4 skipped",
     ] {
         assert!(text.contains(reason), "{reason}: {text}");
     }
@@ -207,8 +222,9 @@ async fn bad_postgres_rows_are_skipped_and_reported_while_the_good_ones_sync() {
     );
 }
 
-/// Mixed case interleaves under byte order (`C078…` before `c078…`): the rows must still come
-/// out in the merge's order (else the run aborts), and ids differing only in case are one usage.
+/// Mixed case interleaves under byte order (`C078…` before `c078…`), and uris with letters
+/// beyond ASCII sort by their bytes (`Z` < `z` < `é`): the rows must still come out in the
+/// merge's order (else the run aborts), and ids differing only in case are one usage.
 #[tokio::test]
 async fn mixed_case_postgres_ids_come_out_in_key_order_and_case_variants_are_one_usage() {
     let pg = Postgres::start();
@@ -218,7 +234,9 @@ async fn mixed_case_postgres_ids_come_out_in_key_order_and_case_variants_are_one
         &cms,
         &format!(
             "INSERT INTO cms_asset_references VALUES ('{}', '{}', NULL), ('{}', '{}', NULL), \
-             ('{}', '{}', NULL), ('{}', '{}', 'upper'), ('{}', '{}', 'lower')",
+             ('{}', '{}', NULL), ('{}', '{}', 'upper'), ('{}', '{}', 'lower'), \
+             ('{a6}', 'https://cms.example/é', NULL), ('{a6}', 'https://cms.example/z', NULL), \
+             ('{a6}', 'https://cms.example/Z', NULL)",
             asset(1),
             page(1),
             lower(2),
@@ -228,7 +246,8 @@ async fn mixed_case_postgres_ids_come_out_in_key_order_and_case_variants_are_one
             asset(4),
             page(4),
             lower(4),
-            page(4)
+            page(4),
+            a6 = asset(6)
         ),
     )
     .await;
@@ -240,7 +259,7 @@ async fn mixed_case_postgres_ids_come_out_in_key_order_and_case_variants_are_one
         "{text}"
     );
     let ours = app.ours();
-    assert_eq!(ours.len(), 4, "{ours:?}");
+    assert_eq!(ours.len(), 7, "{ours:?}");
     assert!(
         ours.iter().any(|(a, u, _)| *a == lower(2) && *u == page(2)),
         "{ours:?}"
@@ -444,8 +463,9 @@ async fn a_mariadb_cms_table_converges_then_follows_creates_updates_and_deletes(
     assert_eq!(app.ours(), expected(&rows));
 }
 
-/// Under MariaDB's case-insensitive collation and with uris past the default 1024-byte sort
-/// prefix, the rows still come out in the merge's order (else the run aborts).
+/// Under MariaDB's case-insensitive collation (where `é` sorts as `e`, before `z`) and with uris
+/// differing only past the default 1024-byte sort prefix, the rows still come out in the merge's
+/// byte order (else the run aborts).
 #[tokio::test]
 async fn mixed_case_mariadb_ids_and_long_uris_come_out_in_key_order() {
     let db = MariaDb::start();
@@ -457,7 +477,9 @@ async fn mixed_case_mariadb_ids_and_long_uris_come_out_in_key_order() {
         &format!(
             "INSERT INTO cms_asset_references VALUES ('{}', '{}', NULL), ('{}', '{}', NULL), \
              ('{}', '{}', NULL), ('{}', '{}', 'upper'), ('{}', '{}', 'lower'), \
-             ('{}', '{}', NULL), ('{}', '{}', NULL), ('{}', '{}', NULL)",
+             ('{}', '{}', NULL), ('{}', '{}', NULL), ('{}', '{}', NULL), \
+             ('{a6}', 'https://cms.example/é', NULL), ('{a6}', 'https://cms.example/z', NULL), \
+             ('{a6}', 'https://cms.example/Z', NULL)",
             asset(1),
             page(1),
             lower(2),
@@ -473,7 +495,8 @@ async fn mixed_case_mariadb_ids_and_long_uris_come_out_in_key_order() {
             asset(5),
             long("a"),
             asset(5),
-            long("B")
+            long("B"),
+            a6 = asset(6)
         ),
     )
     .await;
@@ -485,7 +508,7 @@ async fn mixed_case_mariadb_ids_and_long_uris_come_out_in_key_order() {
         "{text}"
     );
     let ours = app.ours();
-    assert_eq!(ours.len(), 7, "{ours:?}");
+    assert_eq!(ours.len(), 10, "{ours:?}");
     assert!(
         ours.iter().any(|(a, u, _)| *a == lower(2) && *u == page(2)),
         "{ours:?}"
@@ -564,4 +587,32 @@ async fn the_mariadb_session_is_read_only() {
         .await
         .unwrap();
     assert_eq!(calls, 0, "the source was not written");
+}
+
+/// Change capture is the state database's own table's: with `source.url` a change run plans
+/// nothing and the daemon keeps to the schedule.
+#[tokio::test]
+async fn a_postgres_source_is_not_planned_by_change_capture() {
+    let pg = Postgres::start();
+    let cms = pg.create_cms().await;
+    pg_exec(
+        &cms,
+        &format!(
+            "INSERT INTO cms_asset_references VALUES ('{}', '{}', NULL)",
+            asset(1),
+            page(1)
+        ),
+    )
+    .await;
+    let app = app_reading(&format!("url = \"{}\"", pg_url(&pg, "cms"))).await;
+    let source = ConfigSource::Explicit(app.config_path.clone());
+    let ctx = build_context(load_config(&source).unwrap()).await.unwrap();
+    assert!(!ctx.source.captures_changes());
+    let report = run::changes_once(&ctx, std::sync::Arc::new(NoProgress))
+        .await
+        .unwrap();
+    assert!(report.is_none(), "a source.url keeps the schedule alone");
+    assert!(app.ours().is_empty());
+    ctx.source.close().await;
+    ctx.store.close().await;
 }
