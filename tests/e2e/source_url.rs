@@ -616,3 +616,61 @@ async fn a_postgres_source_is_not_planned_by_change_capture() {
     ctx.source.close().await;
     ctx.store.close().await;
 }
+
+#[tokio::test]
+async fn bad_mariadb_rows_are_skipped_and_reported_and_a_joined_query_is_what_is_synced() {
+    let db = MariaDb::start();
+    let cms = db.cms().await;
+    maria_exec(
+        &cms,
+        "CREATE TABLE pages (id int PRIMARY KEY, path varchar(200) NOT NULL, published bool NOT NULL)",
+    )
+    .await;
+    maria_exec(
+        &cms,
+        "CREATE TABLE page_assets (page_id int NOT NULL, media varchar(200) NOT NULL, caption varbinary(200))",
+    )
+    .await;
+    maria_exec(
+        &cms,
+        "INSERT INTO pages VALUES (1, '/a', true), (2, '/b', true), (3, '/c', true), (4, '/draft', false)",
+    )
+    .await;
+    // A caption that is not UTF-8 (read as bytes, reported, not an aborted run) and an id that
+    // is not one.
+    maria_exec(
+        &cms,
+        &format!(
+            "INSERT INTO page_assets VALUES (1, '{}', 'hero'), (2, '{}', X'6E6FFF'), \
+             (3, 'not an id', NULL), (4, '{}', 'draft')",
+            asset(1),
+            asset(2),
+            asset(4)
+        ),
+    )
+    .await;
+    let query = "SELECT a.media AS asset_id, CONCAT('https://cms.example', p.path) AS uri, a.caption AS additional \
+                 FROM page_assets a JOIN pages p ON p.id = a.page_id WHERE p.published";
+    let app = app_reading(&format!(
+        "url = \"{}\"\nquery = \"{query}\"",
+        maria_url(&db, "cms")
+    ))
+    .await;
+    let out = app.resync_expecting(0).await;
+    let text = stdout(&out);
+    for reason in [
+        "additional is not valid UTF-8",
+        "asset_id has characters no Bynder id has",
+        "2 skipped",
+    ] {
+        assert!(text.contains(reason), "{reason}: {text}");
+    }
+    assert_eq!(
+        app.ours(),
+        vec![(
+            asset(1),
+            "https://cms.example/a".to_owned(),
+            "hero".to_owned()
+        )]
+    );
+}
