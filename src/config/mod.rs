@@ -34,6 +34,7 @@ use raw::{
 };
 use secrets::{
     auth_identity, secret_files_readable_by_others, secrets_readable_by_others, server_identity,
+    source_identity,
 };
 use telemetry::OtelEnv;
 use validate::{schedules_that_never_fire, validate};
@@ -539,7 +540,11 @@ impl Config {
                 auth_identity(&new.auth),
             ),
             ("[database]", dbg(&self.database), dbg(&new.database)),
-            ("[source]", dbg(&self.source), dbg(&new.source)),
+            (
+                "[source]",
+                source_identity(&self.source),
+                source_identity(&new.source),
+            ),
             (
                 "[server]",
                 server_identity(&self.server),

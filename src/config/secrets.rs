@@ -174,6 +174,18 @@ pub(super) fn auth_identity(auth: &AuthSettings) -> String {
     }
 }
 
+/// The source settings, the database password included: only ever compared, never shown.
+pub(super) fn source_identity(source: &super::SourceSettings) -> String {
+    format!(
+        "{source:?} {:?}",
+        source
+            .url
+            .as_ref()
+            .and_then(|u| u.password.as_ref())
+            .map(|p| p.expose_secret())
+    )
+}
+
 /// The server settings, the token included: only ever compared, never shown.
 pub(super) fn server_identity(server: &ServerSettings) -> String {
     format!(

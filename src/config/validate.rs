@@ -1249,4 +1249,21 @@ mod tests {
         let e = load(&no_db, &[]).unwrap_err();
         assert!(e.message.contains("names no database"), "{e}");
     }
+
+    /// A new database password is noticed by a reload (as a restart to make), though it never
+    /// shows in `Debug`.
+    #[test]
+    fn a_changed_source_password_needs_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let password = dir.path().join("password");
+        let toml = format!(
+            "{GOOD}[source]\nurl = \"postgres://cms@db.internal:5432/cms\"\npassword_file = \"{}\"\n",
+            password.display()
+        );
+        std::fs::write(&password, "first\n").unwrap();
+        let old = load(&toml, &[]).unwrap();
+        std::fs::write(&password, "second\n").unwrap();
+        let new = load(&toml, &[]).unwrap();
+        assert!(old.reload(new).needs_restart.contains(&"[source]"));
+    }
 }
