@@ -46,6 +46,9 @@ pub enum BuildError {
     /// A configuration problem found while connecting (the CA file, the custom source).
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The `source.url` database server could not be reached.
+    #[error("{0}")]
+    SourceUnreachable(String),
     /// The portal profile could not be read from the state database.
     #[error("reading the portal profile from the state database")]
     Profile(#[source] sqlx::Error),
@@ -63,7 +66,10 @@ pub async fn build_context(config: Config) -> Result<Context, BuildError> {
         .map_err(|e| ConfigError::new(format!("{e}. Fix: check bynder.ca_file")))?;
     let source = crate::store::source::open_source(&config)
         .await
-        .map_err(|SourceError::Config(e)| e)?;
+        .map_err(|e| match e {
+            SourceError::Config(e) => BuildError::Config(e),
+            SourceError::Unreachable(m) => BuildError::SourceUnreachable(m),
+        })?;
     let profile = PortalProfile::load(&store, config.bynder.base_url.as_str())
         .await
         .map_err(BuildError::Profile)?;

@@ -86,6 +86,7 @@ impl From<BuildError> for Failure {
             BuildError::Store(e) => e.into(),
             BuildError::Auth(e) => e.into(),
             BuildError::Config(e) => Failure::Config(e),
+            BuildError::SourceUnreachable(m) => Failure::Unreachable(m),
             e @ BuildError::Profile(_) => Failure::Unexpected(e.into()),
         }
     }

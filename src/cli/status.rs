@@ -74,7 +74,7 @@ pub async fn status(config: Config, json: bool) -> Result<Exit, Failure> {
         "Queue:        {} pending, {} in flight, {} dead letter(s){oldest}",
         queue.pending, queue.in_flight, queue.dead
     );
-    let changes = if config.source.database.is_some() || config.source.query.is_some() {
+    let changes = if !config.source.is_state_table() {
         "off (a custom source keeps to sync.schedule)".to_owned()
     } else if !capture.triggers_installed {
         "TRIGGERS MISSING (the next full pass or `migrate` puts them back)".to_owned()

@@ -34,6 +34,7 @@ use raw::{
 };
 use secrets::{
     auth_identity, secret_files_readable_by_others, secrets_readable_by_others, server_identity,
+    source_identity,
 };
 use telemetry::OtelEnv;
 use validate::{schedules_that_never_fire, validate};
@@ -295,6 +296,52 @@ pub struct SourceSettings {
     /// A custom `SELECT` returning `asset_id, uri, additional`; by default
     /// `SELECT asset_id, uri, additional FROM cms_asset_references`.
     pub query: Option<String>,
+    /// The CMS's own PostgreSQL or MySQL/MariaDB database (`source.url`, `source.url_file`),
+    /// read through a read-only session.
+    pub url: Option<SourceUrl>,
+}
+
+impl SourceSettings {
+    /// Whether the rows come from the state database's own `cms_asset_references` (no other
+    /// file, server or query): the one source change capture and the indexed reads apply to.
+    pub fn is_state_table(&self) -> bool {
+        self.database.is_none() && self.query.is_none() && self.url.is_none()
+    }
+}
+
+/// Which server a `source.url` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceServer {
+    Postgres,
+    /// MySQL or MariaDB (`mysql://` or `mariadb://`).
+    MySql,
+}
+
+/// A `source.url`: the address without any password, and the password apart (from
+/// `source.password_file`, or from the url in `source.url_file`). `Debug` shows no password.
+#[derive(Clone)]
+pub struct SourceUrl {
+    pub server: SourceServer,
+    /// The url with the password removed (and `mariadb://` written `mysql://`).
+    pub url: url::Url,
+    pub password: Option<SecretString>,
+}
+
+impl SourceUrl {
+    /// The url for messages and `config show`: never holds the password.
+    pub fn display(&self) -> String {
+        self.url.to_string()
+    }
+}
+
+impl std::fmt::Debug for SourceUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceUrl")
+            .field("server", &self.server)
+            .field("url", &self.url.as_str())
+            .field("password", &self.password.as_ref().map(|_| show::REDACTED))
+            .finish()
+    }
 }
 
 /// How hard the portal is driven (`[limits]`).
@@ -493,7 +540,11 @@ impl Config {
                 auth_identity(&new.auth),
             ),
             ("[database]", dbg(&self.database), dbg(&new.database)),
-            ("[source]", dbg(&self.source), dbg(&new.source)),
+            (
+                "[source]",
+                source_identity(&self.source),
+                source_identity(&new.source),
+            ),
             (
                 "[server]",
                 server_identity(&self.server),

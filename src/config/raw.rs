@@ -346,6 +346,9 @@ pub(super) struct RawDaemon {
 pub(super) struct RawSource {
     pub(super) database: Option<RelativePathBuf>,
     pub(super) query: Option<String>,
+    pub(super) url: Option<String>,
+    pub(super) url_file: Option<RelativePathBuf>,
+    pub(super) password_file: Option<RelativePathBuf>,
 }
 
 /// `[limits]` as read.

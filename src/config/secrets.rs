@@ -124,6 +124,8 @@ pub(super) fn secret_files_readable_by_others(raw: &RawConfig) -> Vec<String> {
         ("auth.token_file", &auth.token_file),
         ("auth.token_secret_file", &auth.token_secret_file),
         ("server.token_file", &raw.server.token_file),
+        ("source.password_file", &raw.source.password_file),
+        ("source.url_file", &raw.source.url_file),
     ]
     .into_iter()
     .filter_map(|(key, file)| {
@@ -170,6 +172,18 @@ pub(super) fn auth_identity(auth: &AuthSettings) -> String {
                 .map(|p| (p.token.expose_secret(), p.token_secret.expose_secret()))
         ),
     }
+}
+
+/// The source settings, the database password included: only ever compared, never shown.
+pub(super) fn source_identity(source: &super::SourceSettings) -> String {
+    format!(
+        "{source:?} {:?}",
+        source
+            .url
+            .as_ref()
+            .and_then(|u| u.password.as_ref())
+            .map(|p| p.expose_secret())
+    )
 }
 
 /// The server settings, the token included: only ever compared, never shown.

@@ -183,6 +183,20 @@ fn values(c: &Config) -> Vec<(&'static str, Value)> {
                 .as_deref()
                 .unwrap_or(crate::store::source::DEFAULT_QUERY)),
         ),
+        (
+            "source.url",
+            c.source
+                .url
+                .as_ref()
+                .map_or(Value::Null, |u| json!(u.display())),
+        ),
+        (
+            "source.password",
+            match c.source.url.as_ref().and_then(|u| u.password.as_ref()) {
+                Some(_) => secret.clone(),
+                None => Value::Null,
+            },
+        ),
         ("limits.concurrency", json!(c.limits.concurrency)),
         (
             "limits.requests_per_second",

@@ -291,6 +291,14 @@ fn validate_server(raw: RawServer) -> Result<ServerSettings, ConfigError> {
 }
 
 fn validate_source(raw: RawSource) -> Result<SourceSettings, ConfigError> {
+    let url = validate_source_url(raw.url, raw.url_file, raw.password_file)?;
+    if url.is_some() && raw.database.is_some() {
+        return Err(ConfigError::key(
+            "source.url",
+            "is set together with `source.database`",
+            "keep `source.url` for a PostgreSQL or MySQL/MariaDB CMS database, or `source.database` for a SQLite file, not both",
+        ));
+    }
     let database = raw.database.map(|p| p.relative());
     if let Some(path) = &database {
         if !path.is_file() {
@@ -318,14 +326,122 @@ fn validate_source(raw: RawSource) -> Result<SourceSettings, ConfigError> {
             ));
         }
     }
-    if database.is_some() && query.is_none() {
-        // The CMS's own file with the product's table name is the default query's assumption.
-        return Ok(SourceSettings {
-            database,
-            query: None,
-        });
+    Ok(SourceSettings {
+        database,
+        query,
+        url,
+    })
+}
+
+/// `source.url` (or the url in `source.url_file`) with its password apart. A password written
+/// into `source.url` itself is refused: the config file and the environment are shown and
+/// logged, so the password goes in `source.password_file`. Messages never quote the url, which
+/// may hold a password.
+fn validate_source_url(
+    inline: Option<String>,
+    file: Option<figment::value::magic::RelativePathBuf>,
+    password_file: Option<figment::value::magic::RelativePathBuf>,
+) -> Result<Option<SourceUrl>, ConfigError> {
+    let inline = inline.filter(|u| !u.trim().is_empty());
+    let (key, text) = match (inline, file) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::key(
+                "source.url",
+                "is set together with `source.url_file`",
+                "keep only one of them",
+            ))
+        }
+        (Some(u), None) => ("source.url", u),
+        (None, Some(path)) => {
+            let path = path.relative();
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                ConfigError::key(
+                    "source.url_file",
+                    format_args!("points to {}, which cannot be read ({e})", path.display()),
+                    "check the path and that the service user may read it",
+                )
+            })?;
+            ("source.url_file", text)
+        }
+        (None, None) => {
+            if password_file.is_some() {
+                return Err(ConfigError::key(
+                    "source.password_file",
+                    "is set without `source.url`",
+                    "set source.url to the CMS's PostgreSQL or MySQL/MariaDB database, or remove the key",
+                ));
+            }
+            return Ok(None);
+        }
+    };
+    let mut url = Url::parse(text.trim()).map_err(|e| {
+        ConfigError::key(
+            key,
+            format_args!("is not a valid url ({e})"),
+            "write it as postgres://USER@HOST:PORT/DATABASE or mysql://USER@HOST:PORT/DATABASE",
+        )
+    })?;
+    let server = match url.scheme() {
+        "postgres" | "postgresql" => SourceServer::Postgres,
+        "mysql" | "mariadb" => SourceServer::MySql,
+        other => {
+            return Err(ConfigError::key(
+                key,
+                format_args!("has the scheme `{other}`, which is not a supported database server"),
+                "use postgres:// (or postgresql://) or mysql:// (or mariadb://); for a SQLite file set source.database",
+            ))
+        }
+    };
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(ConfigError::key(
+            key,
+            "names no host",
+            "write it as postgres://USER@HOST:PORT/DATABASE or mysql://USER@HOST:PORT/DATABASE",
+        ));
     }
-    Ok(SourceSettings { database, query })
+    if url.path().trim_start_matches('/').is_empty() {
+        return Err(ConfigError::key(
+            key,
+            "names no database",
+            "add the database after the host, e.g. postgres://cms@db.internal:5432/cms",
+        ));
+    }
+    let in_url = url.password().map(|p| {
+        percent_encoding::percent_decode_str(p)
+            .decode_utf8_lossy()
+            .into_owned()
+    });
+    if in_url.is_some() && key == "source.url" {
+        return Err(ConfigError::key(
+            "source.url",
+            "holds a password",
+            "remove the password from the url and put it into a file named by source.password_file (env BYNDER_USAGE_SYNC_SOURCE__PASSWORD_FILE), or give the whole url in source.url_file",
+        ));
+    }
+    let from_file = resolve_secret("source.password", None, password_file)?;
+    let password = match (in_url, from_file) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::key(
+                "source.password_file",
+                "is set while the url in `source.url_file` holds a password too",
+                "keep only one of them",
+            ))
+        }
+        (Some(p), None) => Some(SecretString::from(p)),
+        (None, p) => p,
+    };
+    // Removing the password always succeeds on a url with a host.
+    let _ = url.set_password(None);
+    if server == SourceServer::MySql && url.scheme() == "mariadb" {
+        // The MySQL driver speaks to MariaDB; it knows only its own scheme.
+        let rest = url.as_str()["mariadb".len()..].to_owned();
+        url = Url::parse(&format!("mysql{rest}")).expect("the same url with another scheme");
+    }
+    Ok(Some(SourceUrl {
+        server,
+        url,
+        password,
+    }))
 }
 
 fn validate_bynder(raw: RawBynder) -> Result<BynderSettings, ConfigError> {
@@ -1050,5 +1166,104 @@ mod tests {
         let now = chrono::Utc::now();
         let next = next_fire(DEFAULT_SCHEDULE, now).unwrap();
         assert!(next > now && next - now <= chrono::Duration::minutes(5));
+    }
+
+    #[test]
+    fn a_source_url_comes_from_the_environment_and_mariadb_is_read_as_mysql() {
+        let c = load(
+            GOOD,
+            &[(
+                "BYNDER_USAGE_SYNC_SOURCE__URL",
+                "mariadb://cms@db.internal:3306/cms",
+            )],
+        )
+        .unwrap();
+        let url = c.source.url.as_ref().expect("a url");
+        assert_eq!(url.server, SourceServer::MySql);
+        assert_eq!(url.display(), "mysql://cms@db.internal:3306/cms");
+        assert!(url.password.is_none());
+        assert!(!c.source.is_state_table());
+    }
+
+    #[test]
+    fn a_password_inside_source_url_is_refused_without_quoting_it() {
+        let toml = format!("{GOOD}[source]\nurl = \"postgres://cms:hunter2@db.internal/cms\"\n");
+        let e = load(&toml, &[]).unwrap_err();
+        assert!(
+            e.message.contains("`source.url`")
+                && e.message.contains("source.password_file")
+                && !e.message.contains("hunter2"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_password_comes_from_password_file_or_url_file_and_never_shows_in_debug() {
+        let dir = tempfile::tempdir().unwrap();
+        let password = dir.path().join("password");
+        std::fs::write(&password, "p@ss word\n").unwrap();
+        let toml = format!(
+            "{GOOD}[source]\nurl = \"postgres://cms@db.internal:5432/cms\"\npassword_file = \"{}\"\n",
+            password.display()
+        );
+        let c = load(&toml, &[]).unwrap();
+        let url = c.source.url.as_ref().unwrap();
+        assert_eq!(
+            url.password.as_ref().map(|p| p.expose_secret().to_owned()),
+            Some("p@ss word".to_owned())
+        );
+        assert!(!format!("{c:?}").contains("p@ss"), "{c:?}");
+
+        let url_file = dir.path().join("url");
+        std::fs::write(&url_file, "postgresql://cms:s%40cr9x@db.internal/cms\n").unwrap();
+        let toml = format!("{GOOD}[source]\nurl_file = \"{}\"\n", url_file.display());
+        let c = load(&toml, &[]).unwrap();
+        let url = c.source.url.as_ref().unwrap();
+        assert_eq!(url.server, SourceServer::Postgres);
+        assert_eq!(url.password.as_ref().unwrap().expose_secret(), "s@cr9x");
+        assert!(!url.display().contains("cr9x"), "{}", url.display());
+        assert!(!format!("{c:?}").contains("cr9x"), "{c:?}");
+    }
+
+    #[test]
+    fn source_url_is_refused_with_source_database_and_with_another_scheme() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cms.sqlite");
+        std::fs::write(&file, "").unwrap();
+        let both = format!(
+            "{GOOD}[source]\nurl = \"postgres://cms@db/cms\"\ndatabase = \"{}\"\n",
+            file.display()
+        );
+        let e = load(&both, &[]).unwrap_err();
+        assert!(
+            e.message.contains("source.url") && e.message.contains("source.database"),
+            "{e}"
+        );
+        let other = format!("{GOOD}[source]\nurl = \"sqlserver://cms@db/cms\"\n");
+        let e = load(&other, &[]).unwrap_err();
+        assert!(
+            e.message.contains("sqlserver") && e.message.contains("Fix:"),
+            "{e}"
+        );
+        let no_db = format!("{GOOD}[source]\nurl = \"postgres://cms@db\"\n");
+        let e = load(&no_db, &[]).unwrap_err();
+        assert!(e.message.contains("names no database"), "{e}");
+    }
+
+    /// A new database password is noticed by a reload (as a restart to make), though it never
+    /// shows in `Debug`.
+    #[test]
+    fn a_changed_source_password_needs_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let password = dir.path().join("password");
+        let toml = format!(
+            "{GOOD}[source]\nurl = \"postgres://cms@db.internal:5432/cms\"\npassword_file = \"{}\"\n",
+            password.display()
+        );
+        std::fs::write(&password, "first\n").unwrap();
+        let old = load(&toml, &[]).unwrap();
+        std::fs::write(&password, "second\n").unwrap();
+        let new = load(&toml, &[]).unwrap();
+        assert!(old.reload(new).needs_restart.contains(&"[source]"));
     }
 }

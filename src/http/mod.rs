@@ -478,7 +478,7 @@ async fn search(ctx: &Context, q: &str) -> Result<Vec<Match>, PageError> {
     };
     let mut found = Found::new();
 
-    let default_source = ctx.config.source.query.is_none() && ctx.config.source.database.is_none();
+    let default_source = ctx.config.source.is_state_table();
     let limit = SEARCH_LIMIT as i64 + 1;
     if default_source {
         // The table in the state database: one filtered query, no full read.

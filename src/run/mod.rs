@@ -277,12 +277,13 @@ fn planning_digest(ctx: &Context) -> String {
     use sha2::Digest as _;
     let config = &ctx.config;
     let inputs = format!(
-        "{}\n{:?}\n{:?}\n{:?}\n{:?}",
+        "{}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
         env!("CARGO_PKG_VERSION"),
         config.sync.uri_prefixes,
         config.sync.uri_schemes,
         config.source.database,
         config.source.query,
+        config.source.url.as_ref().map(|u| u.display()),
     );
     let digest = sha2::Sha256::digest(inputs.as_bytes());
     digest.iter().map(|b| format!("{b:02x}")).collect()

@@ -1,6 +1,7 @@
 //! Where the desired state is read from: `cms_asset_references` in the state database (the
-//! default), the CMS's own SQLite file (`source.database`), or a custom `SELECT`
-//! (`source.query`). Always through a read-only connection: the daemon never writes the source.
+//! default), the CMS's own SQLite file (`source.database`), the CMS's own PostgreSQL or
+//! MySQL/MariaDB database (`source.url`), or a custom `SELECT` (`source.query`) over any of them.
+//! Always through a read-only connection: the daemon never writes the source.
 //! Rows come out sorted by (asset_id ignoring ASCII case, uri), the order the plan's merge relies
 //! on ([`crate::model::key_order`]); then by the asset id's bytes and by `additional`, so that of
 //! rows sharing a key the one the plan keeps does not depend on the order the query happens to
@@ -8,10 +9,12 @@
 
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
-use sqlx::{Row, SqlitePool};
+use sqlx::{ConnectOptions, Connection, Executor, Row, SqlitePool};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, SourceServer, SourceUrl};
 use crate::model::RawRow;
 use crate::store::{prefetched_pages, SourceRow, PAGE_ROWS};
 
@@ -68,7 +71,7 @@ pub const DEFAULT_QUERY: &str = "SELECT asset_id, uri, additional FROM cms_asset
 /// An opened, validated source of CMS rows.
 #[derive(Clone)]
 pub struct Source {
-    pool: SqlitePool,
+    backend: Backend,
     /// The full statement, the user's query wrapped to read bytes in key order.
     statement: String,
     /// What reading it means, for errors: which key and file to look at.
@@ -81,15 +84,30 @@ pub struct Source {
     captured: bool,
 }
 
+/// The connections a source reads through.
+#[derive(Clone)]
+enum Backend {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+    MySql(MySqlPool),
+}
+
 /// Why the source cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The `source.url` server could not be reached (refused, timed out, TLS failed): perhaps
+    /// only for now.
+    #[error("{0}")]
+    Unreachable(String),
 }
 
 /// Opens the configured source read-only and checks the query yields the needed columns.
 pub async fn open_source(config: &Config) -> Result<Source, SourceError> {
+    if let Some(url) = &config.source.url {
+        return open_server(config, url).await;
+    }
     let (path, key) = match &config.source.database {
         Some(p) => (p.clone(), "source.database"),
         None => (config.database.path.clone(), "database.path"),
@@ -156,15 +174,176 @@ pub async fn open_source(config: &Config) -> Result<Source, SourceError> {
         None => format!("reading cms_asset_references from {}", path.display()),
     };
     Ok(Source {
-        pool,
+        backend: Backend::Sqlite(pool),
         statement,
         reading,
         // Raw bytes travel through SQLite text concatenation, which is byte-exact in UTF-8 only.
         paged: config.source.query.is_none()
             && encoding.eq_ignore_ascii_case("UTF-8")
             && indexed > 0,
-        captured: config.source.query.is_none() && config.source.database.is_none(),
+        captured: config.source.is_state_table(),
     })
+}
+
+/// Opens a PostgreSQL or MySQL/MariaDB `source.url`: one connection first, so that a wrong url
+/// or an unreachable server is one clear error at start rather than a pool's retries, then a
+/// small pool whose every session is read-only.
+async fn open_server(config: &Config, url: &SourceUrl) -> Result<Source, SourceError> {
+    let shown = url.display();
+    let connect_error = |e: sqlx::Error| -> SourceError {
+        match e {
+            sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut => {
+                SourceError::Unreachable(format!(
+                    "cannot reach the CMS database `source.url` ({shown}): {e}. Fix: check the host \
+                     and port, that the server runs and accepts connections from this host; the \
+                     run is tried again later"
+                ))
+            }
+            e => SourceError::Config(ConfigError::new(format!(
+                "cannot connect to the CMS database `source.url` ({shown}): {e}. Fix: check the \
+                 user, the database name and the password in source.password_file"
+            ))),
+        }
+    };
+    let query = config.source.query.as_deref().unwrap_or(DEFAULT_QUERY);
+    let probe = format!("SELECT asset_id, uri, additional FROM ({query}) AS source LIMIT 0");
+    let (backend, probed, statement) = match url.server {
+        SourceServer::Postgres => {
+            let mut options = PgConnectOptions::from_url(&url.url)
+                .map_err(connect_error)?
+                // Every transaction of the session is read-only: the server refuses any write.
+                .options([("default_transaction_read_only", "on")])
+                .application_name("bynder-usage-sync");
+            if let Some(p) = &url.password {
+                use secrecy::ExposeSecret as _;
+                options = options.password(p.expose_secret());
+            }
+            let mut conn = connect(&options).await.map_err(connect_error)?;
+            let probed = conn.execute(sqlx::AssertSqlSafe(probe)).await.map(|_| ());
+            let _ = conn.close().await;
+            let pool = PgPoolOptions::new()
+                .max_connections(2)
+                .connect_lazy_with(options);
+            (Backend::Postgres(pool), probed, postgres_statement(query))
+        }
+        SourceServer::MySql => {
+            let mut options = MySqlConnectOptions::from_url(&url.url).map_err(connect_error)?;
+            if let Some(p) = &url.password {
+                use secrecy::ExposeSecret as _;
+                options = options.password(p.expose_secret());
+            }
+            let mut conn = connect(&options).await.map_err(connect_error)?;
+            let probed = async {
+                prepare_mysql(&mut conn).await?;
+                conn.execute(sqlx::AssertSqlSafe(probe)).await.map(|_| ())
+            }
+            .await;
+            let _ = conn.close().await;
+            let pool = MySqlPoolOptions::new()
+                .max_connections(2)
+                .after_connect(|conn, _| Box::pin(prepare_mysql(conn)))
+                .connect_lazy_with(options);
+            (Backend::MySql(pool), probed, mysql_statement(query))
+        }
+    };
+    if let Err(e) = probed {
+        let (key, fix) = if config.source.query.is_some() {
+            ("source.query", "make it a SELECT over the CMS's tables returning columns named asset_id, uri and additional")
+        } else {
+            (
+                "source.url",
+                "point it at a database with a cms_asset_references table, or set source.query",
+            )
+        };
+        return Err(ConfigError::new(format!(
+            "`{key}` cannot be read from the CMS database {shown}: {e}. Fix: {fix}"
+        ))
+        .into());
+    }
+    let reading = match &config.source.query {
+        Some(_) => format!("running `source.query` on {shown}"),
+        None => format!("reading cms_asset_references from {shown}"),
+    };
+    Ok(Source {
+        backend,
+        statement,
+        reading,
+        paged: false,
+        captured: false,
+    })
+}
+
+/// How long the first connection to a `source.url` server may take (a host that drops packets
+/// would otherwise hold the start for the system's TCP timeout, minutes).
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn connect<O>(options: &O) -> Result<O::Connection, sqlx::Error>
+where
+    O: ConnectOptions,
+    O::Connection: Sized,
+{
+    tokio::time::timeout(CONNECT_TIMEOUT, options.connect())
+        .await
+        .unwrap_or_else(|_| {
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no connection within {}",
+                    humantime::format_duration(CONNECT_TIMEOUT)
+                ),
+            )))
+        })
+}
+
+/// Every MySQL/MariaDB session: read-only, and sorting on the first 8192 bytes of each value
+/// rather than the default 1024, so that the longest valid uri (2048 characters of up to 4
+/// bytes, [`crate::model::MAX_URI_LEN`]) is compared whole; a longer value is skipped as too long
+/// whatever its place. (Whole values, 8 MiB, do not fit MariaDB's default sort buffer.)
+const MYSQL_SESSION: [&str; 2] = [
+    "SET SESSION TRANSACTION READ ONLY",
+    "SET SESSION max_sort_length = 8192",
+];
+
+async fn prepare_mysql(conn: &mut sqlx::MySqlConnection) -> Result<(), sqlx::Error> {
+    for statement in MYSQL_SESSION {
+        conn.execute(statement).await?;
+    }
+    Ok(())
+}
+
+/// The user's query in PostgreSQL, as UTF-8 bytes in key order. `lower` under the "C" collation
+/// lowercases ASCII letters only, and `bytea` compares byte by byte (a shorter prefix first):
+/// exactly [`crate::model::key_order`], then the asset id's and `additional`'s bytes. Keys of
+/// another type than text (a number, `bytea`) are reported as not text, as in SQLite.
+fn postgres_statement(query: &str) -> String {
+    format!(
+        "SELECT a, u, d, t FROM (SELECT convert_to(asset_id::text, 'UTF8') AS a, \
+                convert_to(uri::text, 'UTF8') AS u, convert_to(additional::text, 'UTF8') AS d, \
+                convert_to(lower(asset_id::text COLLATE \"C\"), 'UTF8') AS l, \
+                pg_typeof(asset_id) IN ('text'::regtype, 'character varying'::regtype, 'character'::regtype, 'unknown'::regtype) \
+                AND pg_typeof(uri) IN ('text'::regtype, 'character varying'::regtype, 'character'::regtype, 'unknown'::regtype) AS t \
+            FROM ({query}) AS source) AS keyed \
+         ORDER BY l NULLS FIRST, u NULLS FIRST, a NULLS FIRST, d NULLS FIRST"
+    )
+}
+
+/// The user's query in MySQL/MariaDB, as bytes in key order. `LOWER` would lowercase more than
+/// ASCII (and not bytes at all), so the ASCII letters are replaced one by one on the binary
+/// value; binary strings compare byte by byte (a shorter prefix first): exactly
+/// [`crate::model::key_order`], then the asset id's and `additional`'s bytes. The column types
+/// of a MySQL result are not known per row, so every key counts as text (a number is read as its
+/// digits and then fails the id check).
+fn mysql_statement(query: &str) -> String {
+    let mut lowered = "a".to_owned();
+    for c in b'A'..=b'Z' {
+        let (upper, lower) = (c as char, c.to_ascii_lowercase() as char);
+        lowered = format!("REPLACE({lowered}, _binary'{upper}', _binary'{lower}')");
+    }
+    format!(
+        "SELECT a, u, d FROM (SELECT CAST(asset_id AS BINARY) AS a, CAST(uri AS BINARY) AS u, \
+                CAST(additional AS BINARY) AS d FROM ({query}) AS source) AS keyed \
+         ORDER BY {lowered}, u, a, d"
+    )
 }
 
 /// A row of the sorted statement: the three values as bytes, then whether both keys are text.
@@ -186,10 +365,45 @@ impl Source {
         if self.paged {
             return self.table_rows();
         }
-        sqlx::query(sqlx::AssertSqlSafe(self.statement.clone()))
-            .fetch(&self.pool)
-            .map_ok(source_row)
-            .boxed()
+        let statement = sqlx::AssertSqlSafe(self.statement.clone());
+        match &self.backend {
+            Backend::Sqlite(pool) => sqlx::query(statement)
+                .fetch(pool)
+                .map_ok(source_row)
+                .boxed(),
+            Backend::Postgres(pool) => sqlx::query(statement)
+                .fetch(pool)
+                .map_ok(|row: sqlx::postgres::PgRow| SourceRow {
+                    raw: RawRow {
+                        asset_id: row.get(0),
+                        uri: row.get(1),
+                        additional: row.get(2),
+                    },
+                    text_keys: row.get::<bool, _>(3),
+                })
+                .boxed(),
+            Backend::MySql(pool) => sqlx::query(statement)
+                .fetch(pool)
+                .map_ok(|row: sqlx::mysql::MySqlRow| SourceRow {
+                    raw: RawRow {
+                        asset_id: row.get(0),
+                        uri: row.get(1),
+                        additional: row.get(2),
+                    },
+                    text_keys: true,
+                })
+                .boxed(),
+        }
+    }
+
+    /// The state database's pool: only the captured table and the paged read use it.
+    fn sqlite(&self) -> Result<&SqlitePool, sqlx::Error> {
+        match &self.backend {
+            Backend::Sqlite(pool) => Ok(pool),
+            _ => Err(sqlx::Error::Protocol(
+                "only a SQLite source is read by key or page".into(),
+            )),
+        }
     }
 
     /// Whether writes to the source are logged by the capture triggers (the state database's own
@@ -200,10 +414,8 @@ impl Source {
 
     /// Whether the source has no row at all.
     pub async fn is_empty(&self) -> Result<bool, sqlx::Error> {
-        let statement = format!("SELECT NOT EXISTS (SELECT 1 FROM ({DEFAULT_QUERY}))");
-        sqlx::query_scalar(sqlx::AssertSqlSafe(statement))
-            .fetch_one(&self.pool)
-            .await
+        let mut rows = self.stream_rows();
+        Ok(rows.try_next().await?.is_none())
     }
 
     /// The rows of these assets (ids compared ignoring ASCII case), in the order of
@@ -218,9 +430,13 @@ impl Source {
              ORDER BY asset_id COLLATE NOCASE, uri COLLATE BINARY, asset_id COLLATE BINARY, \
                 additional COLLATE BINARY";
         let assets = serde_json::to_string(assets).expect("strings serialise");
+        let pool = match self.sqlite() {
+            Ok(pool) => pool,
+            Err(e) => return futures::stream::once(async { Err(e) }).boxed(),
+        };
         sqlx::query(ROWS)
             .bind(assets)
-            .fetch(&self.pool)
+            .fetch(pool)
             .map_ok(source_row)
             .boxed()
     }
@@ -256,17 +472,19 @@ impl Source {
                                     CASE WHEN ?3 THEN ?2 ELSE CAST(?2 AS TEXT) END) \
              ORDER BY asset_id COLLATE NOCASE, uri, asset_id LIMIT ?1)"
         );
-        let nulls = sqlx::query(NULL_KEYS)
-            .fetch(&self.pool)
-            .map_ok(|row| SourceRow {
-                raw: RawRow {
-                    asset_id: row.get(0),
-                    uri: row.get(1),
-                    additional: row.get(2),
-                },
-                text_keys: true,
-            });
-        let pool = self.pool.clone();
+        let pool = match self.sqlite() {
+            Ok(pool) => pool,
+            Err(e) => return futures::stream::once(async { Err(e) }).boxed(),
+        };
+        let nulls = sqlx::query(NULL_KEYS).fetch(pool).map_ok(|row| SourceRow {
+            raw: RawRow {
+                asset_id: row.get(0),
+                uri: row.get(1),
+                additional: row.get(2),
+            },
+            text_keys: true,
+        });
+        let pool = pool.clone();
         let pages = prefetched_pages(move |cursor: Option<Cursor>| {
             let pool = pool.clone();
             let (first, next) = (first.clone(), next.clone());
@@ -309,6 +527,10 @@ impl Source {
     }
 
     pub async fn close(&self) {
-        self.pool.close().await;
+        match &self.backend {
+            Backend::Sqlite(pool) => pool.close().await,
+            Backend::Postgres(pool) => pool.close().await,
+            Backend::MySql(pool) => pool.close().await,
+        }
     }
 }
