@@ -288,6 +288,9 @@ pub enum Strategy {
     Auto,
 }
 
+/// The query used when `source.query` is not set.
+pub const DEFAULT_SOURCE_QUERY: &str = "SELECT asset_id, uri, additional FROM cms_asset_references";
+
 /// Where the desired state comes from (`[source]`).
 #[derive(Debug, Clone, Default)]
 pub struct SourceSettings {
@@ -302,6 +305,11 @@ pub struct SourceSettings {
 }
 
 impl SourceSettings {
+    /// The SELECT the rows come from: `source.query`, or [`DEFAULT_SOURCE_QUERY`].
+    pub fn query(&self) -> &str {
+        self.query.as_deref().unwrap_or(DEFAULT_SOURCE_QUERY)
+    }
+
     /// Whether the rows come from the state database's own `cms_asset_references` (no other
     /// file, server or query): the one source change capture and the indexed reads apply to.
     pub fn is_state_table(&self) -> bool {

@@ -175,14 +175,7 @@ fn values(c: &Config) -> Vec<(&'static str, Value)> {
         ("sync.verify_schedule", json!(c.sync.verify_schedule)),
         ("sync.uri_schemes", json!(c.sync.uri_schemes)),
         ("source.database", path(c.source.database.as_deref())),
-        (
-            "source.query",
-            json!(c
-                .source
-                .query
-                .as_deref()
-                .unwrap_or(crate::store::source::DEFAULT_QUERY)),
-        ),
+        ("source.query", json!(c.source.query())),
         (
             "source.url",
             c.source

@@ -65,9 +65,6 @@ fn decode_page(mut bytes: &[u8], count: usize) -> Option<(Vec<SourceRow>, Option
     bytes.is_empty().then_some((rows, cursor))
 }
 
-/// The query used when `source.query` is not set.
-pub const DEFAULT_QUERY: &str = "SELECT asset_id, uri, additional FROM cms_asset_references";
-
 /// An opened, validated source of CMS rows.
 #[derive(Clone)]
 pub struct Source {
@@ -126,7 +123,7 @@ pub async fn open_source(config: &Config) -> Result<Source, SourceError> {
                 path.display()
             ))
         })?;
-    let query = config.source.query.as_deref().unwrap_or(DEFAULT_QUERY);
+    let query = config.source.query();
     // The user's SELECT runs as written, as a subquery; no value is ever formatted into SQL.
     let probe = format!("SELECT asset_id, uri, additional FROM ({query}) LIMIT 0");
     if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(probe))
@@ -205,7 +202,7 @@ async fn open_server(config: &Config, url: &SourceUrl) -> Result<Source, SourceE
             ))),
         }
     };
-    let query = config.source.query.as_deref().unwrap_or(DEFAULT_QUERY);
+    let query = config.source.query();
     let probe = format!("SELECT asset_id, uri, additional FROM ({query}) AS source LIMIT 0");
     let (backend, probed, statement) = match url.server {
         SourceServer::Postgres => {
