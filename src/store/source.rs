@@ -411,8 +411,15 @@ impl Source {
 
     /// Whether the source has no row at all.
     pub async fn is_empty(&self) -> Result<bool, sqlx::Error> {
-        let mut rows = self.stream_rows();
-        Ok(rows.try_next().await?.is_none())
+        match &self.backend {
+            // The captured table (the one change runs ask about): one look at its index.
+            Backend::Sqlite(pool) if self.captured => {
+                sqlx::query_scalar("SELECT NOT EXISTS (SELECT 1 FROM cms_asset_references)")
+                    .fetch_one(pool)
+                    .await
+            }
+            _ => Ok(self.stream_rows().try_next().await?.is_none()),
+        }
     }
 
     /// The rows of these assets (ids compared ignoring ASCII case), in the order of
