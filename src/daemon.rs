@@ -1,5 +1,6 @@
 //! `run`: the daemon. Owns the schedule (a reconcile on `sync.schedule`, drift repair on
-//! `sync.verify_schedule`, the queue drained in between), the one worker that runs those jobs one
+//! `sync.verify_schedule`, the queue drained in between), the watcher of the change log (a change
+//! run within a fraction of a second of a CMS write), the one worker that runs those jobs one
 //! at a time, the graceful shutdown, and the systemd notifications (READY, STATUS, WATCHDOG,
 //! STOPPING).
 //!

@@ -1,6 +1,8 @@
 //! One run, as the command line, the scheduler and the tests start it: [`reconcile_once`] (read
 //! the CMS rows, plan against the recorded state and the queue, write the plan to the queue in one
-//! transaction, then drain the queue against Bynder) and [`drain_queue_once`] (send what is due),
+//! transaction, then drain the queue against Bynder; or skip the merge when nothing can have
+//! changed), [`changes_once`] (the same for only the assets the change log names) and
+//! [`drain_queue_once`] (send what is due),
 //! with the run lock that keeps runs from overlapping, the run history, the outcome callers branch
 //! on and the report they print.
 //!

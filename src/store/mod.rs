@@ -1,7 +1,8 @@
 //! The SQLite state database: the CMS-facing table, the recorded state, the queue and run history.
 //! Every SQL statement of the daemon is here: this file holds the state database's own, beside it
-//! the CMS table's (`cms`), the status page's reads (`status`) and the CMS source's read-only
-//! connection (`source`). Nothing outside the store sees a pool.
+//! the change log and the record of the last full pass (`changes`), the CMS table's (`cms`), the
+//! status page's reads (`status`) and the CMS source's read-only connection (`source`). Nothing
+//! outside the store sees a pool.
 //!
 //! Opened one way only ([`open_store`]): WAL, `synchronous = NORMAL`, a busy timeout, so the CMS can
 //! write `cms_asset_references` while the daemon runs without either side seeing "database is
