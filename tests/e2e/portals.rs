@@ -1,7 +1,8 @@
 //! Issue: correct against any plausible Bynder. Where Bynder's documentation is silent the
 //! simulated portal can behave either way (sync semantics exact or literal, sync answers full or
 //! empty, ids re-cased, the sync endpoint missing, GET without an asset id allowed); the main
-//! scenarios (first sync, incremental, deletes, drift repair, a crash) run under each mode, and
+//! scenarios (first sync, incremental, deletes, a change run of only the changed assets, drift
+//! repair, a crash) run under each mode, and
 //! must leave no duplicate and no stale usage, send nothing on a rerun, and never touch another
 //! integration's usage.
 
@@ -55,6 +56,36 @@ async fn resync_converges(app: &App, args: &[&str], step: &str) {
         app.portal.counters().total,
         before,
         "{step}: a rerun with nothing changed sends zero requests"
+    );
+}
+
+/// Runs one change run (only the assets the change log names are planned) in process, expects it
+/// to converge, and then a resync that sends nothing: what it sent is what a full pass would have.
+async fn change_run_converges(app: &App, step: &str) {
+    use bynder_usage_sync::run::{self, RunOutcome};
+    struct Quiet;
+    impl run::Progress for Quiet {}
+    let source = bynder_usage_sync::config::ConfigSource::Explicit(app.config_path.clone());
+    let config = bynder_usage_sync::config::load_config(&source).unwrap();
+    let ctx = bynder_usage_sync::app::build_context(config).await.unwrap();
+    let report = run::changes_once(&ctx, std::sync::Arc::new(Quiet))
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("{step}: the change log names the changed assets"));
+    ctx.store.close().await;
+    assert!(
+        matches!(report.outcome, RunOutcome::Converged),
+        "{step}: {:?}",
+        report.outcome
+    );
+    assert_converged_ignoring_id_case(app).await;
+    let before = app.portal.counters().total;
+    let out = app.run(&["resync"]).await;
+    assert_eq!(out.status.code(), Some(0), "{step} rerun: {}", stderr(&out));
+    assert_eq!(
+        app.portal.counters().total,
+        before,
+        "{step}: a full pass after the change run finds nothing to send"
     );
 }
 
@@ -123,6 +154,21 @@ async fn scenario(portal: Options) {
     ))
     .await;
     resync_converges(&app, &[], "deletes").await;
+
+    // Change capture: one asset's note changes and another leaves a page that keeps other
+    // assets; only those two assets are planned, the pages' other usages must stay.
+    app.exec(&format!(
+        "UPDATE cms_asset_references SET additional = 'v2b' WHERE asset_id = '{}'",
+        asset(0)
+    ))
+    .await;
+    app.exec(&format!(
+        "DELETE FROM cms_asset_references WHERE asset_id = '{}' AND uri = '{}'",
+        asset(4),
+        page(4)
+    ))
+    .await;
+    change_run_converges(&app, "change run").await;
 
     // Drift: a usage removed by hand, a stray usage and a duplicate added under our integration.
     let ours = app.portal.usages_for(INTEGRATION);
