@@ -100,6 +100,30 @@ pub enum SourceError {
     Unreachable(String),
 }
 
+/// The configuration error for a source whose query cannot run at `place`: it names
+/// `source.query` when one is set, else `table_key` (where the table was looked for).
+fn unreadable(
+    config: &Config,
+    table_key: &str,
+    place: &str,
+    error: &dyn std::fmt::Display,
+) -> SourceError {
+    let (key, fix) = match config.source.query {
+        Some(_) => (
+            "source.query",
+            "make it a SELECT over the CMS's tables returning columns named asset_id, uri and additional",
+        ),
+        None => (
+            table_key,
+            "point it at a database with a cms_asset_references table, or set source.query",
+        ),
+    };
+    ConfigError::new(format!(
+        "`{key}` cannot be read from {place}: {error}. Fix: {fix}"
+    ))
+    .into()
+}
+
 /// Opens the configured source read-only and checks the query yields the needed columns.
 pub async fn open_source(config: &Config) -> Result<Source, SourceError> {
     if let Some(url) = &config.source.url {
@@ -130,19 +154,12 @@ pub async fn open_source(config: &Config) -> Result<Source, SourceError> {
         .fetch_all(&pool)
         .await
     {
-        let (key, fix) = if config.source.query.is_some() {
-            ("source.query", "make it a SELECT over the CMS's tables returning columns named asset_id, uri and additional")
-        } else {
-            (
-                "source.database",
-                "point it at a database with a cms_asset_references table, or set source.query",
-            )
-        };
-        return Err(ConfigError::new(format!(
-            "`{key}` cannot be read from {}: {e}. Fix: {fix}",
-            path.display()
-        ))
-        .into());
+        return Err(unreadable(
+            config,
+            "source.database",
+            &path.display().to_string(),
+            &e,
+        ));
     }
     // A NULL key counts as text: it is reported as empty, not as a BLOB or number. The last
     // sort term only orders duplicates (a key can appear twice in a custom query's result);
@@ -244,18 +261,12 @@ async fn open_server(config: &Config, url: &SourceUrl) -> Result<Source, SourceE
         }
     };
     if let Err(e) = probed {
-        let (key, fix) = if config.source.query.is_some() {
-            ("source.query", "make it a SELECT over the CMS's tables returning columns named asset_id, uri and additional")
-        } else {
-            (
-                "source.url",
-                "point it at a database with a cms_asset_references table, or set source.query",
-            )
-        };
-        return Err(ConfigError::new(format!(
-            "`{key}` cannot be read from the CMS database {shown}: {e}. Fix: {fix}"
-        ))
-        .into());
+        return Err(unreadable(
+            config,
+            "source.url",
+            &format!("the CMS database {shown}"),
+            &e,
+        ));
     }
     let reading = match &config.source.query {
         Some(_) => format!("running `source.query` on {shown}"),
