@@ -140,11 +140,12 @@ pub fn exposure_warnings(database: &Path, group_shared: bool) -> Vec<String> {
      database.lock_timeout ({}): the run lock {} is held{}. Fix: wait for it to finish and run \
      again, stop it, or raise database.lock_timeout",
     humantime::format_duration(*.waited),
-    .path.display(),
+    .lock,
     .holder.as_deref().map(|h| format!(" by {h}")).unwrap_or_default()
 )]
 pub struct LockTimeout {
-    pub path: PathBuf,
+    /// The lock: its file, or the database it is an advisory lock on.
+    pub lock: String,
     pub waited: Duration,
     pub holder: Option<String>,
 }
@@ -159,16 +160,21 @@ pub enum LockError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot take the run lock on the state database {database}: {source}. Fix: check that the PostgreSQL server is up and database.url is right")]
+    Database {
+        database: String,
+        source: sqlx::Error,
+    },
 }
 
 /// Only one run sends at a time per state database: an OS file lock beside it, released by the
 /// kernel when the process dies, so a crash never leaves a stale lock. The holder writes its
 /// process id and command into the file, so a waiting run can name it.
-pub struct RunLock {
+pub struct FileLock {
     _file: std::fs::File,
 }
 
-impl RunLock {
+impl FileLock {
     /// Waits at most `timeout` for the lock. `what` names this run for a waiting process
     /// (`resync`, `run`…).
     pub async fn acquire(
@@ -176,7 +182,7 @@ impl RunLock {
         modes: Modes,
         timeout: Duration,
         what: &str,
-    ) -> Result<RunLock, LockError> {
+    ) -> Result<FileLock, LockError> {
         let path = state_files(database)[3].clone();
         let io = |source| LockError::Io {
             path: path.clone(),
@@ -205,12 +211,12 @@ impl RunLock {
                         .set_len(0)
                         .and_then(|()| file.rewind())
                         .and_then(|()| file.write_all(note.as_bytes()));
-                    return Ok(RunLock { _file: file });
+                    return Ok(FileLock { _file: file });
                 }
                 Err(std::fs::TryLockError::WouldBlock) => {
                     if started.elapsed() >= timeout {
                         return Err(LockTimeout {
-                            path: path.clone(),
+                            lock: path.display().to_string(),
                             waited: timeout,
                             holder: holder(&mut file),
                         }
@@ -281,11 +287,11 @@ mod tests {
     async fn a_held_lock_is_waited_for_only_as_long_as_allowed_and_names_its_holder() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("state.db");
-        let held = RunLock::acquire(&db, Modes::new(false), Duration::from_secs(1), "resync")
+        let held = FileLock::acquire(&db, Modes::new(false), Duration::from_secs(1), "resync")
             .await
             .unwrap();
         assert_eq!(mode(&dir.path().join("state.db.lock")), 0o600);
-        let err = RunLock::acquire(&db, Modes::new(false), Duration::from_millis(300), "run")
+        let err = FileLock::acquire(&db, Modes::new(false), Duration::from_millis(300), "run")
             .await
             .err()
             .expect("the second run must give up");
@@ -297,7 +303,7 @@ mod tests {
         );
         assert!(text.contains("database.lock_timeout"), "{text}");
         drop(held);
-        RunLock::acquire(&db, Modes::new(false), Duration::from_millis(300), "run")
+        FileLock::acquire(&db, Modes::new(false), Duration::from_millis(300), "run")
             .await
             .expect("free once the holder is gone");
     }

@@ -254,7 +254,7 @@ async fn oauth1_kind(settings: &OAuth1Settings, store: Option<&Store>) -> Result
                     "auth.method is \"oauth1\" without auth.token / auth.token_secret, and the state \
                      database {} holds no token pair. Fix: run `bynder-usage-sync auth oauth1-login` \
                      once, or set auth.token and auth.token_secret",
-                    store.path().display()
+                    store.describe()
                 )));
             };
             if saved.consumer_key != settings.consumer_key {

@@ -81,7 +81,7 @@ impl OAuth2 {
         match saved::load_refresh(store).await? {
             None => Err(not_logged_in(format!(
                 "auth.method is \"refresh_token\" but the state database {} holds no refresh token",
-                store.path().display()
+                store.describe()
             ))),
             Some(saved) if saved.client_id != settings.client_id => Err(not_logged_in(format!(
                 "the stored refresh token was issued to the OAuth app {}, not to auth.client_id {}",

@@ -214,7 +214,7 @@ pub async fn run(cli: Cli) -> Result<Exit, Failure> {
             let store = open_store(&config.database, OpenMode::Create).await?;
             println!(
                 "state database {} is ready (table cms_asset_references present)",
-                store.path().display()
+                store.describe()
             );
             store.close().await;
             Ok(Exit::Ok)

@@ -200,7 +200,11 @@ impl AuthSettings {
 /// The state database (`[database]`).
 #[derive(Debug, Clone)]
 pub struct DatabaseSettings {
+    /// The SQLite file (`database.path`), unless `url` is set.
     pub path: PathBuf,
+    /// A PostgreSQL database that keeps the state instead (`database.url`, `database.url_file`),
+    /// its password apart (`database.password_file`).
+    pub url: Option<ServerUrl>,
     pub busy_timeout: Duration,
     /// Share the state folder and files with a group (folders 2770, files 0660) instead of
     /// keeping them private to the daemon's user (0700, 0600).
@@ -301,7 +305,7 @@ pub struct SourceSettings {
     pub query: Option<String>,
     /// The CMS's own PostgreSQL or MySQL/MariaDB database (`source.url`, `source.url_file`),
     /// read through a read-only session.
-    pub url: Option<SourceUrl>,
+    pub url: Option<ServerUrl>,
 }
 
 impl SourceSettings {
@@ -328,23 +332,23 @@ pub enum SourceServer {
 /// A `source.url`: the address without any password, and the password apart (from
 /// `source.password_file`, or from the url in `source.url_file`). `Debug` shows no password.
 #[derive(Clone)]
-pub struct SourceUrl {
+pub struct ServerUrl {
     pub server: SourceServer,
     /// The url with the password removed (and `mariadb://` written `mysql://`).
     pub url: url::Url,
     pub password: Option<SecretString>,
 }
 
-impl SourceUrl {
+impl ServerUrl {
     /// The url for messages and `config show`: never holds the password.
     pub fn display(&self) -> String {
         self.url.to_string()
     }
 }
 
-impl std::fmt::Debug for SourceUrl {
+impl std::fmt::Debug for ServerUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SourceUrl")
+        f.debug_struct("ServerUrl")
             .field("server", &self.server)
             .field("url", &self.url.as_str())
             .field("password", &self.password.as_ref().map(|_| show::REDACTED))

@@ -294,6 +294,9 @@ pub(super) enum RawScopes {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawDatabase {
     pub(super) path: Option<RelativePathBuf>,
+    pub(super) url: Option<String>,
+    pub(super) url_file: Option<RelativePathBuf>,
+    pub(super) password_file: Option<RelativePathBuf>,
     #[serde(default, with = "humantime_serde")]
     pub(super) busy_timeout: Option<Duration>,
     #[serde(default)]

@@ -125,6 +125,8 @@ pub(super) fn secret_files_readable_by_others(raw: &RawConfig) -> Vec<String> {
         ("auth.token_secret_file", &auth.token_secret_file),
         ("server.token_file", &raw.server.token_file),
         ("source.password_file", &raw.source.password_file),
+        ("database.password_file", &raw.database.password_file),
+        ("database.url_file", &raw.database.url_file),
         ("source.url_file", &raw.source.url_file),
     ]
     .into_iter()

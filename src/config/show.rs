@@ -163,7 +163,27 @@ fn values(c: &Config) -> Vec<(&'static str, Value)> {
         }
     }
     v.extend([
-        ("database.path", path(Some(&c.database.path))),
+        (
+            "database.path",
+            match c.database.url {
+                Some(_) => Value::Null,
+                None => path(Some(&c.database.path)),
+            },
+        ),
+        (
+            "database.url",
+            c.database
+                .url
+                .as_ref()
+                .map_or(Value::Null, |u| json!(u.display())),
+        ),
+        (
+            "database.password",
+            match c.database.url.as_ref().and_then(|u| u.password.as_ref()) {
+                Some(_) => secret.clone(),
+                None => Value::Null,
+            },
+        ),
         ("database.busy_timeout", duration(c.database.busy_timeout)),
         ("database.group_shared", json!(c.database.group_shared)),
         ("database.lock_timeout", duration(c.database.lock_timeout)),

@@ -22,12 +22,33 @@ pub(super) fn validate(raw: RawConfig, otel: &OtelEnv) -> Result<Config, ConfigE
     let bynder = validate_bynder(raw.bynder)?;
     let auth = validate_auth(raw.auth, &bynder)?;
 
+    let url = validate_server_url(
+        "database",
+        raw.database.url,
+        raw.database.url_file,
+        raw.database.password_file,
+    )?;
+    if url.is_some() && raw.database.path.is_some() {
+        return Err(ConfigError::key(
+            "database.url",
+            "is set together with `database.path`",
+            "keep `database.url` to keep the state in PostgreSQL, or `database.path` for a SQLite file, not both",
+        ));
+    }
+    if url.is_some() && raw.database.group_shared {
+        return Err(ConfigError::key(
+            "database.group_shared",
+            "is set with `database.url`, but a PostgreSQL state database has no files to share",
+            "remove database.group_shared (grant roles on the database instead)",
+        ));
+    }
     let database = DatabaseSettings {
         path: raw
             .database
             .path
             .map(|p| p.relative())
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATABASE_PATH)),
+        url,
         busy_timeout: raw.database.busy_timeout.unwrap_or(Duration::from_secs(30)),
         group_shared: raw.database.group_shared,
         lock_timeout: raw.database.lock_timeout.unwrap_or(DEFAULT_LOCK_TIMEOUT),
@@ -341,67 +362,92 @@ fn validate_source_url(
     inline: Option<String>,
     file: Option<figment::value::magic::RelativePathBuf>,
     password_file: Option<figment::value::magic::RelativePathBuf>,
-) -> Result<Option<SourceUrl>, ConfigError> {
+) -> Result<Option<ServerUrl>, ConfigError> {
+    validate_server_url("source", inline, file, password_file)
+}
+
+/// A server's url in `[section]`: `url` or `url_file`, with the password apart (see
+/// [`validate_source_url`]). `[database]` takes PostgreSQL only (the state lives there);
+/// `[source]` takes PostgreSQL or MySQL/MariaDB.
+fn validate_server_url(
+    section: &str,
+    inline: Option<String>,
+    file: Option<figment::value::magic::RelativePathBuf>,
+    password_file: Option<figment::value::magic::RelativePathBuf>,
+) -> Result<Option<ServerUrl>, ConfigError> {
+    let state = section == "database";
+    let (url_key, url_file_key, password_key) = (
+        format!("{section}.url"),
+        format!("{section}.url_file"),
+        format!("{section}.password_file"),
+    );
+    let form = if state {
+        "write it as postgres://USER@HOST:PORT/DATABASE"
+    } else {
+        "write it as postgres://USER@HOST:PORT/DATABASE or mysql://USER@HOST:PORT/DATABASE"
+    };
     let inline = inline.filter(|u| !u.trim().is_empty());
     let (key, text) = match (inline, file) {
         (Some(_), Some(_)) => {
             return Err(ConfigError::key(
-                "source.url",
-                "is set together with `source.url_file`",
+                &url_key,
+                format_args!("is set together with `{url_file_key}`"),
                 "keep only one of them",
             ))
         }
-        (Some(u), None) => ("source.url", u),
+        (Some(u), None) => (url_key.clone(), u),
         (None, Some(path)) => {
             let path = path.relative();
             let text = std::fs::read_to_string(&path).map_err(|e| {
                 ConfigError::key(
-                    "source.url_file",
+                    &url_file_key,
                     format_args!("points to {}, which cannot be read ({e})", path.display()),
                     "check the path and that the service user may read it",
                 )
             })?;
-            ("source.url_file", text)
+            (url_file_key.clone(), text)
         }
         (None, None) => {
             if password_file.is_some() {
                 return Err(ConfigError::key(
-                    "source.password_file",
-                    "is set without `source.url`",
-                    "set source.url to the CMS's PostgreSQL or MySQL/MariaDB database, or remove the key",
+                    &password_key,
+                    format_args!("is set without `{url_key}`"),
+                    if state {
+                        "set database.url to the PostgreSQL database that keeps the state, or remove the key"
+                    } else {
+                        "set source.url to the CMS's PostgreSQL or MySQL/MariaDB database, or remove the key"
+                    },
                 ));
             }
             return Ok(None);
         }
     };
-    let mut url = Url::parse(text.trim()).map_err(|e| {
-        ConfigError::key(
-            key,
-            format_args!("is not a valid url ({e})"),
-            "write it as postgres://USER@HOST:PORT/DATABASE or mysql://USER@HOST:PORT/DATABASE",
-        )
-    })?;
+    let mut url = Url::parse(text.trim())
+        .map_err(|e| ConfigError::key(&key, format_args!("is not a valid url ({e})"), form))?;
     let server = match url.scheme() {
         "postgres" | "postgresql" => SourceServer::Postgres,
-        "mysql" | "mariadb" => SourceServer::MySql,
+        "mysql" | "mariadb" if !state => SourceServer::MySql,
+        other if state => {
+            return Err(ConfigError::key(
+                &key,
+                format_args!("has the scheme `{other}`, but the state is kept in PostgreSQL only"),
+                "use postgres:// (or postgresql://); for a SQLite file set database.path instead",
+            ))
+        }
         other => {
             return Err(ConfigError::key(
-                key,
+                &key,
                 format_args!("has the scheme `{other}`, which is not a supported database server"),
                 "use postgres:// (or postgresql://) or mysql:// (or mariadb://); for a SQLite file set source.database",
             ))
         }
     };
     if url.host_str().is_none_or(str::is_empty) {
-        return Err(ConfigError::key(
-            key,
-            "names no host",
-            "write it as postgres://USER@HOST:PORT/DATABASE or mysql://USER@HOST:PORT/DATABASE",
-        ));
+        return Err(ConfigError::key(&key, "names no host", form));
     }
     if url.path().trim_start_matches('/').is_empty() {
         return Err(ConfigError::key(
-            key,
+            &key,
             "names no database",
             "add the database after the host, e.g. postgres://cms@db.internal:5432/cms",
         ));
@@ -411,19 +457,22 @@ fn validate_source_url(
             .decode_utf8_lossy()
             .into_owned()
     });
-    if in_url.is_some() && key == "source.url" {
+    if in_url.is_some() && key == url_key {
         return Err(ConfigError::key(
-            "source.url",
+            &url_key,
             "holds a password",
-            "remove the password from the url and put it into a file named by source.password_file (env BYNDER_USAGE_SYNC_SOURCE__PASSWORD_FILE), or give the whole url in source.url_file",
+            format_args!(
+                "remove the password from the url and put it into a file named by {password_key} (env {}), or give the whole url in {url_file_key}",
+                super::env_var(&password_key)
+            ),
         ));
     }
-    let from_file = resolve_secret("source.password", None, password_file)?;
+    let from_file = resolve_secret(&format!("{section}.password"), None, password_file)?;
     let password = match (in_url, from_file) {
         (Some(_), Some(_)) => {
             return Err(ConfigError::key(
-                "source.password_file",
-                "is set while the url in `source.url_file` holds a password too",
+                &password_key,
+                format_args!("is set while the url in `{url_file_key}` holds a password too"),
                 "keep only one of them",
             ))
         }
@@ -437,7 +486,7 @@ fn validate_source_url(
         let rest = url.as_str()["mariadb".len()..].to_owned();
         url = Url::parse(&format!("mysql{rest}")).expect("the same url with another scheme");
     }
-    Ok(Some(SourceUrl {
+    Ok(Some(ServerUrl {
         server,
         url,
         password,

@@ -23,10 +23,11 @@ pub use self::planning::CHANGED_ASSETS_PER_PLAN;
 use self::planning::{plan_step, Planned, Planning};
 
 use crate::app::Context;
-use crate::files::{LockError, Modes, RunLock};
+use crate::files::{FileLock, LockError, LockTimeout, Modes};
 use crate::plan::merge::{plan_run, PlanOptions, Scope};
 use crate::queue::drain::drain;
 use crate::queue::RunEffect;
+use crate::store::lock::{AdvisoryLock, LockKind};
 use crate::store::RunCounts;
 use crate::verify::{verify_assets, VerifyReport, VerifyStop};
 
@@ -417,16 +418,44 @@ fn credentials_rejected(ctx: &Context) -> RunOutcome {
     ))
 }
 
-/// The run lock of this state database, waited for at most `database.lock_timeout`.
+/// The run lock, held while a run plans and sends (released when dropped).
+#[allow(dead_code)]
+enum RunLock {
+    File(FileLock),
+    Server(AdvisoryLock),
+}
+
+/// The run lock of this state database, waited for at most `database.lock_timeout`: a file
+/// lock beside a SQLite file, an advisory lock in a PostgreSQL database.
 async fn run_lock(ctx: &Context, what: &str) -> Result<RunLock, LockError> {
     let database = &ctx.config.database;
-    RunLock::acquire(
-        ctx.store.path(),
-        Modes::new(database.group_shared),
-        database.lock_timeout,
-        what,
-    )
-    .await
+    let Some(pool) = ctx.store.postgres_pool() else {
+        let file = ctx.store.file().expect("a SQLite store has a file");
+        return FileLock::acquire(
+            file,
+            Modes::new(database.group_shared),
+            database.lock_timeout,
+            what,
+        )
+        .await
+        .map(RunLock::File);
+    };
+    let failed = |source| LockError::Database {
+        database: ctx.store.describe(),
+        source,
+    };
+    match AdvisoryLock::acquire(pool, LockKind::Run, what, database.lock_timeout)
+        .await
+        .map_err(failed)?
+    {
+        Ok(lock) => Ok(RunLock::Server(lock)),
+        Err(holder) => Err(LockTimeout {
+            lock: format!("(an advisory lock in {})", ctx.store.describe()),
+            waited: database.lock_timeout,
+            holder,
+        }
+        .into()),
+    }
 }
 
 /// Sends what is already queued, without planning: the daemon calls it between reconciles so a

@@ -4,12 +4,11 @@
 //! it, the record of the last full pass, which lets a scheduled reconcile skip the full merge
 //! when nothing can have changed since.
 
+use crate::plan::Queued;
+use crate::store::db::{on_pool, on_tx, Db, Tx};
+use crate::store::{target_from, OperationState, Store};
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
-use sqlx::{Row, SqliteConnection};
-
-use crate::plan::Queued;
-use crate::store::{target_from, OperationState, Store};
 
 /// The triggers the migration installs; change capture is trusted only while all are there.
 const TRIGGERS: [&str; 3] = [
@@ -74,11 +73,14 @@ pub struct CaptureSummary {
 impl Store {
     /// Change capture at a glance (`status`).
     pub async fn capture_summary(&self) -> Result<CaptureSummary, sqlx::Error> {
+        let unplanned_entries: i64 = on_pool!(&self.db, |pool, pg| sqlx::query_scalar(
+            "SELECT count(*) FROM cms_changes"
+        )
+        .fetch_one(pool)
+        .await)?;
         Ok(CaptureSummary {
             triggers_installed: self.capture_installed().await?,
-            unplanned_entries: sqlx::query_scalar("SELECT count(*) FROM cms_changes")
-                .fetch_one(&self.pool)
-                .await?,
+            unplanned_entries,
             last_full_pass: self.last_full_pass().await?.map(|p| p.at),
         })
     }
@@ -86,15 +88,21 @@ impl Store {
     /// Whether the three capture triggers are installed on `cms_asset_references`, and the log
     /// they write is there.
     pub async fn capture_installed(&self) -> Result<bool, sqlx::Error> {
-        let found: i64 = sqlx::query_scalar(
+        let found: i64 = on_pool!(&self.db, |pool, pg| {
+            sqlx::query_scalar(if pg {
+            "SELECT (SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass('cms_asset_references') \
+                     AND tgname IN ($1, $2, $3) AND tgenabled <> 'D') \
+                  + (SELECT count(*) FROM pg_class WHERE oid = to_regclass('cms_changes'))"
+        } else {
             "SELECT count(*) FROM sqlite_master WHERE (type = 'trigger' AND tbl_name = 'cms_asset_references' \
-             AND name IN (?1, ?2, ?3)) OR (type = 'table' AND name = 'cms_changes')",
-        )
+             AND name IN ($1, $2, $3)) OR (type = 'table' AND name = 'cms_changes')"
+        })
         .bind(TRIGGERS[0])
         .bind(TRIGGERS[1])
         .bind(TRIGGERS[2])
-        .fetch_one(&self.pool)
-        .await?;
+        .fetch_one(pool)
+        .await
+        })?;
         Ok(found == TRIGGERS.len() as i64 + 1)
     }
 
@@ -103,16 +111,18 @@ impl Store {
         if self.capture_installed().await? {
             return Ok(false);
         }
-        install_capture(&self.pool).await?;
+        install_capture(&self.db).await?;
         Ok(true)
     }
 
     /// The highest sequence number in the log, if it holds anything: one look at the end of its
     /// primary key, cheap enough to poll several times a second.
     pub async fn latest_change(&self) -> Result<Option<i64>, sqlx::Error> {
-        sqlx::query_scalar("SELECT max(seq) FROM cms_changes")
-            .fetch_one(&self.probe)
-            .await
+        on_pool!(&self.probe, |pool, pg| sqlx::query_scalar(
+            "SELECT max(seq) FROM cms_changes"
+        )
+        .fetch_one(pool)
+        .await)
     }
 
     /// The changes logged so far: every distinct asset id up to the highest sequence number now
@@ -122,24 +132,28 @@ impl Store {
         let Some(upto) = self.latest_change().await? else {
             return Ok(None);
         };
-        let rows = sqlx::query(
-            "SELECT DISTINCT asset_id FROM cms_changes WHERE seq <= ?1 AND asset_id IS NOT NULL LIMIT ?2",
-        )
+        // Case variants of an id count once (the plan reads every variant of a changed id).
+        let mut assets: Vec<String> = on_pool!(&self.db, |pool, pg| {
+            sqlx::query_scalar(if pg {
+            "SELECT DISTINCT lower(asset_id) FROM cms_changes WHERE seq <= $1 AND asset_id IS NOT NULL LIMIT $2"
+        } else {
+            "SELECT DISTINCT asset_id FROM cms_changes WHERE seq <= $1 AND asset_id IS NOT NULL LIMIT $2"
+        })
         .bind(upto)
         .bind(limit as i64 + 1)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut assets: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        .fetch_all(pool)
+        .await
+        })?;
         let more = assets.len() > limit;
         assets.truncate(limit);
-        let (entries, trimmed): (i64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM cms_changes WHERE seq <= ?1), \
-                    coalesce((SELECT CAST(value AS INTEGER) FROM settings WHERE key = ?2), 0)",
+        let (entries, trimmed): (i64, i64) = on_pool!(&self.db, |pool, pg| sqlx::query_as(
+            "SELECT (SELECT count(*) FROM cms_changes WHERE seq <= $1), \
+                    coalesce((SELECT CAST(value AS BIGINT) FROM settings WHERE key = $2), 0)",
         )
         .bind(upto)
         .bind(LOG_TRIMMED)
-        .fetch_one(&self.pool)
-        .await?;
+        .fetch_one(pool)
+        .await)?;
         Ok(Some(Changes {
             upto,
             assets,
@@ -149,33 +163,50 @@ impl Store {
     }
 
     /// The log's sequence counter: the number of the last entry ever written (0: none), which
-    /// a full pass covers whatever entries are still there.
+    /// a full pass covers whatever entries are still there. PostgreSQL's counter also counts
+    /// entries of CMS transactions that rolled back: the log then looks unsettled, and the next
+    /// reconcile makes a full pass rather than skip one.
     pub async fn log_counter(&self) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar(
-            "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'cms_changes'), 0)",
-        )
-        .fetch_one(&self.pool)
-        .await
+        on_pool!(&self.db, |pool, pg| sqlx::query_scalar(if pg {
+            LOG_COUNTER_PG
+        } else {
+            LOG_COUNTER
+        })
+        .fetch_one(pool)
+        .await)
     }
 
     /// Whether every entry the triggers ever wrote was covered by a plan: the log's sequence
     /// counter is where the last plan trimmed it. Entries deleted by hand leave it ahead.
     pub async fn log_settled(&self) -> Result<bool, sqlx::Error> {
-        sqlx::query_scalar(
-            "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'cms_changes'), 0) \
-                  = coalesce((SELECT CAST(value AS INTEGER) FROM settings WHERE key = ?1), 0)",
-        )
-        .bind(LOG_TRIMMED)
-        .fetch_one(&self.pool)
-        .await
+        let counter = self.log_counter().await?;
+        let trimmed = self
+            .setting(LOG_TRIMMED)
+            .await?
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0);
+        Ok(counter == trimmed)
     }
 
     /// Reads what a full pass would record now.
     pub async fn fingerprint(&self, planning: &str) -> Result<Fingerprint, sqlx::Error> {
-        let schema_version: i64 = sqlx::query_scalar("PRAGMA schema_version")
-            .fetch_one(&self.pool)
+        let (schema_version, rows): (i64, i64) = on_pool!(&self.db, |pool, pg| {
+            let schema_version: i64 = sqlx::query_scalar(if pg {
+                // What a CMS can change under the daemon: the table (recreated: a new oid) and
+                // the triggers on it (each new one gets a new oid).
+                "SELECT coalesce(to_regclass('cms_asset_references')::oid::bigint, 0) * 65536 \
+                      + coalesce((SELECT sum(oid::bigint) FROM pg_trigger \
+                                  WHERE tgrelid = to_regclass('cms_asset_references') AND tgenabled <> 'D'), 0)::bigint"
+            } else {
+                "PRAGMA schema_version"
+            })
+            .fetch_one(pool)
             .await?;
-        let rows = super::cms::count_cms_rows(&self.pool).await?;
+            let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM cms_asset_references")
+                .fetch_one(pool)
+                .await?;
+            Ok::<_, sqlx::Error>((schema_version, rows))
+        })?;
         Ok(Fingerprint {
             schema_version,
             rows,
@@ -203,8 +234,9 @@ impl Store {
 
     /// Starts the count of change runs' deletes again (a reconcile that skipped its merge).
     pub async fn reset_change_deletes(&self) -> Result<(), sqlx::Error> {
-        let mut conn = self.pool.acquire().await?;
-        set_change_deletes(&mut conn, 0).await
+        let mut tx = self.db.begin().await?;
+        set_change_deletes(&mut tx, 0).await?;
+        tx.commit().await
     }
 
     /// The recorded usages of these assets (ids compared ignoring case), in key order: what a
@@ -214,15 +246,18 @@ impl Store {
         assets: &[String],
     ) -> BoxStream<'static, Result<(String, String, String), sqlx::Error>> {
         let assets = serde_json::to_string(assets).expect("strings serialise");
-        let pool = self.pool.clone();
+        let db = self.db.clone();
         futures::stream::once(async move {
-            sqlx::query_as::<_, (String, String, String)>(
+            on_pool!(&db, |pool, pg| sqlx::query_as::<_, (String, String, String)>(if pg {
                 "SELECT asset_id, uri, additional FROM recorded_usages \
-                 WHERE asset_id IN (SELECT value FROM json_each(?1)) ORDER BY asset_id, uri",
-            )
+                 WHERE asset_id IN (SELECT json_array_elements_text($1::json)) ORDER BY asset_id, uri"
+            } else {
+                "SELECT asset_id, uri, additional FROM recorded_usages \
+                 WHERE asset_id IN (SELECT value FROM json_each($1)) ORDER BY asset_id, uri"
+            })
             .bind(assets)
-            .fetch_all(&pool)
-            .await
+            .fetch_all(pool)
+            .await)
         })
         .map_ok(|rows| futures::stream::iter(rows.into_iter().map(Ok)))
         .try_flatten()
@@ -235,30 +270,46 @@ impl Store {
         assets: &[String],
     ) -> BoxStream<'static, Result<(String, String, Queued), sqlx::Error>> {
         let assets = serde_json::to_string(assets).expect("strings serialise");
-        let pool = self.pool.clone();
+        let db = self.db.clone();
         futures::stream::once(async move {
-            sqlx::query(
+            on_pool!(&db, |pool, pg| sqlx::query_as::<
+                _,
+                (String, String, String, Option<String>, OperationState, bool),
+            >(if pg {
                 "SELECT asset_id, uri, action, additional, state, uncertain FROM operations \
-                 WHERE asset_id IN (SELECT value FROM json_each(?1)) ORDER BY asset_id, uri",
-            )
+                 WHERE asset_id IN (SELECT json_array_elements_text($1::json)) ORDER BY asset_id, uri"
+            } else {
+                "SELECT asset_id, uri, action, additional, state, uncertain FROM operations \
+                 WHERE asset_id IN (SELECT value FROM json_each($1)) ORDER BY asset_id, uri"
+            })
             .bind(assets)
-            .fetch_all(&pool)
-            .await
+            .fetch_all(pool)
+            .await)
         })
         .map_ok(|rows| {
-            futures::stream::iter(rows.into_iter().map(|row| {
-                let queued = Queued {
-                    target: target_from(row.get(2), row.get(3)),
-                    dead: row.get::<OperationState, _>(4) == OperationState::Dead,
-                    uncertain: row.get(5),
-                };
-                Ok((row.get(0), row.get(1), queued))
-            }))
+            futures::stream::iter(rows.into_iter().map(
+                |(asset_id, uri, action, additional, state, uncertain)| {
+                    let queued = Queued {
+                        target: target_from(action, additional),
+                        dead: state == OperationState::Dead,
+                        uncertain,
+                    };
+                    Ok((asset_id, uri, queued))
+                },
+            ))
         })
         .try_flatten()
         .boxed()
     }
 }
+
+/// The log's sequence counter in SQLite (see [`Store::log_counter`]).
+const LOG_COUNTER: &str =
+    "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'cms_changes'), 0)";
+
+/// The log's sequence counter in PostgreSQL: the identity's sequence, 0 before its first use.
+const LOG_COUNTER_PG: &str =
+    "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM cms_changes_seq_seq";
 
 /// The change log's bookkeeping, in the transaction that queues a plan.
 impl super::PlanWriter {
@@ -273,20 +324,24 @@ impl super::PlanWriter {
             None => trim_changes(&mut self.tx, upto).await,
             Some(assets) => {
                 let assets = serde_json::to_string(assets).expect("strings serialise");
-                sqlx::query(
-                    "DELETE FROM cms_changes WHERE seq <= ?1 \
-                     AND (asset_id IS NULL OR asset_id IN (SELECT value FROM json_each(?2)))",
-                )
-                .bind(upto)
-                .bind(assets)
-                .execute(&mut *self.tx)
-                .await?;
-                // Only a log emptied up to `upto` is settled up to it.
-                let left: i64 =
-                    sqlx::query_scalar("SELECT count(*) FROM cms_changes WHERE seq <= ?1")
+                let left: i64 = on_tx!(&mut self.tx, |conn, pg| {
+                    sqlx::query(if pg {
+                        "DELETE FROM cms_changes WHERE seq <= $1 AND (asset_id IS NULL \
+                         OR lower(asset_id) IN (SELECT lower(json_array_elements_text($2::json))))"
+                    } else {
+                        "DELETE FROM cms_changes WHERE seq <= $1 \
+                         AND (asset_id IS NULL OR asset_id IN (SELECT value FROM json_each($2)))"
+                    })
+                    .bind(upto)
+                    .bind(assets)
+                    .execute(&mut *conn)
+                    .await?;
+                    // Only a log emptied up to `upto` is settled up to it.
+                    sqlx::query_scalar("SELECT count(*) FROM cms_changes WHERE seq <= $1")
                         .bind(upto)
-                        .fetch_one(&mut *self.tx)
-                        .await?;
+                        .fetch_one(&mut *conn)
+                        .await?
+                });
                 if left == 0 {
                     trim_changes(&mut self.tx, upto).await?;
                 }
@@ -308,69 +363,69 @@ impl super::PlanWriter {
 
 /// Puts the change log and its triggers in place if they are missing (the migration's own,
 /// idempotent statements): a CMS that dropped and recreated its table lost the triggers with it.
-pub(super) async fn install_capture(pool: &sqlx::SqlitePool) -> Result<(), sqlx::Error> {
-    let table: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'cms_asset_references'",
-    )
-    .fetch_one(pool)
-    .await?;
-    if table > 0 {
-        sqlx::raw_sql(include_str!(
-            "../../migrations/20261202000005_capture_cms_changes.sql"
-        ))
-        .execute(pool)
-        .await?;
+pub(super) async fn install_capture(db: &Db) -> Result<(), sqlx::Error> {
+    if !super::has_table(db, "cms_asset_references").await? {
+        return Ok(());
     }
+    on_pool!(db, |pool, pg| {
+        sqlx::raw_sql(if pg {
+            include_str!("../../migrations/postgres/20261203000002_capture_cms_changes.sql")
+        } else {
+            include_str!("../../migrations/sqlite/20261202000005_capture_cms_changes.sql")
+        })
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected())
+    })?;
     Ok(())
 }
 
 /// Deletes the log's entries up to `upto`, inside the transaction that queues their plan.
-pub async fn trim_changes(conn: &mut SqliteConnection, upto: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM cms_changes WHERE seq <= ?")
-        .bind(upto)
-        .execute(&mut *conn)
-        .await?;
-    put_setting(conn, LOG_TRIMMED, Some(&upto.to_string())).await
+pub async fn trim_changes(tx: &mut Tx, upto: i64) -> Result<(), sqlx::Error> {
+    on_tx!(&mut *tx, |conn, pg| sqlx::query(
+        "DELETE FROM cms_changes WHERE seq <= $1"
+    )
+    .bind(upto)
+    .execute(&mut *conn)
+    .await
+    .map(|r| r.rows_affected()))?;
+    put_setting(tx, LOG_TRIMMED, Some(&upto.to_string())).await
 }
 
 /// Sets the count of deletes change runs queued since the last reconcile, inside the
 /// transaction that queues a plan (0 after a reconcile).
-pub async fn set_change_deletes(
-    conn: &mut SqliteConnection,
-    count: u64,
-) -> Result<(), sqlx::Error> {
-    put_setting(conn, CHANGE_DELETES, Some(&count.to_string())).await
+pub async fn set_change_deletes(tx: &mut Tx, count: u64) -> Result<(), sqlx::Error> {
+    put_setting(tx, CHANGE_DELETES, Some(&count.to_string())).await
 }
 
 /// Records a full pass (or forgets the last one, with `None`), inside the transaction that
 /// queues its plan.
-pub async fn save_full_pass(
-    conn: &mut SqliteConnection,
-    pass: Option<&FullPass>,
-) -> Result<(), sqlx::Error> {
+pub async fn save_full_pass(tx: &mut Tx, pass: Option<&FullPass>) -> Result<(), sqlx::Error> {
     let value = pass.map(|p| serde_json::to_string(p).expect("a fingerprint serialises"));
-    put_setting(conn, FULL_PASS, value.as_deref()).await
+    put_setting(tx, FULL_PASS, value.as_deref()).await
 }
 
 /// Sets (or, with `None`, removes) a setting inside the caller's transaction.
-async fn put_setting(
-    conn: &mut SqliteConnection,
+pub(super) async fn put_setting(
+    tx: &mut Tx,
     key: &str,
     value: Option<&str>,
 ) -> Result<(), sqlx::Error> {
-    match value {
+    on_tx!(tx, |conn, pg| {
+        match value {
         Some(value) => sqlx::query(
-            "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         )
         .bind(key)
         .bind(value)
-        .execute(conn)
-        .await?,
-        None => sqlx::query("DELETE FROM settings WHERE key = ?1")
+        .execute(&mut *conn)
+        .await?.rows_affected(),
+        None => sqlx::query("DELETE FROM settings WHERE key = $1")
             .bind(key)
-            .execute(conn)
-            .await?,
-    };
+            .execute(&mut *conn)
+            .await?.rows_affected(),
+    }
+    });
     Ok(())
 }
 
@@ -381,7 +436,7 @@ mod tests {
 
     async fn exec(store: &Store, sql: &str) {
         sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
-            .execute(&store.pool)
+            .execute(store.test_pool())
             .await
             .unwrap();
     }
@@ -427,7 +482,7 @@ mod tests {
         assert_eq!(assets, ["a", "b", "c"]);
         assert!(!changes.more);
         let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM cms_changes")
-            .fetch_one(&store.pool)
+            .fetch_one(store.test_pool())
             .await
             .unwrap();
         // 2 inserts, an update of the key (old and new id), an update of the note (one id), a

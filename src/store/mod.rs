@@ -1,12 +1,13 @@
-//! The SQLite state database: the CMS-facing table, the recorded state, the queue and run history.
+//! The state database: the CMS-facing table, the recorded state, the queue and run history, in
+//! a SQLite file (`database.path`) or a PostgreSQL database (`database.url`), see [`db`].
 //! Every SQL statement of the daemon is here: this file holds the state database's own, beside it
 //! the change log and the record of the last full pass (`changes`), the CMS table's (`cms`), the
 //! status page's reads (`status`) and the CMS source's read-only connection (`source`). Nothing
 //! outside the store sees a pool.
 //!
-//! Opened one way only ([`open_store`]): WAL, `synchronous = NORMAL`, a busy timeout, so the CMS can
-//! write `cms_asset_references` while the daemon runs without either side seeing "database is
-//! locked". One function per query; callers own transactions.
+//! Opened one way only ([`open_store`]). SQLite: WAL, `synchronous = NORMAL`, a busy timeout, so
+//! the CMS can write `cms_asset_references` while the daemon runs without either side seeing
+//! "database is locked". One function per query; callers own transactions.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -14,8 +15,9 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqliteConnection, SqlitePool};
+use sqlx::{ConnectOptions, Row, SqlitePool};
 
 use crate::config::DatabaseSettings;
 use crate::model::SyncUsage;
@@ -25,6 +27,8 @@ use crate::queue::next::Next;
 
 pub mod changes;
 mod cms;
+pub(crate) mod db;
+pub mod lock;
 pub mod source;
 mod status;
 #[cfg(test)]
@@ -33,19 +37,31 @@ mod tests;
 pub use self::cms::CmsRow;
 pub use self::status::{FoundCmsRow, FoundOperation, FoundRecorded};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+use self::db::{on_pool, on_tx, Db, Tx};
 
-/// Problems with the state database.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Problems with the state database. Each names the database as [`Store::describe`] does (a
+/// file's path, or a server's url without its password).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("the state database {} does not exist. Fix: run `bynder-usage-sync migrate` once to create it (or check database.path)", .0.display())]
-    Missing(PathBuf),
-    #[error("the state database {} has no table cms_asset_references. Fix: run `bynder-usage-sync migrate` (or check database.path points at the right file)", .0.display())]
-    NotMigrated(PathBuf),
-    #[error("the state database {} has a table cms_asset_references, but `migrate` was never run on it (perhaps the CMS created the table itself), so the daemon's own tables are missing. Fix: run `bynder-usage-sync migrate` once; it keeps the CMS's rows", .0.display())]
-    MigrationsNotRun(PathBuf),
-    #[error("cannot open the state database {}: {source}. Fix: check database.path, its folder's permissions and free disk space", .path.display())]
-    Open { path: PathBuf, source: sqlx::Error },
+    #[error("the state database {0} does not exist. Fix: run `bynder-usage-sync migrate` once to create it (or check database.path)")]
+    Missing(String),
+    #[error("the state database {0} has no table cms_asset_references. Fix: run `bynder-usage-sync migrate` (or check that database.path or database.url names the right database)")]
+    NotMigrated(String),
+    #[error("the state database {0} has a table cms_asset_references, but `migrate` was never run on it (perhaps the CMS created the table itself), so the daemon's own tables are missing. Fix: run `bynder-usage-sync migrate` once; it keeps the CMS's rows")]
+    MigrationsNotRun(String),
+    #[error("cannot open the state database {path}: {source}. Fix: check database.path, its folder's permissions and free disk space")]
+    Open { path: String, source: sqlx::Error },
+    #[error("cannot connect to the state database {url}: {source}. Fix: check database.url (host, port, user, database name), the password in database.password_file, and that the server accepts connections from this host")]
+    Connect { url: String, source: sqlx::Error },
+    #[error("the state database {url} cannot be used: {reason}. Fix: {fix}")]
+    Unsupported {
+        url: String,
+        reason: String,
+        fix: &'static str,
+    },
     #[error("migrating the state database failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("state database error: {0}")]
@@ -65,11 +81,20 @@ pub enum OpenMode {
 /// The opened state database.
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    db: Db,
     /// One connection of its own for health checks: however busy the pool is (searches, a big
     /// reconcile), readiness is answered from the database within its time limit.
-    probe: SqlitePool,
-    path: PathBuf,
+    probe: Db,
+    location: Location,
+}
+
+/// Where the state database is.
+#[derive(Clone, Debug)]
+pub enum Location {
+    /// A SQLite file (`database.path`).
+    File(PathBuf),
+    /// A PostgreSQL database (`database.url`), its url without the password.
+    Server(String),
 }
 
 /// An operation as stored in the queue.
@@ -90,8 +115,7 @@ pub struct Operation {
 }
 
 /// Where an operation stands in the queue (the `state` column).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, serde::Serialize)]
-#[sqlx(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OperationState {
     /// Waiting to be sent (or retried) when due.
@@ -110,6 +134,40 @@ impl OperationState {
             OperationState::InFlight => "in_flight",
             OperationState::Dead => "dead",
         }
+    }
+}
+
+impl std::str::FromStr for OperationState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "pending" => Ok(OperationState::Pending),
+            "in_flight" => Ok(OperationState::InFlight),
+            "dead" => Ok(OperationState::Dead),
+            other => Err(format!("unknown operation state {other:?}")),
+        }
+    }
+}
+
+// Stored as its text in either engine.
+impl<DB: sqlx::Database> sqlx::Type<DB> for OperationState
+where
+    String: sqlx::Type<DB>,
+{
+    fn type_info() -> DB::TypeInfo {
+        <String as sqlx::Type<DB>>::type_info()
+    }
+    fn compatible(ty: &DB::TypeInfo) -> bool {
+        <String as sqlx::Type<DB>>::compatible(ty)
+    }
+}
+
+impl<'r, DB: sqlx::Database> sqlx::Decode<'r, DB> for OperationState
+where
+    String: sqlx::Decode<'r, DB>,
+{
+    fn decode(value: DB::ValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        Ok(<String as sqlx::Decode<'r, DB>>::decode(value)?.parse()?)
     }
 }
 
@@ -160,12 +218,89 @@ pub struct QueueSummary {
 
 pub use crate::model::{format_time, now_text};
 
+/// The tables a PostgreSQL snapshot copies: every one the daemon reads or writes.
+/// With each, its identity column.
+const SNAPSHOT_TABLES: [(&str, Option<&str>); 8] = [
+    ("_sqlx_migrations", None),
+    ("cms_asset_references", None),
+    ("cms_changes", Some("seq")),
+    ("recorded_usages", None),
+    ("operations", Some("id")),
+    ("runs", Some("id")),
+    ("settings", None),
+    ("portal_profile", None),
+];
+
+/// What keeps a [`Store::snapshot`] alive: dropping it removes the copy.
+pub enum Snapshot {
+    Folder(tempfile::TempDir),
+    Schema { pool: sqlx::PgPool, schema: String },
+}
+
+impl Snapshot {
+    /// Removes the copy now (dropping the guard removes it too, but only eventually).
+    pub async fn discard(mut self) {
+        if let Snapshot::Schema { pool, schema } = &mut self {
+            let sql = format!("DROP SCHEMA IF EXISTS {schema} CASCADE");
+            if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&*pool).await {
+                tracing::warn!(error = %e, "could not drop the what-if copy of the state database");
+            }
+            schema.clear();
+        }
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        if let Snapshot::Schema { pool, schema } = self {
+            if schema.is_empty() {
+                return;
+            }
+            let (pool, sql) = (
+                pool.clone(),
+                format!("DROP SCHEMA IF EXISTS {schema} CASCADE"),
+            );
+            // Best effort, off the dropping task: a copy left behind only takes space, and its
+            // name says what it is.
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await {
+                        tracing::warn!(error = %e, "could not drop the what-if copy of the state database");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Whether `db` has a table of that name (in PostgreSQL: on the search path).
+async fn has_table(db: &Db, name: &str) -> Result<bool, sqlx::Error> {
+    on_pool!(db, |pool, pg| {
+        sqlx::query_scalar(if pg {
+            "SELECT to_regclass($1) IS NOT NULL"
+        } else {
+            "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = $1"
+        })
+        .bind(name)
+        .fetch_one(pool)
+        .await
+    })
+}
+
 /// Opens the state database with the one set of connection options the project uses.
 pub async fn open_store(settings: &DatabaseSettings, mode: OpenMode) -> Result<Store, StoreError> {
-    let path = settings.path.clone();
-    if mode == OpenMode::Existing && !path.exists() {
-        return Err(StoreError::Missing(path));
+    if let Some(url) = &settings.url {
+        return open_postgres(settings, url, mode).await;
     }
+    let path = settings.path.clone();
+    let shown = path.display().to_string();
+    if mode == OpenMode::Existing && !path.exists() {
+        return Err(StoreError::Missing(shown));
+    }
+    let open_error = |source: sqlx::Error| StoreError::Open {
+        path: shown.clone(),
+        source,
+    };
     // SQLite silently opens a file it may not write read-only, and the first write then fails
     // deep inside a run with "attempt to write a readonly database". Every command that opens
     // the store writes sooner or later, so say so up front, the way SQLite would decide it.
@@ -175,10 +310,7 @@ pub async fn open_store(settings: &DatabaseSettings, mode: OpenMode) -> Result<S
                 e.kind(),
                 format!("the file is read-only for this process ({e})"),
             );
-            return Err(StoreError::Open {
-                path,
-                source: read_only.into(),
-            });
+            return Err(open_error(read_only.into()));
         }
     }
     let modes = crate::files::Modes::new(settings.group_shared);
@@ -189,19 +321,13 @@ pub async fn open_store(settings: &DatabaseSettings, mode: OpenMode) -> Result<S
         };
         created
             .and_then(|()| crate::files::create_file(&path, modes.file))
-            .map_err(|e| StoreError::Open {
-                path: path.clone(),
-                source: e.into(),
-            })?;
+            .map_err(|e| open_error(e.into()))?;
     }
     for warning in crate::files::exposure_warnings(&path, settings.group_shared) {
         tracing::warn!("{warning}");
     }
     let options = SqliteConnectOptions::from_str("sqlite://")
-        .map_err(|e| StoreError::Open {
-            path: path.clone(),
-            source: e,
-        })?
+        .map_err(open_error)?
         .filename(&path)
         .create_if_missing(mode == OpenMode::Create)
         .journal_mode(SqliteJournalMode::Wal)
@@ -213,21 +339,71 @@ pub async fn open_store(settings: &DatabaseSettings, mode: OpenMode) -> Result<S
         .acquire_timeout(settings.busy_timeout + std::time::Duration::from_secs(5))
         .connect_with(options.clone())
         .await
-        .map_err(|e| StoreError::Open {
-            path: path.clone(),
-            source: e,
-        })?;
+        .map_err(open_error)?;
     // Opened on first use, so commands that never check health never open it.
     let probe = SqlitePoolOptions::new()
         .max_connections(1)
         .min_connections(0)
         .acquire_timeout(settings.busy_timeout + std::time::Duration::from_secs(5))
         .connect_lazy_with(options.create_if_missing(false));
-    let store = Store { pool, probe, path };
-    match mode {
-        OpenMode::Create => store.migrate().await?,
-        OpenMode::Existing => store.check_schema().await?,
+    let store = Store {
+        db: Db::Sqlite(pool),
+        probe: Db::Sqlite(probe),
+        location: Location::File(path),
+    };
+    store.finish_opening(mode).await?;
+    Ok(store)
+}
+
+/// The connection options of a PostgreSQL state database: its url, the password apart, a name
+/// the server's activity view shows, and the server's side of TCP keep-alive short enough that a
+/// lost machine's session (and the locks it holds) ends within seconds, not hours.
+pub fn postgres_options(url: &crate::config::ServerUrl) -> Result<PgConnectOptions, sqlx::Error> {
+    let mut options = PgConnectOptions::from_url(&url.url)?
+        .application_name("bynder-usage-sync")
+        .options([
+            ("tcp_keepalives_idle", "5"),
+            ("tcp_keepalives_interval", "5"),
+            ("tcp_keepalives_count", "3"),
+        ]);
+    if let Some(p) = &url.password {
+        use secrecy::ExposeSecret as _;
+        options = options.password(p.expose_secret());
     }
+    Ok(options)
+}
+
+/// Opens a PostgreSQL state database (`database.url`). `migrate` creates the schema, the CMS
+/// table included; the database itself must exist (as with any server, its owner creates it).
+async fn open_postgres(
+    settings: &DatabaseSettings,
+    url: &crate::config::ServerUrl,
+    mode: OpenMode,
+) -> Result<Store, StoreError> {
+    let shown = url.display();
+    let connect_error = |source: sqlx::Error| StoreError::Connect {
+        url: shown.clone(),
+        source,
+    };
+    let options = postgres_options(url).map_err(connect_error)?;
+    let acquire = settings.busy_timeout + std::time::Duration::from_secs(5);
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(acquire)
+        .connect_with(options.clone())
+        .await
+        .map_err(connect_error)?;
+    let probe = PgPoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        .acquire_timeout(acquire)
+        .connect_lazy_with(options);
+    let store = Store {
+        db: Db::Postgres(pool),
+        probe: Db::Postgres(probe),
+        location: Location::Server(shown),
+    };
+    store.finish_opening(mode).await?;
     Ok(store)
 }
 
@@ -245,7 +421,9 @@ pub async fn inspect_copy(path: &Path) -> Result<CopyCheck, sqlx::Error> {
     let integrity: String = sqlx::query_scalar("PRAGMA integrity_check")
         .fetch_one(&copy)
         .await?;
-    let cms_rows = cms::count_cms_rows(&copy).await?;
+    let cms_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM cms_asset_references")
+        .fetch_one(&copy)
+        .await?;
     copy.close().await;
     Ok(CopyCheck {
         integrity,
@@ -254,60 +432,178 @@ pub async fn inspect_copy(path: &Path) -> Result<CopyCheck, sqlx::Error> {
 }
 
 impl Store {
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The state database for messages: a file's path, or a server's url without its password.
+    pub fn describe(&self) -> String {
+        match &self.location {
+            Location::File(path) => path.display().to_string(),
+            Location::Server(url) => url.clone(),
+        }
+    }
+
+    /// The SQLite file, when the state database is one.
+    pub fn file(&self) -> Option<&Path> {
+        match &self.location {
+            Location::File(path) => Some(path),
+            Location::Server(_) => None,
+        }
+    }
+
+    /// The SQLite pool, for tests that look under the store.
+    #[cfg(test)]
+    pub(crate) fn test_pool(&self) -> &SqlitePool {
+        match &self.db {
+            Db::Sqlite(pool) => pool,
+            Db::Postgres(_) => panic!("a SQLite store"),
+        }
+    }
+
+    /// Whether the state database is a PostgreSQL one (`database.url`).
+    pub fn is_postgres(&self) -> bool {
+        self.db.is_postgres()
+    }
+
+    /// The PostgreSQL pool, for the run lock's and leadership's own sessions.
+    pub(crate) fn postgres_pool(&self) -> Option<&sqlx::PgPool> {
+        match &self.db {
+            Db::Postgres(pool) => Some(pool),
+            Db::Sqlite(_) => None,
+        }
+    }
+
+    async fn finish_opening(&self, mode: OpenMode) -> Result<(), StoreError> {
+        match mode {
+            OpenMode::Create => self.migrate().await,
+            OpenMode::Existing => self.check_schema().await,
+        }
     }
 
     /// Applies every pending migration.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        MIGRATOR.run(&self.pool).await?;
-        changes::install_capture(&self.pool).await?;
+        match &self.db {
+            Db::Sqlite(pool) => MIGRATOR.run(pool).await?,
+            Db::Postgres(pool) => PG_MIGRATOR.run(pool).await?,
+        }
+        changes::install_capture(&self.db).await?;
         Ok(())
     }
 
     /// Checks an existing database has the schema; applies migrations newer than it (an upgrade).
     async fn check_schema(&self) -> Result<(), StoreError> {
-        let has = |name: &'static str| {
-            sqlx::query_scalar::<_, i64>(
-                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
-            )
-            .bind(name)
-            .fetch_one(&self.pool)
-        };
-        if has("cms_asset_references").await? == 0 {
-            return Err(StoreError::NotMigrated(self.path.clone()));
+        if !self.has_table("cms_asset_references").await? {
+            return Err(StoreError::NotMigrated(self.describe()));
         }
-        if has("_sqlx_migrations").await? == 0 {
-            return Err(StoreError::MigrationsNotRun(self.path.clone()));
+        if !self.has_table("_sqlx_migrations").await? {
+            return Err(StoreError::MigrationsNotRun(self.describe()));
         }
         self.migrate().await
     }
 
-    /// A private copy of the state database in a temporary folder (removed when the returned
-    /// folder is dropped): what-if runs (`resync --verify --dry-run`) repair and plan on it, so
-    /// they show exactly what a real run would do while the real state stays untouched.
+    /// Whether the database has a table of that name (in PostgreSQL: on the search path).
+    pub(crate) async fn has_table(&self, name: &str) -> Result<bool, sqlx::Error> {
+        has_table(&self.db, name).await
+    }
+
+    /// A private copy of the state database (removed when the returned guard is dropped):
+    /// what-if runs (`resync --verify --dry-run`) repair and plan on it, so they show exactly
+    /// what a real run would do while the real state stays untouched. A SQLite file is copied
+    /// into a temporary folder; a PostgreSQL database into a schema of its own, dropped after.
     pub async fn snapshot(
         &self,
         settings: &DatabaseSettings,
-    ) -> Result<(tempfile::TempDir, Store), StoreError> {
+    ) -> Result<(Snapshot, Store), StoreError> {
+        if let Db::Postgres(pool) = &self.db {
+            return self.postgres_snapshot(pool, settings).await;
+        }
         let folder = tempfile::tempdir().map_err(|e| StoreError::Open {
-            path: self.path.clone(),
+            path: self.describe(),
             source: e.into(),
         })?;
         let path = folder.path().join("snapshot.db");
         self.copy_to(&path, 0o600).await?;
         let settings = DatabaseSettings {
             path,
+            url: None,
             ..settings.clone()
         };
         let store = open_store(&settings, OpenMode::Existing).await?;
-        Ok((folder, store))
+        Ok((Snapshot::Folder(folder), store))
     }
 
-    /// A consistent copy of the whole database at `path`, which must not exist, made while
-    /// other connections keep reading and writing (`VACUUM INTO`: one read transaction, WAL
-    /// content included). The new file gets `mode` whatever the umask.
+    /// [`Store::snapshot`] of a PostgreSQL database: every table copied into a new schema, and a
+    /// store whose sessions look only there.
+    async fn postgres_snapshot(
+        &self,
+        pool: &sqlx::PgPool,
+        settings: &DatabaseSettings,
+    ) -> Result<(Snapshot, Store), StoreError> {
+        let schema = format!(
+            "bynder_usage_sync_what_if_{}_{}",
+            std::process::id(),
+            Utc::now().timestamp_millis()
+        );
+        let mut tx = pool.begin().await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&mut *tx)
+            .await?;
+        for (table, identity) in SNAPSHOT_TABLES {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "CREATE TABLE {schema}.{table} (LIKE {table} INCLUDING ALL)"
+            )))
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO {schema}.{table} SELECT * FROM {table}"
+            )))
+            .execute(&mut *tx)
+            .await?;
+            // The copy's own sequence carries on after the copied rows.
+            if let Some(column) = identity {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT setval(pg_get_serial_sequence('{schema}.{table}', '{column}'), \
+                         coalesce((SELECT max({column}) FROM {schema}.{table}), 0) + 1, false)"
+                )))
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        let Some(url) = &settings.url else {
+            unreachable!("a PostgreSQL store was opened from database.url")
+        };
+        let options = postgres_options(url)?.options([("search_path", schema.as_str())]);
+        let copy = PgPoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.clone())
+            .await?;
+        let store = Store {
+            db: Db::Postgres(copy),
+            probe: Db::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect_lazy_with(options),
+            ),
+            location: Location::Server(format!("{} (a private copy)", self.describe())),
+        };
+        Ok((
+            Snapshot::Schema {
+                pool: pool.clone(),
+                schema,
+            },
+            store,
+        ))
+    }
+
+    /// A consistent copy of the whole SQLite database at `path`, which must not exist, made
+    /// while other connections keep reading and writing (`VACUUM INTO`: one read transaction,
+    /// WAL content included). The new file gets `mode` whatever the umask.
     pub async fn copy_to(&self, path: &Path, mode: u32) -> Result<(), StoreError> {
+        let Db::Sqlite(pool) = &self.db else {
+            return Err(StoreError::Unsupported {
+                url: self.describe(),
+                reason: "`backup` copies a SQLite state file; this one is a PostgreSQL database".into(),
+                fix: "back it up with the server's own tools (pg_dump, or the base backups and WAL archive the server already keeps); see docs/operations.md",
+            });
+        };
         // `create_new`: never overwrite an existing file (VACUUM INTO needs it absent or empty).
         let mut options = std::fs::OpenOptions::new();
         options.write(true).create_new(true);
@@ -322,19 +618,19 @@ impl Store {
             Ok(())
         });
         created.map_err(|e| StoreError::Open {
-            path: path.to_path_buf(),
+            path: path.display().to_string(),
             source: e.into(),
         })?;
         sqlx::query("VACUUM INTO ?")
             .bind(path.to_string_lossy().into_owned())
-            .execute(&self.pool)
+            .execute(pool)
             .await?;
         Ok(())
     }
 
     pub async fn close(&self) {
         self.probe.close().await;
-        self.pool.close().await;
+        self.db.close().await;
     }
 
     // ---- recorded state ---------------------------------------------------------------------
@@ -347,23 +643,40 @@ impl Store {
     ) -> BoxStream<'static, Result<(String, String, String), sqlx::Error>> {
         const FIRST: &str = "SELECT count(*), group_concat(asset_id || char(31) || uri || char(31) || additional, \
                  char(30)) \
-             FROM (SELECT asset_id, uri, additional FROM recorded_usages ORDER BY asset_id, uri LIMIT ?1)";
+             FROM (SELECT asset_id, uri, additional FROM recorded_usages ORDER BY asset_id, uri LIMIT $1)";
         const NEXT: &str = "SELECT count(*), group_concat(asset_id || char(31) || uri || char(31) || additional, \
                  char(30)) \
-             FROM (SELECT asset_id, uri, additional FROM recorded_usages WHERE (asset_id, uri) > (?2, ?3) \
-                   ORDER BY asset_id, uri LIMIT ?1)";
-        let pool = self.pool.clone();
+             FROM (SELECT asset_id, uri, additional FROM recorded_usages WHERE (asset_id, uri) > ($2, $3) \
+                   ORDER BY asset_id, uri LIMIT $1)";
+        const PG_FIRST: &str = "SELECT count(*), string_agg(asset_id || chr(31) || uri || chr(31) || additional, \
+                 chr(30) ORDER BY asset_id, uri) \
+             FROM (SELECT asset_id, uri, additional FROM recorded_usages ORDER BY asset_id, uri LIMIT $1) AS page";
+        const PG_NEXT: &str = "SELECT count(*), string_agg(asset_id || chr(31) || uri || chr(31) || additional, \
+                 chr(30) ORDER BY asset_id, uri) \
+             FROM (SELECT asset_id, uri, additional FROM recorded_usages WHERE (asset_id, uri) > ($2, $3) \
+                   ORDER BY asset_id, uri LIMIT $1) AS page";
+        let db = self.db.clone();
         prefetched_pages(move |cursor: Option<(String, String)>| {
-            let pool = pool.clone();
+            let db = db.clone();
             Box::pin(async move {
-                let query = match &cursor {
-                    None => sqlx::query_as::<_, (i64, Option<String>)>(FIRST).bind(PAGE_ROWS),
-                    Some((asset, uri)) => sqlx::query_as(NEXT)
-                        .bind(PAGE_ROWS)
-                        .bind(asset.clone())
-                        .bind(uri.clone()),
-                };
-                let (count, joined) = query.fetch_one(&pool).await?;
+                let (count, joined): (i64, Option<String>) = on_pool!(&db, |pool, pg| {
+                    match &cursor {
+                        None => {
+                            sqlx::query_as(if pg { PG_FIRST } else { FIRST })
+                                .bind(PAGE_ROWS)
+                                .fetch_one(pool)
+                                .await?
+                        }
+                        Some((asset, uri)) => {
+                            sqlx::query_as(if pg { PG_NEXT } else { NEXT })
+                                .bind(PAGE_ROWS)
+                                .bind(asset.clone())
+                                .bind(uri.clone())
+                                .fetch_one(pool)
+                                .await?
+                        }
+                    }
+                });
                 let joined = joined.unwrap_or_default();
                 let rows: Vec<(String, String, String)> = joined
                     .split('\u{1e}')
@@ -395,9 +708,11 @@ impl Store {
     }
 
     pub async fn recorded_count(&self) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar("SELECT count(*) FROM recorded_usages")
-            .fetch_one(&self.pool)
-            .await
+        on_pool!(&self.db, |pool, pg| sqlx::query_scalar(
+            "SELECT count(*) FROM recorded_usages"
+        )
+        .fetch_one(pool)
+        .await)
     }
 
     pub async fn recorded_additional(
@@ -405,40 +720,48 @@ impl Store {
         asset_id: &str,
         uri: &str,
     ) -> Result<Option<String>, sqlx::Error> {
-        sqlx::query_scalar("SELECT additional FROM recorded_usages WHERE asset_id = ? AND uri = ?")
-            .bind(asset_id)
-            .bind(uri)
-            .fetch_optional(&self.pool)
-            .await
+        on_pool!(&self.db, |pool, pg| sqlx::query_scalar(
+            "SELECT additional FROM recorded_usages WHERE asset_id = $1 AND uri = $2"
+        )
+        .bind(asset_id)
+        .bind(uri)
+        .fetch_optional(pool)
+        .await)
     }
 
     // ---- queue ------------------------------------------------------------------------------
 
     /// Every queued operation's key and target in key order.
     pub fn stream_queued(&self) -> BoxStream<'_, Result<(String, String, Queued), sqlx::Error>> {
-        sqlx::query("SELECT asset_id, uri, action, additional, state, uncertain FROM operations ORDER BY asset_id, uri")
-            .fetch(&self.pool)
-            .map_ok(|row| {
-                let queued = Queued {
-                    target: target_from(row.get(2), row.get(3)),
-                    dead: row.get::<OperationState, _>(4) == OperationState::Dead,
-                    uncertain: row.get(5),
-                };
-                (row.get(0), row.get(1), queued)
-            })
-            .boxed()
+        on_pool!(&self.db, |pool, pg| {
+            sqlx::query(
+            "SELECT asset_id, uri, action, additional, state, uncertain FROM operations ORDER BY asset_id, uri"
+        )
+        .fetch(pool)
+        .map_ok(|row| {
+            let queued = Queued {
+                target: target_from(row.get(2), row.get(3)),
+                dead: row.get::<OperationState, _>(4) == OperationState::Dead,
+                uncertain: row.get(5),
+            };
+            (row.get(0), row.get(1), queued)
+        })
+        .boxed()
+        })
     }
 
     /// Turns any operation left in flight by a crashed process back into a pending, uncertain
     /// one. Only called while holding the run lock, so nobody else is sending it.
     pub async fn recover_in_flight(&self) -> Result<u64, sqlx::Error> {
-        let done = sqlx::query(
-            "UPDATE operations SET state = 'pending', uncertain = 1, updated_at = ? WHERE state = 'in_flight'",
-        )
-        .bind(now_text())
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
+        on_pool!(&self.db, |pool, pg| {
+            let done = sqlx::query(
+                "UPDATE operations SET state = 'pending', uncertain = TRUE, updated_at = $1 WHERE state = 'in_flight'",
+            )
+            .bind(now_text())
+            .execute(pool)
+            .await?;
+            Ok(done.rows_affected())
+        })
     }
 
     /// Claims the next operation due for this run: one the run has not tried yet, or one whose
@@ -449,12 +772,13 @@ impl Store {
         max_run_attempts: u32,
     ) -> Result<Option<Operation>, sqlx::Error> {
         let now = now_text();
-        sqlx::query(
+        let row: Option<OperationRow> = on_pool!(&self.db, |pool, pg| {
+            sqlx::query_as(
             "UPDATE operations SET state = 'in_flight', \
-                 run_attempts = CASE WHEN run_id IS ?1 THEN run_attempts ELSE 0 END, \
-                 run_id = ?1, updated_at = ?2 \
+                 run_attempts = CASE WHEN run_id IS NOT DISTINCT FROM $1 THEN run_attempts ELSE 0 END, \
+                 run_id = $1, updated_at = $2 \
              WHERE id = (SELECT id FROM operations WHERE state = 'pending' \
-                 AND (run_id IS NOT ?1 OR (next_attempt_at <= ?2 AND run_attempts < ?3)) \
+                 AND (run_id IS DISTINCT FROM $1 OR (next_attempt_at <= $2 AND run_attempts < $3)) \
                  ORDER BY next_attempt_at, id LIMIT 1) \
              RETURNING id, asset_id, uri, action, additional, state, uncertain, attempts, run_attempts, \
                  next_attempt_at, last_error, created_at, updated_at",
@@ -462,9 +786,10 @@ impl Store {
         .bind(run_id)
         .bind(&now)
         .bind(max_run_attempts as i64)
-        .try_map(operation_from_row)
-        .fetch_optional(&self.pool)
+        .fetch_optional(pool)
         .await
+        })?;
+        row.map(operation_from).transpose()
     }
 
     /// When this run's next retry becomes due, if any operation waits for one.
@@ -473,13 +798,14 @@ impl Store {
         run_id: i64,
         max_run_attempts: u32,
     ) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-        let next: Option<String> = sqlx::query_scalar(
-            "SELECT min(next_attempt_at) FROM operations WHERE state = 'pending' AND run_id IS ? AND run_attempts < ?",
+        let next: Option<String> = on_pool!(&self.db, |pool, pg| sqlx::query_scalar(
+            "SELECT min(next_attempt_at) FROM operations WHERE state = 'pending' \
+             AND run_id IS NOT DISTINCT FROM $1 AND run_attempts < $2",
         )
         .bind(run_id)
         .bind(max_run_attempts as i64)
-        .fetch_one(&self.pool)
-        .await?;
+        .fetch_one(pool)
+        .await)?;
         Ok(next
             .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
             .map(|t| t.with_timezone(&Utc)))
@@ -487,10 +813,13 @@ impl Store {
 
     /// Marks an operation as possibly applied before its request is sent (crash safety).
     pub async fn mark_uncertain(&self, id: i64) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE operations SET uncertain = 1 WHERE id = ?")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        on_pool!(&self.db, |pool, pg| sqlx::query(
+            "UPDATE operations SET uncertain = TRUE WHERE id = $1"
+        )
+        .bind(id)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected()))?;
         Ok(())
     }
 
@@ -501,24 +830,30 @@ impl Store {
         additional: &str,
         usage_id: Option<&str>,
     ) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        record_usage(&mut tx, &op.asset_id, &op.uri, additional, usage_id).await?;
-        finish_operation(&mut tx, op.id).await?;
+        let mut tx = self.db.begin().await?;
+        record_usages(
+            &mut tx,
+            &[(&op.asset_id, &op.uri, additional, usage_id)],
+            &now_text(),
+        )
+        .await?;
+        finish_operations(&mut tx, &[op.id]).await?;
         tx.commit().await
     }
 
     /// Bynder confirmed no usage of ours remains for the key: forget it and finish the operation.
     pub async fn complete_delete(&self, op: &Operation) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         forget_recorded(&mut tx, &op.asset_id, &op.uri).await?;
-        finish_operation(&mut tx, op.id).await?;
+        finish_operations(&mut tx, &[op.id]).await?;
         tx.commit().await
     }
 
     /// The first half of an update went through (the old usage is gone) while the operation goes on.
     pub async fn forget_recorded(&self, asset_id: &str, uri: &str) -> Result<(), sqlx::Error> {
-        let mut conn = self.pool.acquire().await?;
-        forget_recorded(&mut conn, asset_id, uri).await
+        let mut tx = self.db.begin().await?;
+        forget_recorded(&mut tx, asset_id, uri).await?;
+        tx.commit().await
     }
 
     /// Drift repair found exactly one usage of ours in Bynder for the key: record what it holds.
@@ -528,36 +863,41 @@ impl Store {
         uri: &str,
         additional: &str,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO recorded_usages (asset_id, uri, additional, usage_id, synced_at) VALUES (?, ?, ?, NULL, ?) \
+        on_pool!(&self.db, |pool, pg| {
+            sqlx::query(
+            "INSERT INTO recorded_usages (asset_id, uri, additional, usage_id, synced_at) VALUES ($1, $2, $3, NULL, $4) \
              ON CONFLICT (asset_id, uri) DO UPDATE SET additional = excluded.additional, synced_at = excluded.synced_at",
         )
         .bind(asset_id)
         .bind(uri)
         .bind(additional)
         .bind(now_text())
-        .execute(&self.pool)
-        .await?;
+        .execute(pool)
+        .await.map(|r| r.rows_affected())
+        })?;
         Ok(())
     }
 
     /// Drift repair found duplicates for the key: forget the recorded usage and queue an uncertain
     /// operation, so whatever is sent next first reads Bynder back and collapses them.
     pub async fn mark_for_read_back(&self, asset_id: &str, uri: &str) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         forget_recorded(&mut tx, asset_id, uri).await?;
         let now = now_text();
-        sqlx::query(
+        on_tx!(&mut tx, |conn, pg| {
+            sqlx::query(
             "INSERT INTO operations (asset_id, uri, action, additional, state, uncertain, next_attempt_at, created_at, updated_at) \
-             VALUES (?1, ?2, 'delete', NULL, 'pending', 1, ?3, ?3, ?3) \
-             ON CONFLICT (asset_id, uri) DO UPDATE SET uncertain = 1, \
-                 state = CASE WHEN state = 'dead' THEN 'pending' ELSE state END, updated_at = excluded.updated_at",
+             VALUES ($1, $2, 'delete', NULL, 'pending', TRUE, $3, $3, $3) \
+             ON CONFLICT (asset_id, uri) DO UPDATE SET uncertain = TRUE, \
+                 state = CASE WHEN operations.state = 'dead' THEN 'pending' ELSE operations.state END, \
+                 updated_at = excluded.updated_at",
         )
         .bind(asset_id)
         .bind(uri)
         .bind(&now)
-        .execute(&mut *tx)
-        .await?;
+        .execute(&mut *conn)
+        .await.map(|r| r.rows_affected())
+        })?;
         tx.commit().await
     }
 
@@ -584,11 +924,12 @@ impl Store {
             ),
         };
         let step = i64::from(counts);
-        sqlx::query(
-            "UPDATE operations SET state = ?, uncertain = ?, attempts = attempts + ?, run_attempts = run_attempts + ?, \
-                 next_attempt_at = ?, last_error = ?, updated_at = ? WHERE id = ?",
+        on_pool!(&self.db, |pool, pg| {
+            sqlx::query(
+            "UPDATE operations SET state = $1, uncertain = $2, attempts = attempts + $3, run_attempts = run_attempts + $4, \
+                 next_attempt_at = $5, last_error = $6, updated_at = $7 WHERE id = $8",
         )
-        .bind(state)
+        .bind(state.as_str())
         .bind(uncertain)
         .bind(step)
         .bind(step)
@@ -596,22 +937,27 @@ impl Store {
         .bind(last_error)
         .bind(now_text())
         .bind(id)
-        .execute(&self.pool)
-        .await?;
+        .execute(pool)
+        .await.map(|r| r.rows_affected())
+        })?;
         Ok(())
     }
 
     /// Every operation, or only dead letters, in queue order.
     pub async fn list_operations(&self, dead_only: bool) -> Result<Vec<Operation>, sqlx::Error> {
-        let sql = format!(
-            "SELECT id, asset_id, uri, action, additional, state, uncertain, attempts, run_attempts, next_attempt_at, \
-                 last_error, created_at, updated_at FROM operations {} ORDER BY id",
-            if dead_only { "WHERE state = 'dead'" } else { "" }
-        );
-        sqlx::query(sqlx::AssertSqlSafe(sql))
-            .try_map(operation_from_row)
-            .fetch_all(&self.pool)
-            .await
+        const ALL: &str = "SELECT id, asset_id, uri, action, additional, state, uncertain, attempts, run_attempts, \
+                 next_attempt_at, last_error, created_at, updated_at FROM operations ORDER BY id";
+        const DEAD: &str = "SELECT id, asset_id, uri, action, additional, state, uncertain, attempts, run_attempts, \
+                 next_attempt_at, last_error, created_at, updated_at FROM operations WHERE state = 'dead' ORDER BY id";
+        let rows: Vec<OperationRow> =
+            on_pool!(&self.db, |pool, pg| sqlx::query_as(if dead_only {
+                DEAD
+            } else {
+                ALL
+            })
+            .fetch_all(pool)
+            .await)?;
+        rows.into_iter().map(operation_from).collect()
     }
 
     /// Claims a batch for the sync endpoint: whole uris (every operation queued on them), taken in
@@ -626,8 +972,8 @@ impl Store {
         batch_size: usize,
     ) -> Result<Option<SyncBatch>, sqlx::Error> {
         let now = now_text();
-        // IMMEDIATE: the batch is read and claimed under one write lock, so nothing changes between.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        // The batch is read and claimed under one write lock, so nothing changes between.
+        let mut tx = self.db.begin_immediate().await?;
         let candidates = sync_candidates(&mut tx, run_id, &now, max_run_attempts).await?;
         // The candidates' listings are read a chunk of uris at a time (one query for their
         // recorded usages, one for their pending operations; CROSS JOIN keeps the chunk's uris
@@ -640,23 +986,33 @@ impl Store {
             // id to send: a queued target's (as the CMS wrote it last) over the recorded one.
             let mut wanted: Vec<std::collections::BTreeMap<String, (String, String)>> =
                 vec![Default::default(); chunk.len()];
-            let recorded: Vec<(i64, String, String)> = sqlx::query_as(
-                "SELECT j.key, r.asset_id, r.additional FROM json_each(?1) AS j \
-                 CROSS JOIN recorded_usages AS r ON r.uri = j.value",
-            )
-            .bind(&uris)
-            .fetch_all(&mut *tx)
-            .await?;
+            let recorded: Vec<(i64, String, String)> =
+                on_tx!(&mut tx, |conn, pg| sqlx::query_as(if pg {
+                    "SELECT j.key - 1, r.asset_id, r.additional \
+                     FROM json_array_elements_text($1::json) WITH ORDINALITY AS j(value, key) \
+                     JOIN recorded_usages AS r ON r.uri = j.value"
+                } else {
+                    "SELECT j.key, r.asset_id, r.additional FROM json_each($1) AS j \
+                     CROSS JOIN recorded_usages AS r ON r.uri = j.value"
+                })
+                .bind(&uris)
+                .fetch_all(&mut *conn)
+                .await)?;
             for (i, asset_id, additional) in recorded {
                 wanted[i as usize].insert(asset_id.to_ascii_lowercase(), (asset_id, additional));
             }
-            let queued: Vec<(i64, String, String, Option<String>)> = sqlx::query_as(
-                "SELECT j.key, o.asset_id, o.action, o.additional FROM json_each(?1) AS j \
-                 CROSS JOIN operations AS o ON o.uri = j.value AND o.state = 'pending'",
-            )
-            .bind(&uris)
-            .fetch_all(&mut *tx)
-            .await?;
+            let queued: Vec<(i64, String, String, Option<String>)> =
+                on_tx!(&mut tx, |conn, pg| sqlx::query_as(if pg {
+                    "SELECT j.key - 1, o.asset_id, o.action, o.additional \
+                     FROM json_array_elements_text($1::json) WITH ORDINALITY AS j(value, key) \
+                     JOIN operations AS o ON o.uri = j.value AND o.state = 'pending'"
+                } else {
+                    "SELECT j.key, o.asset_id, o.action, o.additional FROM json_each($1) AS j \
+                     CROSS JOIN operations AS o ON o.uri = j.value AND o.state = 'pending'"
+                })
+                .bind(&uris)
+                .fetch_all(&mut *conn)
+                .await)?;
             for (i, asset_id, action, additional) in queued {
                 let folded = asset_id.to_ascii_lowercase();
                 let wanted = &mut wanted[i as usize];
@@ -684,20 +1040,32 @@ impl Store {
             }
         }
         if !batch.uris.is_empty() {
-            let mut claimed = sqlx::query(
+            let rows: Vec<OperationRow> = on_tx!(&mut tx, |conn, pg| {
+                sqlx::query_as(if pg {
                 "UPDATE operations SET state = 'in_flight', \
-                     run_attempts = CASE WHEN run_id IS ?1 THEN run_attempts ELSE 0 END, \
-                     run_id = ?1, updated_at = ?2 \
-                 WHERE state = 'pending' AND uri IN (SELECT value FROM json_each(?3)) \
+                     run_attempts = CASE WHEN run_id IS NOT DISTINCT FROM $1 THEN run_attempts ELSE 0 END, \
+                     run_id = $1, updated_at = $2 \
+                 WHERE state = 'pending' AND uri IN (SELECT json_array_elements_text($3::json)) \
                  RETURNING id, asset_id, uri, action, additional, state, uncertain, attempts, run_attempts, \
-                     next_attempt_at, last_error, created_at, updated_at",
-            )
+                     next_attempt_at, last_error, created_at, updated_at"
+            } else {
+                "UPDATE operations SET state = 'in_flight', \
+                     run_attempts = CASE WHEN run_id IS NOT DISTINCT FROM $1 THEN run_attempts ELSE 0 END, \
+                     run_id = $1, updated_at = $2 \
+                 WHERE state = 'pending' AND uri IN (SELECT value FROM json_each($3)) \
+                 RETURNING id, asset_id, uri, action, additional, state, uncertain, attempts, run_attempts, \
+                     next_attempt_at, last_error, created_at, updated_at"
+            })
             .bind(run_id)
             .bind(&now)
             .bind(json_text(&batch.uris))
-            .try_map(operation_from_row)
-            .fetch_all(&mut *tx)
-            .await?;
+            .fetch_all(&mut *conn)
+            .await
+            })?;
+            let mut claimed = rows
+                .into_iter()
+                .map(operation_from)
+                .collect::<Result<Vec<_>, _>>()?;
             // In the batch's uri order, then queue order within a uri (RETURNING has none).
             let position: std::collections::HashMap<&str, usize> = batch
                 .uris
@@ -727,9 +1095,7 @@ impl Store {
         rejected_listed: &[(String, String)],
     ) -> Result<(), sqlx::Error> {
         let now = now_text();
-        // IMMEDIATE: this transaction may read before it writes; a deferred one could not
-        // upgrade to a write lock once another connection committed (SQLITE_BUSY, no busy wait).
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.db.begin_immediate().await?;
         // Set-based, a statement per kind of write: the keys of a batch's operations are
         // distinct, and `rejected_listed` holds none of them, so the order of the kinds does not
         // change the result of writing them one operation at a time.
@@ -764,15 +1130,21 @@ impl Store {
         record_usages(&mut tx, &record, &now).await?;
         finish_operations(&mut tx, &finish).await?;
         if !dead.is_empty() {
-            sqlx::query(
-                "UPDATE operations SET state = 'dead', uncertain = 0, attempts = attempts + 1, \
-                     last_error = j.value ->> 1, updated_at = ?2 \
-                 FROM json_each(?1) AS j WHERE operations.id = j.value ->> 0",
-            )
+            on_tx!(&mut tx, |conn, pg| {
+                sqlx::query(if pg {
+                "UPDATE operations SET state = 'dead', uncertain = FALSE, attempts = attempts + 1, \
+                     last_error = j.value ->> 1, updated_at = $2 \
+                 FROM json_array_elements($1::json) AS j WHERE operations.id = (j.value ->> 0)::bigint"
+            } else {
+                "UPDATE operations SET state = 'dead', uncertain = FALSE, attempts = attempts + 1, \
+                     last_error = j.value ->> 1, updated_at = $2 \
+                 FROM json_each($1) AS j WHERE operations.id = j.value ->> 0"
+            })
             .bind(json_text(&dead))
             .bind(&now)
-            .execute(&mut *tx)
-            .await?;
+            .execute(&mut *conn)
+            .await.map(|r| r.rows_affected())
+            })?;
         }
         tx.commit().await
     }
@@ -780,25 +1152,27 @@ impl Store {
     /// Puts dead letters back into the queue (all of them, or those with these ids). Returns how
     /// many were re-queued.
     pub async fn retry_dead(&self, ids: Option<&[i64]>) -> Result<u64, sqlx::Error> {
+        const ALL: &str = "UPDATE operations SET state = 'pending', attempts = 0, run_attempts = 0, run_id = NULL, \
+                   next_attempt_at = $1, updated_at = $1 WHERE state = 'dead'";
+        const ONE: &str = "UPDATE operations SET state = 'pending', attempts = 0, run_attempts = 0, run_id = NULL, \
+                   next_attempt_at = $1, updated_at = $1 WHERE state = 'dead' AND id = $2";
         let now = now_text();
-        let sql = "UPDATE operations SET state = 'pending', attempts = 0, run_attempts = 0, run_id = NULL, \
-                   next_attempt_at = ?1, updated_at = ?1 WHERE state = 'dead'";
         match ids {
-            None => Ok(sqlx::query(sql)
+            None => on_pool!(&self.db, |pool, pg| Ok(sqlx::query(ALL)
                 .bind(&now)
-                .execute(&self.pool)
+                .execute(pool)
                 .await?
-                .rows_affected()),
+                .rows_affected())),
             Some(ids) => {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.db.begin().await?;
                 let mut n = 0;
                 for id in ids {
-                    n += sqlx::query(sqlx::AssertSqlSafe(format!("{sql} AND id = ?2")))
+                    n += on_tx!(&mut tx, |conn, pg| sqlx::query(ONE)
                         .bind(&now)
                         .bind(id)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected();
+                        .execute(&mut *conn)
+                        .await
+                        .map(|r| r.rows_affected()))?;
                 }
                 tx.commit().await?;
                 Ok(n)
@@ -813,11 +1187,12 @@ impl Store {
     ) -> Result<Vec<(i64, Option<OperationState>)>, sqlx::Error> {
         let mut found = Vec::new();
         for &id in ids {
-            let state: Option<OperationState> =
-                sqlx::query_scalar("SELECT state FROM operations WHERE id = ?")
-                    .bind(id)
-                    .fetch_optional(&self.pool)
-                    .await?;
+            let state: Option<OperationState> = on_pool!(&self.db, |pool, pg| sqlx::query_scalar(
+                "SELECT state FROM operations WHERE id = $1"
+            )
+            .bind(id)
+            .fetch_optional(pool)
+            .await)?;
             if state != Some(OperationState::Dead) {
                 found.push((id, state));
             }
@@ -825,43 +1200,49 @@ impl Store {
         Ok(found)
     }
 
-    /// Deletes every dead letter. Returns how many were removed.
     /// Deletes the dead letters. The last full pass is forgotten with them: a row that still
     /// asks for a purged change must be planned again by the next reconcile, skipped or not.
     pub async fn purge_dead(&self) -> Result<u64, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let purged = sqlx::query("DELETE FROM operations WHERE state = 'dead'")
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let mut tx = self.db.begin().await?;
+        let purged = on_tx!(&mut tx, |conn, pg| sqlx::query(
+            "DELETE FROM operations WHERE state = 'dead'"
+        )
+        .execute(&mut *conn)
+        .await
+        .map(|r| r.rows_affected()))?;
         changes::save_full_pass(&mut tx, None).await?;
         tx.commit().await?;
         Ok(purged)
     }
 
     pub async fn queue_summary(&self) -> Result<QueueSummary, sqlx::Error> {
-        let row = sqlx::query(
-            "SELECT coalesce(sum(state = 'pending'), 0), coalesce(sum(state = 'in_flight'), 0), \
-                 coalesce(sum(state = 'dead'), 0), min(CASE WHEN state != 'dead' THEN created_at END) FROM operations",
-        )
-        .fetch_one(&self.pool)
-        .await?;
+        let (pending, in_flight, dead, oldest_pending_at) = on_pool!(&self.db, |pool, pg| {
+            sqlx::query_as(
+                "SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'in_flight'), \
+                     count(*) FILTER (WHERE state = 'dead'), min(CASE WHEN state != 'dead' THEN created_at END) \
+                 FROM operations",
+            )
+            .fetch_one(pool)
+            .await
+        })?;
         Ok(QueueSummary {
-            pending: row.get(0),
-            in_flight: row.get(1),
-            dead: row.get(2),
-            oldest_pending_at: row.get(3),
+            pending,
+            in_flight,
+            dead,
+            oldest_pending_at,
         })
     }
 
     // ---- runs -------------------------------------------------------------------------------
 
     pub async fn start_run(&self, command: &str) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar("INSERT INTO runs (command, started_at) VALUES (?, ?) RETURNING id")
-            .bind(command)
-            .bind(now_text())
-            .fetch_one(&self.pool)
-            .await
+        on_pool!(&self.db, |pool, pg| sqlx::query_scalar(
+            "INSERT INTO runs (command, started_at) VALUES ($1, $2) RETURNING id"
+        )
+        .bind(command)
+        .bind(now_text())
+        .fetch_one(pool)
+        .await)
     }
 
     pub async fn finish_run(
@@ -871,9 +1252,10 @@ impl Store {
         counts: &RunCounts,
         message: Option<&str>,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "UPDATE runs SET finished_at = ?, outcome = ?, creates = ?, updates = ?, deletes = ?, skipped_rows = ?, \
-                 succeeded = ?, failed = ?, requests = ?, message = ? WHERE id = ?",
+        on_pool!(&self.db, |pool, pg| {
+            sqlx::query(
+            "UPDATE runs SET finished_at = $1, outcome = $2, creates = $3, updates = $4, deletes = $5, \
+                 skipped_rows = $6, succeeded = $7, failed = $8, requests = $9, message = $10 WHERE id = $11",
         )
         .bind(now_text())
         .bind(outcome)
@@ -886,8 +1268,9 @@ impl Store {
         .bind(counts.requests)
         .bind(message)
         .bind(id)
-        .execute(&self.pool)
-        .await?;
+        .execute(pool)
+        .await.map(|r| r.rows_affected())
+        })?;
         Ok(())
     }
 
@@ -898,53 +1281,96 @@ impl Store {
         let cutoff = Utc::now()
             .checked_sub_signed(keep)
             .unwrap_or(DateTime::<Utc>::MIN_UTC);
-        Ok(sqlx::query(
-            "DELETE FROM runs WHERE finished_at IS NOT NULL AND finished_at < ?1 \
-             AND id IS NOT (SELECT max(id) FROM runs WHERE command <> 'drain' \
+        on_pool!(&self.db, |pool, pg| Ok(sqlx::query(
+            "DELETE FROM runs WHERE finished_at IS NOT NULL AND finished_at < $1 \
+             AND id IS DISTINCT FROM (SELECT max(id) FROM runs WHERE command <> 'drain' \
                             AND outcome IN ('converged', 'nothing_to_do'))",
         )
         .bind(format_time(cutoff))
-        .execute(&self.pool)
+        .execute(pool)
         .await?
-        .rows_affected())
+        .rows_affected()))
     }
 
     pub async fn recent_runs(&self, limit: i64) -> Result<Vec<RunRecord>, sqlx::Error> {
-        sqlx::query(
+        type RunRow = (
+            i64,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            Option<String>,
+        );
+        let rows: Vec<RunRow> = on_pool!(&self.db, |pool, pg| {
+            sqlx::query_as(
             "SELECT id, command, started_at, finished_at, outcome, creates, updates, deletes, skipped_rows, \
-                 succeeded, failed, requests, message FROM runs ORDER BY id DESC LIMIT ?",
+                 succeeded, failed, requests, message FROM runs ORDER BY id DESC LIMIT $1",
         )
         .bind(limit)
-        .map(|row: sqlx::sqlite::SqliteRow| RunRecord {
-            id: row.get(0),
-            command: row.get(1),
-            started_at: row.get(2),
-            finished_at: row.get(3),
-            outcome: row.get(4),
-            creates: row.get(5),
-            updates: row.get(6),
-            deletes: row.get(7),
-            skipped_rows: row.get(8),
-            succeeded: row.get(9),
-            failed: row.get(10),
-            requests: row.get(11),
-            message: row.get(12),
-        })
-        .fetch_all(&self.pool)
+        .fetch_all(pool)
         .await
+        })?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(
+                    id,
+                    command,
+                    started_at,
+                    finished_at,
+                    outcome,
+                    creates,
+                    updates,
+                    deletes,
+                    skipped_rows,
+                    succeeded,
+                    failed,
+                    requests,
+                    message,
+                )| RunRecord {
+                    id,
+                    command,
+                    started_at,
+                    finished_at,
+                    outcome,
+                    creates,
+                    updates,
+                    deletes,
+                    skipped_rows,
+                    succeeded,
+                    failed,
+                    requests,
+                    message,
+                },
+            )
+            .collect())
     }
 
     /// Another asset than `asset_id` (ignoring case), for `probe`: one Bynder confirmed a usage
     /// of (it certainly exists), else one the CMS table names.
     pub async fn other_known_asset(&self, asset_id: &str) -> Result<Option<String>, sqlx::Error> {
-        sqlx::query_scalar(
-            "SELECT asset_id FROM (SELECT asset_id, 0 AS pref FROM recorded_usages WHERE asset_id != ?1 \
+        on_pool!(&self.db, |pool, pg| {
+            sqlx::query_scalar(if pg {
+            "SELECT asset_id FROM (SELECT asset_id::text COLLATE \"C\" AS asset_id, 0 AS pref FROM recorded_usages \
+                 WHERE asset_id != $1 \
              UNION ALL SELECT asset_id, 1 FROM cms_asset_references \
-             WHERE typeof(asset_id) = 'text' AND asset_id != ?1 COLLATE NOCASE) ORDER BY pref LIMIT 1",
-        )
+                 WHERE lower(asset_id COLLATE \"C\") != lower($1 COLLATE \"C\")) AS known ORDER BY pref LIMIT 1"
+        } else {
+            "SELECT asset_id FROM (SELECT asset_id, 0 AS pref FROM recorded_usages WHERE asset_id != $1 \
+             UNION ALL SELECT asset_id, 1 FROM cms_asset_references \
+             WHERE typeof(asset_id) = 'text' AND asset_id != $1 COLLATE NOCASE) ORDER BY pref LIMIT 1"
+        })
         .bind(asset_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(pool)
         .await
+        })
     }
 
     // ---- portal profile ---------------------------------------------------------------------
@@ -954,12 +1380,14 @@ impl Store {
         &self,
         portal: &str,
     ) -> Result<Vec<(String, String, String, String)>, sqlx::Error> {
-        sqlx::query_as(
-            "SELECT fact, value, learned_at, evidence FROM portal_profile WHERE portal = ? ORDER BY fact",
+        on_pool!(&self.db, |pool, pg| {
+            sqlx::query_as(
+            "SELECT fact, value, learned_at, evidence FROM portal_profile WHERE portal = $1 ORDER BY fact",
         )
         .bind(portal)
-        .fetch_all(&self.pool)
+        .fetch_all(pool)
         .await
+        })
     }
 
     /// Stores one learned fact about a portal, replacing what was known of it.
@@ -971,8 +1399,9 @@ impl Store {
         learned_at: &str,
         evidence: &str,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO portal_profile (portal, fact, value, learned_at, evidence) VALUES (?, ?, ?, ?, ?) \
+        on_pool!(&self.db, |pool, pg| {
+            sqlx::query(
+            "INSERT INTO portal_profile (portal, fact, value, learned_at, evidence) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (portal, fact) DO UPDATE SET value = excluded.value, learned_at = excluded.learned_at, \
                  evidence = excluded.evidence",
         )
@@ -981,70 +1410,72 @@ impl Store {
         .bind(value)
         .bind(learned_at)
         .bind(evidence)
-        .execute(&self.pool)
-        .await?;
+        .execute(pool)
+        .await.map(|r| r.rows_affected())
+        })?;
         Ok(())
     }
 
     // ---- settings ---------------------------------------------------------------------------
 
     pub async fn set_setting(&self, key: &str, value: Option<&str>) -> Result<(), sqlx::Error> {
-        match value {
-            Some(v) => {
-                sqlx::query("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
-                    .bind(key)
-                    .bind(v)
-                    .execute(&self.pool)
-                    .await?
-            }
-            None => sqlx::query("DELETE FROM settings WHERE key = ?").bind(key).execute(&self.pool).await?,
-        };
-        Ok(())
+        let mut tx = self.db.begin().await?;
+        changes::put_setting(&mut tx, key, value).await?;
+        tx.commit().await
     }
 
     pub async fn setting(&self, key: &str) -> Result<Option<String>, sqlx::Error> {
-        sqlx::query_scalar("SELECT value FROM settings WHERE key = ?")
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await
+        on_pool!(&self.db, |pool, pg| sqlx::query_scalar(
+            "SELECT value FROM settings WHERE key = $1"
+        )
+        .bind(key)
+        .fetch_optional(pool)
+        .await)
     }
 
     /// A transaction the caller owns (a plan is written in one).
-    pub async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
-        self.pool.begin().await
+    pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
+        self.db.begin().await
     }
 
     /// The transaction a plan is written in, its queue writes collected a chunk at a time (see
     /// [`PlanWriter`]).
     pub async fn begin_plan(&self) -> Result<PlanWriter, sqlx::Error> {
-        Ok(PlanWriter::new(self.pool.begin().await?))
+        Ok(PlanWriter::new(self.db.begin().await?))
     }
 
     /// Whether the pool still answers (the systemd watchdog is fed only then).
     pub async fn alive(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map(drop)
+        on_pool!(&self.db, |pool, pg| sqlx::query("SELECT 1")
+            .execute(pool)
+            .await
+            .map(drop))
     }
 
     /// Whether a pending operation's retry is due now (one indexed query, polled by the daemon).
     pub async fn has_due_operations(&self) -> Result<bool, sqlx::Error> {
-        sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM operations WHERE state = 'pending' AND next_attempt_at <= ?)",
+        on_pool!(&self.db, |pool, pg| {
+            sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM operations WHERE state = 'pending' AND next_attempt_at <= $1)",
         )
         .bind(now_text())
-        .fetch_one(&self.pool)
+        .fetch_one(pool)
         .await
+        })
     }
 
     /// Every asset id with a recorded usage or a queued operation: what drift repair reads back.
     pub async fn managed_asset_ids(&self) -> Result<Vec<AssetId>, sqlx::Error> {
-        sqlx::query(
+        let ids: Vec<String> = on_pool!(&self.db, |pool, pg| {
+            sqlx::query_scalar(
             "SELECT DISTINCT asset_id FROM recorded_usages UNION SELECT DISTINCT asset_id FROM operations",
         )
-        .try_map(|row: sqlx::sqlite::SqliteRow| {
-            AssetId::parse(row.get(0)).map_err(|r| invalid_key("asset_id", r))
-        })
-        .fetch_all(&self.pool)
+        .fetch_all(pool)
         .await
+        })?;
+        ids.into_iter()
+            .map(|id| AssetId::parse(&id).map_err(|r| invalid_key("asset_id", r)))
+            .collect()
     }
 
     /// The recorded usages of one asset: `(uri, additional)`.
@@ -1052,25 +1483,31 @@ impl Store {
         &self,
         asset_id: &str,
     ) -> Result<Vec<(String, String)>, sqlx::Error> {
-        sqlx::query_as("SELECT uri, additional FROM recorded_usages WHERE asset_id = ?")
-            .bind(asset_id)
-            .fetch_all(&self.pool)
-            .await
+        on_pool!(&self.db, |pool, pg| sqlx::query_as(
+            "SELECT uri, additional FROM recorded_usages WHERE asset_id = $1"
+        )
+        .bind(asset_id)
+        .fetch_all(pool)
+        .await)
     }
 
     /// Health check: the CMS table can be read, on the connection kept for health checks.
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("SELECT 1 FROM cms_asset_references LIMIT 1")
-            .fetch_optional(&self.probe)
-            .await
-            .map(drop)
+        on_pool!(&self.probe, |pool, pg| sqlx::query(
+            "SELECT 1 FROM cms_asset_references LIMIT 1"
+        )
+        .fetch_optional(pool)
+        .await
+        .map(drop))
     }
 
     /// The end of a rate-limit pause another process recorded, read like [`Store::ping`].
     pub async fn recorded_pause(&self) -> Result<Option<String>, sqlx::Error> {
-        sqlx::query_scalar("SELECT value FROM settings WHERE key = 'rate_limit_paused_until'")
-            .fetch_optional(&self.probe)
-            .await
+        on_pool!(&self.probe, |pool, pg| sqlx::query_scalar(
+            "SELECT value FROM settings WHERE key = 'rate_limit_paused_until'"
+        )
+        .fetch_optional(pool)
+        .await)
     }
 }
 
@@ -1160,7 +1597,7 @@ pub struct SourceRow {
 /// semantics [`PlanWriter`] is tested against (plans write through it).
 #[cfg(test)]
 pub async fn enqueue(
-    conn: &mut SqliteConnection,
+    tx: &mut Tx,
     asset_id: &str,
     uri: &str,
     target: &Target,
@@ -1170,9 +1607,10 @@ pub async fn enqueue(
         Target::Delete => ("delete", None),
     };
     let now = now_text();
-    sqlx::query(
+    on_tx!(tx, |conn, pg| {
+        sqlx::query(
         "INSERT INTO operations (asset_id, uri, action, additional, state, next_attempt_at, created_at, updated_at) \
-         VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?5) \
+         VALUES ($1, $2, $3, $4, 'pending', $5, $5, $5) \
          ON CONFLICT (asset_id, uri) DO UPDATE SET asset_id = excluded.asset_id, action = excluded.action, \
              additional = excluded.additional, state = 'pending', attempts = 0, run_attempts = 0, run_id = NULL, next_attempt_at = excluded.next_attempt_at, \
              last_error = NULL, updated_at = excluded.updated_at",
@@ -1182,23 +1620,23 @@ pub async fn enqueue(
     .bind(action)
     .bind(additional)
     .bind(&now)
-    .execute(conn)
-    .await?;
+    .execute(&mut *conn)
+    .await.map(|r| r.rows_affected())
+    })?;
     Ok(())
 }
 
 /// Removes a queued operation that is no longer needed, one at a time (see [`enqueue`]).
 #[cfg(test)]
-pub async fn cancel(
-    conn: &mut SqliteConnection,
-    asset_id: &str,
-    uri: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM operations WHERE asset_id = ? AND uri = ? AND state != 'in_flight'")
-        .bind(asset_id)
-        .bind(uri)
-        .execute(conn)
-        .await?;
+pub async fn cancel(tx: &mut Tx, asset_id: &str, uri: &str) -> Result<(), sqlx::Error> {
+    on_tx!(tx, |conn, pg| sqlx::query(
+        "DELETE FROM operations WHERE asset_id = $1 AND uri = $2 AND state != 'in_flight'"
+    )
+    .bind(asset_id)
+    .bind(uri)
+    .execute(&mut *conn)
+    .await
+    .map(|r| r.rows_affected()))?;
     Ok(())
 }
 
@@ -1215,7 +1653,7 @@ const CANDIDATE_PAGE_ROWS: i64 = 2048;
 /// uris: grouping the whole queue by uri instead cost each batch of a first sync a scan of every
 /// queued operation.
 async fn sync_candidates(
-    conn: &mut SqliteConnection,
+    tx: &mut Tx,
     run_id: i64,
     now: &str,
     max_run_attempts: u32,
@@ -1226,12 +1664,12 @@ async fn sync_candidates(
     let mut seen = std::collections::HashSet::new();
     let mut cursor = (String::new(), 0i64);
     'walk: loop {
-        let page: Vec<(String, String, i64)> = sqlx::query_as(
+        let page: Vec<(String, String, i64)> = on_tx!(&mut *tx, |conn, pg| sqlx::query_as(
             "SELECT uri, next_attempt_at, id FROM operations WHERE state = 'pending' \
-                 AND (run_id IS NOT ?1 OR (next_attempt_at <= ?2 AND run_attempts < ?3)) \
+                 AND (run_id IS DISTINCT FROM $1 OR (next_attempt_at <= $2 AND run_attempts < $3)) \
                  AND uri NOT IN (SELECT uri FROM operations WHERE state = 'in_flight') \
-                 AND (next_attempt_at, id) > (?4, ?5) \
-             ORDER BY next_attempt_at, id LIMIT ?6",
+                 AND (next_attempt_at, id) > ($4, $5) \
+             ORDER BY next_attempt_at, id LIMIT $6",
         )
         .bind(run_id)
         .bind(now)
@@ -1240,7 +1678,7 @@ async fn sync_candidates(
         .bind(cursor.1)
         .bind(CANDIDATE_PAGE_ROWS)
         .fetch_all(&mut *conn)
-        .await?;
+        .await)?;
         let last_page = (page.len() as i64) < CANDIDATE_PAGE_ROWS;
         for (uri, due, id) in page {
             // Enough uris, and past every operation due at the same time as the last of them
@@ -1268,19 +1706,20 @@ const CLAIM_CHUNK_URIS: usize = 100;
 /// Queue writes a [`PlanWriter`] collects before writing them in one statement.
 pub const PLAN_WRITE_CHUNK: usize = 1000;
 
-/// `value` as JSON text, bound as one parameter and read back with `json_each`.
+/// `value` as JSON text, bound as one parameter and read back with `json_each` (SQLite) or
+/// `json_array_elements` (PostgreSQL).
 fn json_text<T: serde::Serialize + ?Sized>(value: &T) -> String {
     // Strings, numbers, options and tuples of them always serialise.
     serde_json::to_string(value).expect("plain values serialise to JSON")
 }
 
 /// The transaction a plan is written in. Its writes are [`enqueue`] and [`cancel`] exactly, but
-/// collected and written [`PLAN_WRITE_CHUNK`] at a time (one `INSERT ... SELECT FROM json_each`,
-/// one `DELETE`), the statement per usage being what a first sync of 100,000 usages spent its
+/// collected and written [`PLAN_WRITE_CHUNK`] at a time (one `INSERT ... SELECT` over a JSON
+/// array, one `DELETE`), the statement per usage being what a first sync of 100,000 usages spent its
 /// time on. Everything is written in the one transaction: [`PlanWriter::commit`] writes what is
 /// still collected first; [`PlanWriter::rollback`] (or dropping the writer) discards all of it.
 pub struct PlanWriter {
-    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    tx: Tx,
     /// `(asset_id, uri, action, additional, queued_at)`, in the order they were planned.
     enqueues: Vec<(String, String, &'static str, Option<String>, String)>,
     cancels: Vec<(String, String)>,
@@ -1290,7 +1729,7 @@ pub struct PlanWriter {
 }
 
 impl PlanWriter {
-    fn new(tx: sqlx::Transaction<'static, sqlx::Sqlite>) -> PlanWriter {
+    fn new(tx: Tx) -> PlanWriter {
         PlanWriter {
             tx,
             enqueues: Vec::new(),
@@ -1362,28 +1801,44 @@ impl PlanWriter {
     /// statements does not matter.
     async fn flush(&mut self) -> Result<(), sqlx::Error> {
         if !self.enqueues.is_empty() {
-            sqlx::query(
+            let enqueues = json_text(&self.enqueues);
+            on_tx!(&mut self.tx, |conn, pg| {
+                sqlx::query(if pg {
                 "INSERT INTO operations (asset_id, uri, action, additional, state, next_attempt_at, created_at, updated_at) \
                  SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, 'pending', value ->> 4, value ->> 4, value ->> 4 \
-                 FROM json_each(?1) WHERE true \
+                 FROM json_array_elements($1::json) AS j(value) \
                  ON CONFLICT (asset_id, uri) DO UPDATE SET asset_id = excluded.asset_id, action = excluded.action, \
                      additional = excluded.additional, state = 'pending', attempts = 0, run_attempts = 0, run_id = NULL, next_attempt_at = excluded.next_attempt_at, \
-                     last_error = NULL, updated_at = excluded.updated_at",
-            )
-            .bind(json_text(&self.enqueues))
-            .execute(&mut *self.tx)
-            .await?;
+                     last_error = NULL, updated_at = excluded.updated_at"
+            } else {
+                "INSERT INTO operations (asset_id, uri, action, additional, state, next_attempt_at, created_at, updated_at) \
+                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, 'pending', value ->> 4, value ->> 4, value ->> 4 \
+                 FROM json_each($1) WHERE true \
+                 ON CONFLICT (asset_id, uri) DO UPDATE SET asset_id = excluded.asset_id, action = excluded.action, \
+                     additional = excluded.additional, state = 'pending', attempts = 0, run_attempts = 0, run_id = NULL, next_attempt_at = excluded.next_attempt_at, \
+                     last_error = NULL, updated_at = excluded.updated_at"
+            })
+            .bind(enqueues)
+            .execute(&mut *conn)
+            .await.map(|r| r.rows_affected())
+            })?;
             self.enqueues.clear();
         }
         if !self.cancels.is_empty() {
-            sqlx::query(
-                "DELETE FROM operations WHERE id IN (SELECT o.id FROM json_each(?1) AS j \
+            let cancels = json_text(&self.cancels);
+            on_tx!(&mut self.tx, |conn, pg| {
+                sqlx::query(if pg {
+                "DELETE FROM operations AS o USING json_array_elements($1::json) AS j(value) \
+                 WHERE o.asset_id = j.value ->> 0 AND o.uri = j.value ->> 1 AND o.state != 'in_flight'"
+            } else {
+                "DELETE FROM operations WHERE id IN (SELECT o.id FROM json_each($1) AS j \
                  CROSS JOIN operations AS o ON o.asset_id = j.value ->> 0 AND o.uri = j.value ->> 1 \
-                 WHERE o.state != 'in_flight')",
-            )
-            .bind(json_text(&self.cancels))
-            .execute(&mut *self.tx)
-            .await?;
+                 WHERE o.state != 'in_flight')"
+            })
+            .bind(cancels)
+            .execute(&mut *conn)
+            .await.map(|r| r.rows_affected())
+            })?;
             self.cancels.clear();
         }
         self.keys.clear();
@@ -1391,100 +1846,75 @@ impl PlanWriter {
     }
 }
 
-/// [`finish_operation`] for many ids in one statement.
-async fn finish_operations(conn: &mut SqliteConnection, ids: &[i64]) -> Result<(), sqlx::Error> {
+/// Finishes (deletes) these operations in one statement.
+async fn finish_operations(tx: &mut Tx, ids: &[i64]) -> Result<(), sqlx::Error> {
     if ids.is_empty() {
         return Ok(());
     }
-    sqlx::query("DELETE FROM operations WHERE id IN (SELECT value FROM json_each(?1))")
-        .bind(json_text(ids))
-        .execute(conn)
-        .await?;
+    on_tx!(tx, |conn, pg| {
+        sqlx::query(if pg {
+        "DELETE FROM operations WHERE id IN (SELECT value::bigint FROM json_array_elements_text($1::json) AS j(value))"
+    } else {
+        "DELETE FROM operations WHERE id IN (SELECT value FROM json_each($1))"
+    })
+    .bind(json_text(ids))
+    .execute(&mut *conn)
+    .await.map(|r| r.rows_affected())
+    })?;
     Ok(())
 }
 
-/// [`record_usage`] for many `(asset_id, uri, additional, usage_id)` in one statement, all
-/// synced at `now`. The keys must be distinct.
+/// Records these `(asset_id, uri, additional, usage_id)` in one statement, all synced at `now`.
+/// The keys must be distinct.
 async fn record_usages(
-    conn: &mut SqliteConnection,
+    tx: &mut Tx,
     usages: &[(&str, &str, &str, Option<&str>)],
     now: &str,
 ) -> Result<(), sqlx::Error> {
     if usages.is_empty() {
         return Ok(());
     }
-    sqlx::query(
+    on_tx!(tx, |conn, pg| {
+        sqlx::query(if pg {
         "INSERT INTO recorded_usages (asset_id, uri, additional, usage_id, synced_at) \
-         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, ?2 FROM json_each(?1) WHERE true \
+         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, $2 FROM json_array_elements($1::json) AS j(value) \
          ON CONFLICT (asset_id, uri) DO UPDATE SET asset_id = excluded.asset_id, additional = excluded.additional, \
-             usage_id = coalesce(excluded.usage_id, recorded_usages.usage_id), synced_at = excluded.synced_at",
-    )
+             usage_id = coalesce(excluded.usage_id, recorded_usages.usage_id), synced_at = excluded.synced_at"
+    } else {
+        "INSERT INTO recorded_usages (asset_id, uri, additional, usage_id, synced_at) \
+         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, $2 FROM json_each($1) WHERE true \
+         ON CONFLICT (asset_id, uri) DO UPDATE SET asset_id = excluded.asset_id, additional = excluded.additional, \
+             usage_id = coalesce(excluded.usage_id, recorded_usages.usage_id), synced_at = excluded.synced_at"
+    })
     .bind(json_text(usages))
     .bind(now)
-    .execute(conn)
-    .await?;
+    .execute(&mut *conn)
+    .await.map(|r| r.rows_affected())
+    })?;
     Ok(())
 }
 
-/// [`forget_recorded`] for many `(asset_id, uri)` in one statement.
-async fn forget_recorded_all(
-    conn: &mut SqliteConnection,
-    keys: &[(&str, &str)],
-) -> Result<(), sqlx::Error> {
+/// Forgets the recorded usages of these `(asset_id, uri)` in one statement.
+async fn forget_recorded_all(tx: &mut Tx, keys: &[(&str, &str)]) -> Result<(), sqlx::Error> {
     if keys.is_empty() {
         return Ok(());
     }
-    sqlx::query(
+    on_tx!(tx, |conn, pg| sqlx::query(if pg {
+        "DELETE FROM recorded_usages AS r USING json_array_elements($1::json) AS j(value) \
+         WHERE r.asset_id = j.value ->> 0 AND r.uri = j.value ->> 1"
+    } else {
         "DELETE FROM recorded_usages WHERE (asset_id, uri) IN \
-         (SELECT value ->> 0, value ->> 1 FROM json_each(?1))",
-    )
+         (SELECT value ->> 0, value ->> 1 FROM json_each($1))"
+    })
     .bind(json_text(keys))
-    .execute(conn)
-    .await?;
+    .execute(&mut *conn)
+    .await
+    .map(|r| r.rows_affected()))?;
     Ok(())
 }
 
-async fn finish_operation(conn: &mut SqliteConnection, id: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM operations WHERE id = ?")
-        .bind(id)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-async fn record_usage(
-    conn: &mut SqliteConnection,
-    asset_id: &str,
-    uri: &str,
-    additional: &str,
-    usage_id: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO recorded_usages (asset_id, uri, additional, usage_id, synced_at) VALUES (?, ?, ?, ?, ?) \
-         ON CONFLICT (asset_id, uri) DO UPDATE SET asset_id = excluded.asset_id, additional = excluded.additional, \
-             usage_id = coalesce(excluded.usage_id, recorded_usages.usage_id), synced_at = excluded.synced_at",
-    )
-    .bind(asset_id)
-    .bind(uri)
-    .bind(additional)
-    .bind(usage_id)
-    .bind(now_text())
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-async fn forget_recorded(
-    conn: &mut SqliteConnection,
-    asset_id: &str,
-    uri: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM recorded_usages WHERE asset_id = ? AND uri = ?")
-        .bind(asset_id)
-        .bind(uri)
-        .execute(conn)
-        .await?;
-    Ok(())
+async fn forget_recorded(tx: &mut Tx, asset_id: &str, uri: &str) -> Result<(), sqlx::Error> {
+    forget_recorded_all(tx, &[(asset_id, uri)]).await
 }
 
 fn target_from(action: String, additional: Option<String>) -> Target {
@@ -1495,22 +1925,55 @@ fn target_from(action: String, additional: Option<String>) -> Target {
     }
 }
 
+/// An operation's columns as selected (`id, asset_id, uri, action, additional, state,
+/// uncertain, attempts, run_attempts, next_attempt_at, last_error, created_at, updated_at`).
+type OperationRow = (
+    i64,
+    String,
+    String,
+    String,
+    Option<String>,
+    OperationState,
+    bool,
+    i64,
+    i64,
+    String,
+    Option<String>,
+    String,
+    String,
+);
+
 /// An operation as stored. Its key was valid when it was queued; a row whose key no longer
 /// parses (a database edited by hand) is a decode error, never a delete without a uri.
-fn operation_from_row(row: sqlx::sqlite::SqliteRow) -> Result<Operation, sqlx::Error> {
+fn operation_from(row: OperationRow) -> Result<Operation, sqlx::Error> {
+    let (
+        id,
+        asset_id,
+        uri,
+        action,
+        additional,
+        state,
+        uncertain,
+        attempts,
+        run_attempts,
+        next_attempt_at,
+        last_error,
+        created_at,
+        updated_at,
+    ) = row;
     Ok(Operation {
-        id: row.get(0),
-        asset_id: AssetId::parse(row.get(1)).map_err(|r| invalid_key("asset_id", r))?,
-        uri: UsageUri::parse(row.get(2)).map_err(|r| invalid_key("uri", r))?,
-        target: target_from(row.get(3), row.get(4)),
-        state: row.get(5),
-        uncertain: row.get(6),
-        attempts: row.get(7),
-        run_attempts: row.get(8),
-        next_attempt_at: row.get(9),
-        last_error: row.get(10),
-        created_at: row.get(11),
-        updated_at: row.get(12),
+        id,
+        asset_id: AssetId::parse(&asset_id).map_err(|r| invalid_key("asset_id", r))?,
+        uri: UsageUri::parse(&uri).map_err(|r| invalid_key("uri", r))?,
+        target: target_from(action, additional),
+        state,
+        uncertain,
+        attempts,
+        run_attempts,
+        next_attempt_at,
+        last_error,
+        created_at,
+        updated_at,
     })
 }
 

@@ -10,11 +10,11 @@
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor, Row, SqlitePool};
 
-use crate::config::{Config, ConfigError, SourceServer, SourceUrl};
+use crate::config::{Config, ConfigError, ServerUrl, SourceServer};
 use crate::model::RawRow;
 use crate::store::{prefetched_pages, SourceRow, PAGE_ROWS};
 
@@ -127,7 +127,11 @@ fn unreadable(
 /// Opens the configured source read-only and checks the query yields the needed columns.
 pub async fn open_source(config: &Config) -> Result<Source, SourceError> {
     if let Some(url) = &config.source.url {
-        return open_server(config, url).await;
+        return open_server(config, url, "source.url").await;
+    }
+    // A PostgreSQL state database holds the CMS table itself.
+    if let (None, Some(url)) = (&config.source.database, &config.database.url) {
+        return open_server(config, url, "database.url").await;
     }
     let (path, key) = match &config.source.database {
         Some(p) => (p.clone(), "source.database"),
@@ -202,20 +206,29 @@ pub async fn open_source(config: &Config) -> Result<Source, SourceError> {
 /// Opens a PostgreSQL or MySQL/MariaDB `source.url`: one connection first, so that a wrong url
 /// or an unreachable server is one clear error at start rather than a pool's retries, then a
 /// small pool whose every session is read-only.
-async fn open_server(config: &Config, url: &SourceUrl) -> Result<Source, SourceError> {
+async fn open_server(
+    config: &Config,
+    url: &ServerUrl,
+    key: &'static str,
+) -> Result<Source, SourceError> {
     let shown = url.display();
+    let password_key = if key == "database.url" {
+        "database.password_file"
+    } else {
+        "source.password_file"
+    };
     let connect_error = |e: sqlx::Error| -> SourceError {
         match e {
             sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut => {
                 SourceError::Unreachable(format!(
-                    "cannot reach the CMS database `source.url` ({shown}): {e}. Fix: check the host \
+                    "cannot reach the CMS database `{key}` ({shown}): {e}. Fix: check the host \
                      and port, that the server runs and accepts connections from this host; the \
                      run is tried again later"
                 ))
             }
             e => SourceError::Config(ConfigError::new(format!(
-                "cannot connect to the CMS database `source.url` ({shown}): {e}. Fix: check the \
-                 user, the database name and the password in source.password_file"
+                "cannot connect to the CMS database `{key}` ({shown}): {e}. Fix: check the \
+                 user, the database name and the password in {password_key}"
             ))),
         }
     };
@@ -223,15 +236,10 @@ async fn open_server(config: &Config, url: &SourceUrl) -> Result<Source, SourceE
     let probe = format!("SELECT asset_id, uri, additional FROM ({query}) AS source LIMIT 0");
     let (backend, probed, statement) = match url.server {
         SourceServer::Postgres => {
-            let mut options = PgConnectOptions::from_url(&url.url)
+            let options = crate::store::postgres_options(url)
                 .map_err(connect_error)?
                 // Every transaction of the session is read-only: the server refuses any write.
-                .options([("default_transaction_read_only", "on")])
-                .application_name("bynder-usage-sync");
-            if let Some(p) = &url.password {
-                use secrecy::ExposeSecret as _;
-                options = options.password(p.expose_secret());
-            }
+                .options([("default_transaction_read_only", "on")]);
             let mut conn = connect(&options).await.map_err(connect_error)?;
             let probed = conn.execute(sqlx::AssertSqlSafe(probe)).await.map(|_| ());
             let _ = conn.close().await;
@@ -263,7 +271,7 @@ async fn open_server(config: &Config, url: &SourceUrl) -> Result<Source, SourceE
     if let Err(e) = probed {
         return Err(unreadable(
             config,
-            "source.url",
+            key,
             &format!("the CMS database {shown}"),
             &e,
         ));
@@ -277,7 +285,8 @@ async fn open_server(config: &Config, url: &SourceUrl) -> Result<Source, SourceE
         statement,
         reading,
         paged: false,
-        captured: false,
+        // The state database's own table: its triggers log every write.
+        captured: key == "database.url" && config.source.is_state_table(),
     })
 }
 
@@ -318,6 +327,11 @@ async fn prepare_mysql(conn: &mut sqlx::MySqlConnection) -> Result<(), sqlx::Err
     }
     Ok(())
 }
+
+/// The captured table's rows of some assets (a JSON array of ids, compared ignoring ASCII case)
+/// in PostgreSQL, before [`postgres_statement`] sorts them.
+const ROWS_PG: &str = "SELECT asset_id, uri, additional FROM cms_asset_references \
+     WHERE lower(asset_id COLLATE \"C\") IN (SELECT lower(json_array_elements_text($1::json) COLLATE \"C\"))";
 
 /// The user's query in PostgreSQL, as UTF-8 bytes in key order. `lower` under the "C" collation
 /// lowercases ASCII letters only, and `bytea` compares byte by byte (a shorter prefix first):
@@ -429,6 +443,11 @@ impl Source {
                     .fetch_one(pool)
                     .await
             }
+            Backend::Postgres(pool) if self.captured => {
+                sqlx::query_scalar("SELECT NOT EXISTS (SELECT 1 FROM cms_asset_references)")
+                    .fetch_one(pool)
+                    .await
+            }
             _ => Ok(self.stream_rows().try_next().await?.is_none()),
         }
     }
@@ -445,6 +464,20 @@ impl Source {
              ORDER BY asset_id COLLATE NOCASE, uri COLLATE BINARY, asset_id COLLATE BINARY, \
                 additional COLLATE BINARY";
         let assets = serde_json::to_string(assets).expect("strings serialise");
+        if let Backend::Postgres(pool) = &self.backend {
+            return sqlx::query(sqlx::AssertSqlSafe(postgres_statement(ROWS_PG)))
+                .bind(assets)
+                .fetch(pool)
+                .map_ok(|row: sqlx::postgres::PgRow| SourceRow {
+                    raw: RawRow {
+                        asset_id: row.get(0),
+                        uri: row.get(1),
+                        additional: row.get(2),
+                    },
+                    text_keys: row.get::<bool, _>(3),
+                })
+                .boxed();
+        }
         let pool = match self.sqlite() {
             Ok(pool) => pool,
             Err(e) => return futures::stream::once(async { Err(e) }).boxed(),

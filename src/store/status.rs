@@ -2,15 +2,23 @@
 //! letters, and the asset tracking search over the CMS table, the recorded usages and the queue.
 //! What the page makes of the rows is `http`'s.
 
-use sqlx::Row;
+use super::db::on_pool;
+use super::{operation_from, Operation, OperationRow, OperationState, Store};
 
-use super::{operation_from_row, Operation, OperationState, Store};
-
-/// A search's condition: the asset id is `?1` (any case), the uri is `?1`, or (when `?2`) the
-/// uri contains `?1`; in key order, at most `?3` rows.
+/// A search's condition: the asset id is `$1` (any case), the uri is `$1`, or (when `$2`) the
+/// uri contains `$1`; in key order, at most `$3` rows.
 const MATCHES: &str =
-    "WHERE asset_id = ?1 COLLATE NOCASE OR uri = ?1 OR (?2 AND instr(uri, ?1) > 0) \
-     ORDER BY asset_id, uri LIMIT ?3";
+    "WHERE asset_id = $1 COLLATE NOCASE OR uri = $1 OR ($2 AND instr(uri, $1) > 0) \
+     ORDER BY asset_id, uri LIMIT $3";
+
+/// [`MATCHES`] in PostgreSQL, over the daemon's own tables (whose asset ids compare ignoring
+/// case already).
+const MATCHES_PG: &str = "WHERE asset_id = $1 OR uri = $1 OR ($2 AND strpos(uri, $1) > 0) \
+     ORDER BY asset_id, uri LIMIT $3";
+
+/// [`MATCHES`] in PostgreSQL, over the CMS table (whose asset ids are plain text).
+const CMS_MATCHES_PG: &str = "WHERE lower(asset_id COLLATE \"C\") = lower($1 COLLATE \"C\") OR uri = $1 \
+     OR ($2 AND strpos(uri, $1) > 0) ORDER BY lower(asset_id COLLATE \"C\"), uri COLLATE \"C\" LIMIT $3";
 
 /// A CMS row the search found, keys as stored (bytes: a row may hold anything).
 #[derive(Debug, Clone)]
@@ -49,24 +57,28 @@ pub struct FoundOperation {
 impl Store {
     /// When the last reconcile that converged (or had nothing to do) finished.
     pub async fn last_successful_reconcile(&self) -> Result<Option<String>, sqlx::Error> {
-        sqlx::query_scalar(
+        on_pool!(&self.db, |pool, pg| {
+            sqlx::query_scalar(
             "SELECT max(finished_at) FROM runs WHERE outcome IN ('converged', 'nothing_to_do') AND command NOT IN ('drain', 'changes')",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(pool)
         .await
+        })
     }
 
     /// The oldest `limit` dead letters.
     pub async fn first_dead_letters(&self, limit: i64) -> Result<Vec<Operation>, sqlx::Error> {
-        sqlx::query(
+        let rows: Vec<OperationRow> = on_pool!(&self.db, |pool, pg| {
+            sqlx::query_as(
             "SELECT id, asset_id, uri, action, additional, state, uncertain, attempts, run_attempts, \
                  next_attempt_at, last_error, created_at, updated_at FROM operations \
-             WHERE state = 'dead' ORDER BY id LIMIT ?",
+             WHERE state = 'dead' ORDER BY id LIMIT $1",
         )
         .bind(limit)
-        .try_map(operation_from_row)
-        .fetch_all(&self.pool)
+        .fetch_all(pool)
         .await
+        })?;
+        rows.into_iter().map(operation_from).collect()
     }
 
     /// CMS rows in `cms_asset_references` matching `q` (see [`MATCHES`]).
@@ -76,22 +88,38 @@ impl Store {
         substring: bool,
         limit: i64,
     ) -> Result<Vec<FoundCmsRow>, sqlx::Error> {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT CAST(asset_id AS BLOB), CAST(uri AS BLOB), CAST(additional AS BLOB), \
-                 typeof(asset_id) IN ('text', 'null') AND typeof(uri) IN ('text', 'null') \
-             FROM cms_asset_references {MATCHES}"
-        )))
-        .bind(q)
-        .bind(substring)
-        .bind(limit)
-        .map(|row: sqlx::sqlite::SqliteRow| FoundCmsRow {
-            asset_id: row.get::<Option<Vec<u8>>, _>(0).unwrap_or_default(),
-            uri: row.get::<Option<Vec<u8>>, _>(1).unwrap_or_default(),
-            additional: row.get(2),
-            text_keys: row.get(3),
-        })
-        .fetch_all(&self.pool)
-        .await
+        let rows: Vec<(Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>, bool)> = on_pool!(
+            &self.db,
+            |pool, pg| {
+                let sql = if pg {
+                    format!(
+                        "SELECT convert_to(asset_id, 'UTF8'), convert_to(uri, 'UTF8'), \
+                             convert_to(additional, 'UTF8'), TRUE FROM cms_asset_references {CMS_MATCHES_PG}"
+                    )
+                } else {
+                    format!(
+                        "SELECT CAST(asset_id AS BLOB), CAST(uri AS BLOB), CAST(additional AS BLOB), \
+                             typeof(asset_id) IN ('text', 'null') AND typeof(uri) IN ('text', 'null') \
+                         FROM cms_asset_references {MATCHES}"
+                    )
+                };
+                sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                    .bind(q)
+                    .bind(substring)
+                    .bind(limit)
+                    .fetch_all(pool)
+                    .await
+            }
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(|(asset_id, uri, additional, text_keys)| FoundCmsRow {
+                asset_id: asset_id.unwrap_or_default(),
+                uri: uri.unwrap_or_default(),
+                additional,
+                text_keys,
+            })
+            .collect())
     }
 
     /// Recorded usages matching `q`.
@@ -101,22 +129,40 @@ impl Store {
         substring: bool,
         limit: i64,
     ) -> Result<Vec<FoundRecorded>, sqlx::Error> {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT CAST(asset_id AS BLOB), CAST(uri AS BLOB), usage_id, additional, synced_at \
-             FROM recorded_usages {MATCHES}"
-        )))
-        .bind(q)
-        .bind(substring)
-        .bind(limit)
-        .map(|row: sqlx::sqlite::SqliteRow| FoundRecorded {
-            asset_id: row.get(0),
-            uri: row.get(1),
-            usage_id: row.get(2),
-            additional: row.get(3),
-            synced_at: row.get(4),
-        })
-        .fetch_all(&self.pool)
-        .await
+        let rows: Vec<(Vec<u8>, Vec<u8>, Option<String>, String, String)> = on_pool!(
+            &self.db,
+            |pool, pg| {
+                let sql = if pg {
+                    format!(
+                        "SELECT convert_to(asset_id, 'UTF8'), convert_to(uri, 'UTF8'), usage_id, additional, \
+                             synced_at FROM recorded_usages {MATCHES_PG}"
+                    )
+                } else {
+                    format!(
+                        "SELECT CAST(asset_id AS BLOB), CAST(uri AS BLOB), usage_id, additional, synced_at \
+                         FROM recorded_usages {MATCHES}"
+                    )
+                };
+                sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                    .bind(q)
+                    .bind(substring)
+                    .bind(limit)
+                    .fetch_all(pool)
+                    .await
+            }
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(asset_id, uri, usage_id, additional, synced_at)| FoundRecorded {
+                    asset_id,
+                    uri,
+                    usage_id,
+                    additional,
+                    synced_at,
+                },
+            )
+            .collect())
     }
 
     /// Queued operations (dead letters included) matching `q`.
@@ -126,25 +172,61 @@ impl Store {
         substring: bool,
         limit: i64,
     ) -> Result<Vec<FoundOperation>, sqlx::Error> {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT CAST(asset_id AS BLOB), CAST(uri AS BLOB), state, action, additional, attempts, \
-                 last_error, next_attempt_at, uncertain FROM operations {MATCHES}"
-        )))
-        .bind(q)
-        .bind(substring)
-        .bind(limit)
-        .map(|row: sqlx::sqlite::SqliteRow| FoundOperation {
-            asset_id: row.get(0),
-            uri: row.get(1),
-            state: row.get(2),
-            action: row.get(3),
-            additional: row.get(4),
-            attempts: row.get(5),
-            last_error: row.get(6),
-            next_attempt_at: row.get(7),
-            uncertain: row.get(8),
-        })
-        .fetch_all(&self.pool)
-        .await
+        type Found = (
+            Vec<u8>,
+            Vec<u8>,
+            OperationState,
+            String,
+            Option<String>,
+            i64,
+            Option<String>,
+            String,
+            bool,
+        );
+        let rows: Vec<Found> = on_pool!(&self.db, |pool, pg| {
+            let sql = if pg {
+                format!(
+                    "SELECT convert_to(asset_id, 'UTF8'), convert_to(uri, 'UTF8'), state, action, additional, \
+                         attempts, last_error, next_attempt_at, uncertain FROM operations {MATCHES_PG}"
+                )
+            } else {
+                format!(
+                    "SELECT CAST(asset_id AS BLOB), CAST(uri AS BLOB), state, action, additional, attempts, \
+                         last_error, next_attempt_at, uncertain FROM operations {MATCHES}"
+                )
+            };
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(q)
+                .bind(substring)
+                .bind(limit)
+                .fetch_all(pool)
+                .await
+        })?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(
+                    asset_id,
+                    uri,
+                    state,
+                    action,
+                    additional,
+                    attempts,
+                    last_error,
+                    next_attempt_at,
+                    uncertain,
+                )| FoundOperation {
+                    asset_id,
+                    uri,
+                    state,
+                    action,
+                    additional,
+                    attempts,
+                    last_error,
+                    next_attempt_at,
+                    uncertain,
+                },
+            )
+            .collect())
     }
 }

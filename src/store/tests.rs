@@ -8,6 +8,7 @@ pub(super) async fn fresh() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let settings = DatabaseSettings {
         path: dir.path().join("state.db"),
+        url: None,
         busy_timeout: std::time::Duration::from_secs(5),
         group_shared: false,
         lock_timeout: std::time::Duration::from_secs(5),
@@ -44,7 +45,7 @@ async fn operations(store: &Store) -> Vec<Row> {
         "SELECT id, asset_id, uri, action, additional, state, uncertain, attempts, run_id, run_attempts, \
              last_error FROM operations ORDER BY id",
     )
-    .fetch_all(&store.pool)
+    .fetch_all(store.test_pool())
     .await
     .unwrap()
 }
@@ -54,7 +55,7 @@ async fn operation_times(store: &Store) -> Vec<(String, String, String, String, 
     sqlx::query_as(
         "SELECT asset_id, uri, created_at, next_attempt_at, updated_at FROM operations ORDER BY id",
     )
-    .fetch_all(&store.pool)
+    .fetch_all(store.test_pool())
     .await
     .unwrap()
 }
@@ -63,7 +64,7 @@ async fn recorded(store: &Store) -> Vec<(String, String, String, Option<String>)
     sqlx::query_as(
         "SELECT asset_id, uri, additional, usage_id FROM recorded_usages ORDER BY asset_id, uri",
     )
-    .fetch_all(&store.pool)
+    .fetch_all(store.test_pool())
     .await
     .unwrap()
 }
@@ -95,7 +96,7 @@ async fn queue_as(
     .bind(state)
     .bind(uncertain)
     .bind(EARLIER)
-    .execute(&store.pool)
+    .execute(store.test_pool())
     .await
     .unwrap();
 }
@@ -115,7 +116,7 @@ async fn record(
     .bind(additional)
     .bind(usage_id)
     .bind(EARLIER)
-    .execute(&store.pool)
+    .execute(store.test_pool())
     .await
     .unwrap();
 }
@@ -346,7 +347,7 @@ async fn sync_queue(store: &Store) {
     }
     sqlx::query("UPDATE operations SET state = 'in_flight' WHERE uri = ? AND action = 'delete'")
         .bind(uri(3))
-        .execute(&store.pool)
+        .execute(store.test_pool())
         .await
         .unwrap();
 }
@@ -406,7 +407,7 @@ async fn a_sync_batch_is_claimed_by_whole_uris_across_chunks() {
     let claimed: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM operations WHERE state = 'in_flight' AND run_id = 11",
     )
-    .fetch_one(&store.pool)
+    .fetch_one(store.test_pool())
     .await
     .unwrap();
     assert_eq!(claimed as usize, batch.ops.len());
@@ -546,7 +547,7 @@ async fn candidates_by_grouping(store: &Store, run_id: i64, now: &str, max: i64)
     .bind(run_id)
     .bind(now)
     .bind(max)
-    .fetch_all(&store.pool)
+    .fetch_all(store.test_pool())
     .await
     .unwrap()
 }
@@ -558,7 +559,7 @@ async fn sync_candidates_come_in_the_order_grouping_the_queue_gave() {
     // its due time with many others, some sorting before it), more rows than one page; some
     // uris have an operation in flight, some operations used up this run's attempts (due
     // earliest, so counting them would change the order).
-    let mut tx = store.begin().await.unwrap();
+    let mut tx = store.test_pool().begin().await.unwrap();
     for n in 0..1500usize {
         for k in 0..3usize {
             let due = format!("2026-01-01T00:00:0{}.000Z", (n * 5 + k * 3) % 7);
@@ -587,17 +588,19 @@ async fn sync_candidates_come_in_the_order_grouping_the_queue_gave() {
     let now = "2026-06-01T00:00:00.000Z";
     let expected = candidates_by_grouping(&store, 5, now, 3).await;
     assert_eq!(expected.len(), SYNC_CANDIDATES);
-    let mut conn = store.pool.acquire().await.unwrap();
+    let mut conn = store.begin().await.unwrap();
     let got = sync_candidates(&mut conn, 5, now, 3).await.unwrap();
+    conn.rollback().await.unwrap();
     assert_eq!(got, expected);
 
     // Fewer uris than the limit, after most are claimed: still the same.
     sqlx::query("UPDATE operations SET state = 'dead' WHERE id % 5 != 0")
-        .execute(&store.pool)
+        .execute(store.test_pool())
         .await
         .unwrap();
     let expected = candidates_by_grouping(&store, 5, now, 3).await;
     assert!(expected.len() < SYNC_CANDIDATES && !expected.is_empty());
+    let mut conn = store.begin().await.unwrap();
     let got = sync_candidates(&mut conn, 5, now, 3).await.unwrap();
     assert_eq!(got, expected);
 }

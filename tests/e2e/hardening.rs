@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use bynder_usage_sync::files::{Modes, RunLock};
+use bynder_usage_sync::files::{FileLock, Modes};
 use bynder_usage_sync::simulator::Options;
 
 use crate::common::*;
@@ -129,7 +129,7 @@ async fn a_run_lock_held_elsewhere_is_waited_for_a_bounded_time_then_named() {
         "path = \"state.db\"\nlock_timeout = \"1s\"",
     );
     std::fs::write(&app.config_path, config).unwrap();
-    let held = RunLock::acquire(
+    let held = FileLock::acquire(
         &app.db_path,
         Modes::new(false),
         Duration::from_secs(5),
