@@ -88,29 +88,27 @@ impl Store {
         substring: bool,
         limit: i64,
     ) -> Result<Vec<FoundCmsRow>, sqlx::Error> {
-        let rows: Vec<(Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>, bool)> = on_pool!(
-            &self.db,
-            |pool, pg| {
-                let sql = if pg {
-                    format!(
+        type Found = (Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>, bool);
+        let rows: Vec<Found> = on_pool!(&self.db, |pool, pg| {
+            let sql = if pg {
+                format!(
                         "SELECT convert_to(asset_id, 'UTF8'), convert_to(uri, 'UTF8'), \
                              convert_to(additional, 'UTF8'), TRUE FROM cms_asset_references {CMS_MATCHES_PG}"
                     )
-                } else {
-                    format!(
+            } else {
+                format!(
                         "SELECT CAST(asset_id AS BLOB), CAST(uri AS BLOB), CAST(additional AS BLOB), \
                              typeof(asset_id) IN ('text', 'null') AND typeof(uri) IN ('text', 'null') \
                          FROM cms_asset_references {MATCHES}"
                     )
-                };
-                sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                    .bind(q)
-                    .bind(substring)
-                    .bind(limit)
-                    .fetch_all(pool)
-                    .await
-            }
-        )?;
+            };
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(q)
+                .bind(substring)
+                .bind(limit)
+                .fetch_all(pool)
+                .await
+        })?;
         Ok(rows
             .into_iter()
             .map(|(asset_id, uri, additional, text_keys)| FoundCmsRow {
@@ -129,28 +127,26 @@ impl Store {
         substring: bool,
         limit: i64,
     ) -> Result<Vec<FoundRecorded>, sqlx::Error> {
-        let rows: Vec<(Vec<u8>, Vec<u8>, Option<String>, String, String)> = on_pool!(
-            &self.db,
-            |pool, pg| {
-                let sql = if pg {
-                    format!(
+        type Found = (Vec<u8>, Vec<u8>, Option<String>, String, String);
+        let rows: Vec<Found> = on_pool!(&self.db, |pool, pg| {
+            let sql = if pg {
+                format!(
                         "SELECT convert_to(asset_id, 'UTF8'), convert_to(uri, 'UTF8'), usage_id, additional, \
                              synced_at FROM recorded_usages {MATCHES_PG}"
                     )
-                } else {
-                    format!(
+            } else {
+                format!(
                         "SELECT CAST(asset_id AS BLOB), CAST(uri AS BLOB), usage_id, additional, synced_at \
                          FROM recorded_usages {MATCHES}"
                     )
-                };
-                sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                    .bind(q)
-                    .bind(substring)
-                    .bind(limit)
-                    .fetch_all(pool)
-                    .await
-            }
-        )?;
+            };
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(q)
+                .bind(substring)
+                .bind(limit)
+                .fetch_all(pool)
+                .await
+        })?;
         Ok(rows
             .into_iter()
             .map(

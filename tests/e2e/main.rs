@@ -20,6 +20,7 @@ mod reliability;
 mod resync;
 mod server;
 mod source_url;
+mod state_postgres;
 mod strategies;
 mod structure;
 mod telemetry;

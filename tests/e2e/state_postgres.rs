@@ -1,0 +1,323 @@
+//! `database.url`: the state and the CMS table in PostgreSQL, through the binary, against a real
+//! server the tests start themselves (see `databases`): what only that backend has (the what-if
+//! copy in a schema of its own, the run lock as an advisory lock, `backup` pointing at the
+//! server's tools, the password apart).
+
+use sqlx::Connection as _;
+
+use crate::common::*;
+use crate::databases::{Postgres, DB_PASSWORD};
+
+/// An app whose state (and CMS table) is the PostgreSQL database `state` of `pg`, migrated.
+pub struct PgApp {
+    pub app: App,
+    pub cms: sqlx::PgPool,
+    pub url: String,
+}
+
+pub async fn spawn_pg_app(pg: &Postgres, setup: Setup) -> PgApp {
+    spawn_pg_app_as(pg, setup, "postgres", "").await
+}
+
+/// [`spawn_pg_app`] connecting as `user`, with `database` keys `extra` beside the url.
+async fn spawn_pg_app_as(pg: &Postgres, setup: Setup, user: &str, extra: &str) -> PgApp {
+    let admin = sqlx::PgPool::connect(&pg.admin_url("postgres"))
+        .await
+        .unwrap();
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'state')")
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+    if !exists {
+        sqlx::query("CREATE DATABASE state")
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+    admin.close().await;
+    let app = spawn_app_with(setup).await;
+    let url = format!("postgres://{user}@127.0.0.1:{}/state", pg.port);
+    let config = std::fs::read_to_string(&app.config_path).unwrap().replace(
+        "[database]\npath = \"state.db\"",
+        &format!("[database]\nurl = \"{url}\"\n{extra}"),
+    );
+    std::fs::write(&app.config_path, config).unwrap();
+    let out = app.run(&["migrate"]).await;
+    assert_eq!(out.status.code(), Some(0), "migrate: {}", stderr(&out));
+    let cms = sqlx::PgPool::connect(&pg.admin_url("state")).await.unwrap();
+    PgApp { app, cms, url }
+}
+
+impl PgApp {
+    pub async fn exec(&self, sql: &str) {
+        sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+            .execute(&self.cms)
+            .await
+            .unwrap();
+    }
+
+    pub async fn insert(&self, asset_id: &str, uri: &str, additional: &str) {
+        sqlx::query(
+            "INSERT INTO cms_asset_references (asset_id, uri, additional) VALUES ($1, $2, $3)",
+        )
+        .bind(asset_id)
+        .bind(uri)
+        .bind(additional)
+        .execute(&self.cms)
+        .await
+        .unwrap();
+    }
+
+    pub async fn desired(&self) -> Vec<(String, String, String)> {
+        let mut rows: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT asset_id, uri, coalesce(additional, '') FROM cms_asset_references",
+        )
+        .fetch_all(&self.cms)
+        .await
+        .unwrap();
+        rows.sort();
+        rows
+    }
+
+    pub async fn assert_converged(&self) {
+        assert_eq!(self.app.ours(), self.desired().await);
+    }
+}
+
+#[tokio::test]
+async fn a_postgres_state_database_syncs_follows_changes_and_sends_nothing_once_converged() {
+    let pg = Postgres::start();
+    let app = spawn_pg_app(&pg, Setup::default()).await;
+    // `migrate` made the CMS table as documented.
+    let columns: Vec<(String, String)> = sqlx::query_as(
+        "SELECT column_name::text, data_type::text FROM information_schema.columns \
+         WHERE table_name = 'cms_asset_references' ORDER BY ordinal_position",
+    )
+    .fetch_all(&app.cms)
+    .await
+    .unwrap();
+    assert_eq!(
+        columns,
+        [
+            ("asset_id".into(), "text".into()),
+            ("uri".into(), "text".into()),
+            ("additional".into(), "text".into()),
+            ("updated_at".into(), "timestamp with time zone".into())
+        ]
+    );
+    for n in 0..30 {
+        app.insert(&asset(n), &page(n % 7), "note").await;
+    }
+    app.app.resync_expecting(0).await;
+    app.assert_converged().await;
+    app.app.portal.reset_counters();
+    let out = app.app.resync_expecting(0).await;
+    assert_eq!(app.app.portal.counters().total, 0, "{}", stdout(&out));
+
+    // A note changed, a row moved, a row deleted, an id written in another case.
+    app.exec(&format!(
+        "UPDATE cms_asset_references SET additional = 'changed' WHERE asset_id = '{}'",
+        asset(1)
+    ))
+    .await;
+    app.exec(&format!(
+        "UPDATE cms_asset_references SET uri = '{}' WHERE asset_id = '{}'",
+        page(40),
+        asset(2)
+    ))
+    .await;
+    app.exec(&format!(
+        "DELETE FROM cms_asset_references WHERE asset_id = '{}'",
+        asset(3)
+    ))
+    .await;
+    app.exec(&format!(
+        "UPDATE cms_asset_references SET asset_id = lower(asset_id) WHERE asset_id = '{}'",
+        asset(4)
+    ))
+    .await;
+    app.app.resync_expecting(0).await;
+    let ours = app.app.ours();
+    assert_eq!(ours.len(), 29);
+    assert!(ours.contains(&(asset(1), page(1), "changed".into())));
+    assert!(ours.contains(&(asset(2), page(40), "note".into())));
+    assert!(!ours.iter().any(|u| u.0 == asset(3)));
+    // One usage per asset ignoring case: the re-cased row is the same usage, left alone.
+    assert_eq!(
+        ours.iter()
+            .filter(|u| u.0.eq_ignore_ascii_case(&asset(4)))
+            .count(),
+        1
+    );
+
+    let out = app.app.run(&["status"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("127.0.0.1"), "{}", stdout(&out));
+}
+
+#[tokio::test]
+async fn a_what_if_verify_on_postgres_changes_nothing_and_leaves_no_copy_behind() {
+    let pg = Postgres::start();
+    let app = spawn_pg_app(&pg, Setup::default()).await;
+    for n in 0..5 {
+        app.insert(&asset(n), &page(n), "note").await;
+    }
+    app.app.resync_expecting(0).await;
+    let removed = app.app.portal.usages_for(INTEGRATION)[0].clone();
+    app.app.portal.remove_usage(&removed.id);
+    let before = app.app.ours();
+
+    let out = app.app.run(&["resync", "--verify", "--dry-run"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert_eq!(app.app.ours(), before, "a dry run sends nothing");
+    let copies: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'bynder_usage_sync_what_if%'",
+    )
+    .fetch_one(&app.cms)
+    .await
+    .unwrap();
+    assert_eq!(copies, 0, "the what-if copy is dropped");
+
+    app.app.run(&["resync", "--verify"]).await;
+    app.assert_converged().await;
+}
+
+#[tokio::test]
+async fn a_resync_waits_for_the_advisory_run_lock_and_names_its_holder() {
+    let pg = Postgres::start();
+    let app = spawn_pg_app(
+        &pg,
+        Setup {
+            extra: String::new(),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let config = std::fs::read_to_string(&app.app.config_path)
+        .unwrap()
+        .replace(
+            &format!("url = \"{}\"\n", app.url),
+            &format!("url = \"{}\"\nlock_timeout = \"1s\"\n", app.url),
+        );
+    std::fs::write(&app.app.config_path, config).unwrap();
+    app.insert(&asset(1), &page(1), "note").await;
+    // Someone else holds the run lock: a session of its own, named like a daemon would be.
+    let mut holder = sqlx::PgConnection::connect(&pg.admin_url("state"))
+        .await
+        .unwrap();
+    sqlx::query("SELECT set_config('application_name', 'the other daemon', false)")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_advisory_lock(1112866817, hashtext(current_schema()))")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let out = app.app.run(&["resync"]).await;
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the other daemon"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        app.app.ours().is_empty(),
+        "nothing was sent under another's lock"
+    );
+
+    // Released (its session ends): the next resync runs.
+
+    holder.close().await.unwrap();
+    app.app.resync_expecting(0).await;
+    app.assert_converged().await;
+}
+
+#[tokio::test]
+async fn backup_of_a_postgres_state_database_names_the_servers_own_tools() {
+    let pg = Postgres::start();
+    let app = spawn_pg_app(&pg, Setup::default()).await;
+    let target = app.app.dir.path().join("copy.db");
+    let out = app.app.run(&["backup", target.to_str().unwrap()]).await;
+    assert_ne!(out.status.code(), Some(0));
+    assert!(stderr(&out).contains("pg_dump"), "{}", stderr(&out));
+    assert!(!target.exists());
+}
+
+#[tokio::test]
+async fn the_state_databases_password_comes_from_its_file_and_never_shows() {
+    let pg = Postgres::start();
+    let admin = sqlx::PgPool::connect(&pg.admin_url("postgres"))
+        .await
+        .unwrap();
+    for sql in [
+        "CREATE DATABASE state".to_owned(),
+        format!("CREATE ROLE cms_pw LOGIN PASSWORD '{DB_PASSWORD}'"),
+        "ALTER DATABASE state OWNER TO cms_pw".to_owned(),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+    admin.close().await;
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("password");
+    std::fs::write(&password_file, format!("{DB_PASSWORD}\n")).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let app = spawn_pg_app_as(
+        &pg,
+        Setup::default(),
+        "cms_pw",
+        &format!("password_file = \"{}\"\n", password_file.display()),
+    )
+    .await;
+    app.insert(&asset(1), &page(1), "note").await;
+    let out = app.app.resync_expecting(0).await;
+    app.assert_converged().await;
+    let shown = app.app.run(&["config", "show"]).await;
+    for text in [stdout(&out), stderr(&out), stdout(&shown), stderr(&shown)] {
+        assert!(!text.contains(DB_PASSWORD), "the password leaked: {text}");
+    }
+
+    // A password written into the url itself is refused (the config is shown and logged).
+    let config = std::fs::read_to_string(&app.app.config_path)
+        .unwrap()
+        .replace(
+            "postgres://cms_pw@",
+            &format!("postgres://cms_pw:{}@", DB_PASSWORD.replace('#', "%23")),
+        );
+    std::fs::write(&app.app.config_path, config).unwrap();
+    let out = app.app.run(&["status"]).await;
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("database.password_file"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains(&DB_PASSWORD.replace('#', "%23")));
+}
+
+#[tokio::test]
+async fn database_url_and_database_path_together_are_a_config_error() {
+    let app = spawn_app().await;
+    let config = std::fs::read_to_string(&app.config_path).unwrap().replace(
+        "[database]\npath = \"state.db\"",
+        "[database]\npath = \"state.db\"\nurl = \"postgres://sync@127.0.0.1:5432/state\"",
+    );
+    std::fs::write(&app.config_path, config).unwrap();
+    let out = app.run(&["status"]).await;
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+    assert!(stderr(&out).contains("database.url"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("database.path"), "{}", stderr(&out));
+}
