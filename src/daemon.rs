@@ -143,6 +143,10 @@ pub enum DaemonError {
     Server(#[source] std::io::Error),
     #[error("the HTTP server panicked")]
     ServerPanicked(#[source] tokio::task::JoinError),
+    #[error(transparent)]
+    LostLeadership(#[from] crate::leadership::LostLeadership),
+    #[error("the leadership task stopped unexpectedly")]
+    Leadership(#[source] tokio::task::JoinError),
 }
 
 /// Runs the daemon until `shutdown` resolves, then stops gracefully: no new work, requests in
@@ -174,11 +178,23 @@ pub async fn run_until_stopped(
     )));
     tracing::info!(%address, "listening on {address}: status page at http://{address}/, /healthz, /readyz, /metrics");
 
+    // With a PostgreSQL state database several daemons may run: the worker waits until this one
+    // leads. A SQLite file has one daemon, which leads at once.
+    let (leading_tx, leading_rx) = watch::channel(ctx.store.postgres_pool().is_none());
+    let mut leadership = ctx.store.postgres_pool().cloned().map(|pool| {
+        tokio::spawn(crate::leadership::lead(
+            pool,
+            health.clone(),
+            leading_tx,
+            stop_rx.clone(),
+        ))
+    });
     let worker = Worker {
         contexts: contexts_rx,
         health: health.clone(),
         triggers: triggers.clone(),
         stop: stop_rx.clone(),
+        leading: leading_rx,
         drain_suspended: false,
         queue_unreadable: false,
         changes_failures: 0,
@@ -213,6 +229,17 @@ pub async fn run_until_stopped(
                 worker = None;
                 failure = Some(DaemonError::Worker(joined.err()));
                 break;
+            }
+            joined = async { leadership.as_mut().expect("spawned").await }, if leadership.is_some() => {
+                leadership = None;
+                failure = match joined {
+                    Ok(Ok(())) => None,
+                    Ok(Err(lost)) => Some(lost.into()),
+                    Err(e) => Some(DaemonError::Leadership(e)),
+                };
+                if failure.is_some() {
+                    break;
+                }
             }
             joined = async { server.as_mut().expect("spawned").await } => {
                 server = None;
@@ -254,6 +281,9 @@ pub async fn run_until_stopped(
     }
     if let Some(watcher) = watcher {
         join_by(watcher, deadline).await;
+    }
+    if let Some(leadership) = leadership {
+        join_by(leadership, deadline).await;
     }
     let close = async {
         ctx.source.close().await;
@@ -569,6 +599,8 @@ struct Worker {
     health: Arc<Health>,
     triggers: Arc<Triggers>,
     stop: watch::Receiver<bool>,
+    /// Whether this daemon leads (see [`crate::leadership`]): it works only then.
+    leading: watch::Receiver<bool>,
     /// After a run that could not reach the portal or had its credentials rejected, queued
     /// operations wait for the next scheduled reconcile rather than being retried every poll.
     drain_suspended: bool,
@@ -593,6 +625,13 @@ impl Worker {
     }
 
     async fn run(mut self) {
+        // A standby waits until it leads; it sends nothing before.
+        let mut leading = self.leading.clone();
+        tokio::select! {
+            biased;
+            () = stopped(self.stop.clone()) => return,
+            led = leading.wait_for(|l| *l) => if led.is_err() { return },
+        }
         // A reconcile at start catches up with what changed while the daemon was down and resumes
         // whatever the queue holds.
         let mut next = Some(Work::StartupReconcile);

@@ -20,6 +20,28 @@ pub enum CredentialState {
     Rejected(String),
 }
 
+/// This daemon's part among the daemons sharing its state database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// The only one there can be (a SQLite state file: one machine, one daemon).
+    Single,
+    /// It holds the leader lock: it plans and sends.
+    Leader,
+    /// Another daemon leads (named as it named itself, when known); this one takes over when
+    /// that one's session ends.
+    Standby { leader: Option<String> },
+}
+
+impl Role {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Role::Single => "single",
+            Role::Leader => "leader",
+            Role::Standby { .. } => "standby",
+        }
+    }
+}
+
 /// The last run the daemon finished.
 #[derive(Debug, Clone)]
 pub struct LastRun {
@@ -43,6 +65,7 @@ struct HealthState {
     credentials: CredentialState,
     last_run: Option<LastRun>,
     started_at: DateTime<Utc>,
+    role: Role,
 }
 
 impl Default for Health {
@@ -52,6 +75,7 @@ impl Default for Health {
                 credentials: CredentialState::Unchecked,
                 last_run: None,
                 started_at: Utc::now(),
+                role: Role::Single,
             }),
         }
     }
@@ -68,6 +92,14 @@ impl Health {
 
     pub fn started_at(&self) -> DateTime<Utc> {
         self.lock().started_at
+    }
+
+    pub fn role(&self) -> Role {
+        self.lock().role.clone()
+    }
+
+    pub fn set_role(&self, role: Role) {
+        self.lock().role = role;
     }
 
     /// Records what a run's outcome says about the credentials: a 401 rejects them; any other

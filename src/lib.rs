@@ -11,6 +11,7 @@ pub mod files;
 pub mod gate;
 pub mod health;
 pub mod http;
+pub mod leadership;
 pub mod logging;
 pub mod metrics;
 pub mod model;

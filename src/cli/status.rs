@@ -22,12 +22,23 @@ pub async fn status(config: Config, json: bool) -> Result<Exit, Failure> {
     let profile = crate::profile::PortalProfile::load(&store, config.bynder.base_url.as_str())
         .await?
         .facts();
+    // Several daemons may share a PostgreSQL state database: which one leads.
+    let leader = match store.postgres_pool() {
+        Some(pool) => Some(
+            store::lock::holder(pool, store::lock::LockKind::Leader)
+                .await?
+                .unwrap_or_else(|| "none (no daemon is running)".to_owned()),
+        ),
+        None => None,
+    };
+    let database = store.describe();
     store.close().await;
     if json {
         let value = serde_json::json!({
             "portal": config.bynder.base_url.as_str(),
             "integration_id": config.bynder.integration_id,
-            "database": config.database.path,
+            "database": database,
+            "leader": leader,
             "cms_rows": cms_rows,
             "recorded_usages": recorded,
             "queue": queue,
@@ -48,7 +59,10 @@ pub async fn status(config: Config, json: bool) -> Result<Exit, Failure> {
         "Portal:       {} (integration {})",
         config.bynder.base_url, config.bynder.integration_id
     );
-    println!("Database:     {}", config.database.path.display());
+    println!("Database:     {database}");
+    if let Some(leader) = &leader {
+        println!("Leader:       {}", printable(leader));
+    }
     println!("CMS rows:     {cms_rows}");
     println!("Recorded:     {recorded} usage(s) known to be in Bynder");
     let oldest = queue

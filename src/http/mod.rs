@@ -30,7 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 use crate::app::Context;
-use crate::health::{CredentialState, Health};
+use crate::health::{CredentialState, Health, Role};
 use crate::model::{RawRow, Reference, SkipReason};
 use crate::store::{self, QueueSummary, RunRecord};
 
@@ -133,32 +133,34 @@ pub struct Check {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Readiness {
     pub ready: bool,
+    /// `single`, `leader` or `standby` (see [`crate::health::Role`]).
+    pub role: &'static str,
     pub checks: Vec<Check>,
 }
 
 /// The readiness rule, on what was observed: the database answers, Bynder accepted the
 /// credentials on the last request that said anything about them, no rate-limit block is in force
 /// (`paused_until`, a time in the future), and the daemon is not stopping.
+///
+/// A standby daemon (another one leads) makes no request, so its credentials are unchecked: it
+/// is ready when its database answers, and says it stands by.
 pub fn readiness(
     database: Result<(), String>,
     credentials: &CredentialState,
     paused_until: Option<&str>,
     stopping: bool,
+    role: &Role,
 ) -> Readiness {
-    let mut checks = vec![
-        match database {
-            Ok(()) => Check {
-                name: "database",
-                ok: true,
-                detail: "the state database answers".into(),
-            },
-            Err(e) => Check {
-                name: "database",
-                ok: false,
-                detail: e,
-            },
+    let credentials = match role {
+        Role::Standby { leader } => Check {
+            name: "role",
+            ok: true,
+            detail: format!(
+                "standby: {} leads; this daemon takes over when it stops",
+                leader.as_deref().unwrap_or("another daemon")
+            ),
         },
-        match credentials {
+        _ => match credentials {
             CredentialState::Accepted => Check {
                 name: "credentials",
                 ok: true,
@@ -175,6 +177,21 @@ pub fn readiness(
                 detail: m.clone(),
             },
         },
+    };
+    let mut checks = vec![
+        match database {
+            Ok(()) => Check {
+                name: "database",
+                ok: true,
+                detail: "the state database answers".into(),
+            },
+            Err(e) => Check {
+                name: "database",
+                ok: false,
+                detail: e,
+            },
+        },
+        credentials,
         match paused_until {
             None => Check {
                 name: "rate_limit",
@@ -197,8 +214,16 @@ pub fn readiness(
             detail: "the daemon is stopping".into(),
         });
     }
+    if *role == Role::Leader {
+        checks.push(Check {
+            name: "role",
+            ok: true,
+            detail: "leader: this daemon plans and sends for the shared state database".into(),
+        });
+    }
     Readiness {
         ready: checks.iter().all(|c| c.ok),
+        role: role.label(),
         checks,
     }
 }
@@ -219,6 +244,7 @@ async fn assess(state: &AppState) -> Readiness {
         &state.health.credentials(),
         paused_until.as_deref(),
         *state.stopping.borrow(),
+        &state.health.role(),
     )
 }
 
@@ -676,7 +702,7 @@ fn render_page(state: &AppState, page: &Page, query: Option<&str>) -> String {
         escape(env!("CARGO_PKG_VERSION")),
         escape(portal.as_str()),
         escape(&config.bynder.integration_id),
-        escape(&config.database.path.display().to_string()),
+        escape(&state.ctx.store.describe()),
         escape(&store::format_time(state.health.started_at())),
     );
 
@@ -982,7 +1008,13 @@ mod tests {
 
     #[test]
     fn ready_only_when_database_credentials_and_rate_limit_are_all_fine() {
-        let ok = readiness(Ok(()), &CredentialState::Accepted, None, false);
+        let ok = readiness(
+            Ok(()),
+            &CredentialState::Accepted,
+            None,
+            false,
+            &Role::Single,
+        );
         assert!(ok.ready, "{ok:?}");
         assert_eq!(ok.checks.len(), 3);
 
@@ -991,6 +1023,7 @@ mod tests {
             &CredentialState::Rejected("Bynder rejected the credentials (401)".into()),
             None,
             false,
+            &Role::Single,
         );
         assert!(!rejected.ready);
         assert!(rejected
@@ -998,12 +1031,22 @@ mod tests {
             .iter()
             .any(|c| c.name == "credentials" && !c.ok && c.detail.contains("401")));
 
-        assert!(!readiness(Ok(()), &CredentialState::Unchecked, None, false).ready);
+        assert!(
+            !readiness(
+                Ok(()),
+                &CredentialState::Unchecked,
+                None,
+                false,
+                &Role::Single
+            )
+            .ready
+        );
         let paused = readiness(
             Ok(()),
             &CredentialState::Accepted,
             Some("2030-01-01T00:00:00.000Z"),
             false,
+            &Role::Single,
         );
         assert!(!paused.ready);
         assert!(paused.checks[2].detail.contains("2030-01-01"));
@@ -1012,11 +1055,40 @@ mod tests {
                 Err("locked".into()),
                 &CredentialState::Accepted,
                 None,
-                false
+                false,
+                &Role::Single,
             )
             .ready
         );
-        assert!(!readiness(Ok(()), &CredentialState::Accepted, None, true).ready);
+        assert!(
+            !readiness(
+                Ok(()),
+                &CredentialState::Accepted,
+                None,
+                true,
+                &Role::Single
+            )
+            .ready
+        );
+        // A standby makes no request: ready while its database answers, whatever it knows of
+        // the credentials, and saying who leads.
+        let standby = Role::Standby {
+            leader: Some("process 7 (run) on host-a".into()),
+        };
+        let ready = readiness(Ok(()), &CredentialState::Unchecked, None, false, &standby);
+        assert!(ready.ready);
+        assert_eq!(ready.role, "standby");
+        assert!(ready.checks.iter().any(|c| c.detail.contains("host-a")));
+        assert!(
+            !readiness(
+                Err("down".into()),
+                &CredentialState::Unchecked,
+                None,
+                false,
+                &standby
+            )
+            .ready
+        );
     }
 
     fn key(additional: Option<&str>) -> Match {

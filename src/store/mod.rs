@@ -463,7 +463,7 @@ impl Store {
     }
 
     /// The PostgreSQL pool, for the run lock's and leadership's own sessions.
-    pub(crate) fn postgres_pool(&self) -> Option<&sqlx::PgPool> {
+    pub fn postgres_pool(&self) -> Option<&sqlx::PgPool> {
         match &self.db {
             Db::Postgres(pool) => Some(pool),
             Db::Sqlite(_) => None,

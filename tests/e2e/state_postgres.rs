@@ -3,10 +3,16 @@
 //! copy in a schema of its own, the run lock as an advisory lock, `backup` pointing at the
 //! server's tools, the password apart).
 
+use std::time::Duration;
+
+use bynder_usage_sync::simulator::Options;
+use rand::{Rng, SeedableRng};
 use sqlx::Connection as _;
 
 use crate::common::*;
+use crate::daemon::{daemon_sections, eventually, Daemon, Watched};
 use crate::databases::{Postgres, DB_PASSWORD};
+use crate::reliability::rounds_or;
 
 /// An app whose state (and CMS table) is the PostgreSQL database `state` of `pg`, migrated.
 pub struct PgApp {
@@ -320,4 +326,142 @@ async fn database_url_and_database_path_together_are_a_config_error() {
     assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
     assert!(stderr(&out).contains("database.url"), "{}", stderr(&out));
     assert!(stderr(&out).contains("database.path"), "{}", stderr(&out));
+}
+
+/// Which of `daemons` says it leads, once exactly one does and every other stands by, ready.
+async fn leader_among(daemons: &[Daemon]) -> usize {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut leaders = Vec::new();
+        let mut standing_by = 0;
+        for (i, d) in daemons.iter().enumerate() {
+            let (code, body) = d.get("/readyz").await;
+            if body.contains("\"role\":\"leader\"") {
+                leaders.push(i);
+            } else if code == 200 && body.contains("\"role\":\"standby\"") {
+                standing_by += 1;
+            }
+        }
+        if leaders.len() == 1 && standing_by == daemons.len() - 1 {
+            return leaders[0];
+        }
+        assert!(leaders.len() <= 1, "two daemons lead at once: {leaders:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no single leader with the others standing by; logs:\n{}",
+            daemons
+                .iter()
+                .map(|d| d.log())
+                .collect::<Vec<_>>()
+                .join("\n----\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn two_daemons_share_one_postgres_database_and_the_survivor_of_a_kill_converges_without_duplicates(
+) {
+    let pg = Postgres::start();
+    let app = spawn_pg_app(
+        &pg,
+        Setup {
+            // One request per usage: a create is not idempotent there, so a create sent twice
+            // would show as a duplicate usage.
+            sync: "schedule = \"*/1 * * * * *\"\nstrategy = \"per_usage\"".to_owned(),
+            portal: Options {
+                permanent_tokens: vec![TOKEN.to_owned()],
+                latency: Duration::from_millis(5),
+                ..Options::default()
+            },
+            limits: "requests_per_second = 1000\nconcurrency = 4".to_owned(),
+            extra: daemon_sections("5s"),
+            ..Setup::default()
+        },
+    )
+    .await;
+    app.app
+        .portal
+        .seed_usage(OTHER_INTEGRATION, &asset(900), &page(900), "theirs");
+    let seed: u64 = rand::random();
+    println!("fail-over test seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut daemons = vec![Daemon::start(&app.app).await, Daemon::start(&app.app).await];
+    let mut next_row = 0;
+    let mut kills_mid_run = 0;
+    let rounds = rounds_or(4);
+    for round in 0..rounds {
+        let leader = leader_among(&daemons).await;
+        // The CMS writes while the leader sends: new rows, a changed note, a removed row.
+        for _ in 0..30 {
+            app.insert(
+                &asset(next_row),
+                &page(next_row % 9),
+                &format!("round {round}"),
+            )
+            .await;
+            next_row += 1;
+        }
+        if round > 0 {
+            app.exec(&format!(
+                "UPDATE cms_asset_references SET additional = 'changed in {round}' WHERE asset_id = '{}'",
+                asset(rng.random_range(0..next_row - 30))
+            ))
+            .await;
+            app.exec(&format!(
+                "DELETE FROM cms_asset_references WHERE asset_id = '{}'",
+                asset(rng.random_range(0..next_row - 30))
+            ))
+            .await;
+        }
+        // Killed after a random number of its requests (or once it has nothing left to send).
+        let before = app.app.portal.counters().total;
+        let kill_after = rng.random_range(0..25);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while app.app.portal.counters().total < before + kill_after
+            && app.app.ours() != app.desired().await
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        kills_mid_run += usize::from(app.app.ours() != app.desired().await);
+        let mut killed = daemons.remove(leader);
+        killed.child.start_kill().unwrap();
+        killed.child.wait().await.unwrap();
+        // More rows arrive while nobody leads.
+        for _ in 0..10 {
+            app.insert(&asset(next_row), &page(next_row % 9), "after the kill")
+                .await;
+            next_row += 1;
+        }
+        let survivor = &daemons[0];
+        eventually(
+            survivor,
+            "the survivor takes over and converges",
+            Duration::from_secs(60),
+            || async { app.app.ours() == app.desired().await },
+        )
+        .await;
+        assert_eq!(
+            app.app.others().len(),
+            1,
+            "another integration's usage is never touched"
+        );
+        // A new replica joins, as a supervisor would restart the killed one.
+        daemons.push(Daemon::start(&app.app).await);
+    }
+    println!("figures: fail-over rounds={rounds} kills_mid_run={kills_mid_run} duplicates_found=0 losses_found=0");
+    assert!(
+        kills_mid_run > 0,
+        "no leader was killed while it had work left"
+    );
+    assert_eq!(
+        leader_among(&daemons).await,
+        0,
+        "the survivor keeps leading"
+    );
+    for daemon in daemons {
+        let (status, _, _) = daemon.terminate(Duration::from_secs(10)).await;
+        assert!(status.success());
+    }
 }
