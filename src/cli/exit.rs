@@ -74,7 +74,14 @@ impl From<StoreError> for Failure {
             StoreError::Missing(_)
             | StoreError::NotMigrated(_)
             | StoreError::MigrationsNotRun(_)
-            | StoreError::Open { .. } => Failure::Setup(e),
+            | StoreError::Open { .. }
+            | StoreError::Unsupported { .. } => Failure::Setup(e),
+            // The server answered and refused (wrong user, password or database name): the
+            // configuration is wrong. An unreachable server may come back (exit 1).
+            StoreError::Connect {
+                source: sqlx::Error::Database(_) | sqlx::Error::Configuration(_),
+                ..
+            } => Failure::Setup(e),
             other => Failure::Unexpected(other.into()),
         }
     }

@@ -465,3 +465,84 @@ async fn two_daemons_share_one_postgres_database_and_the_survivor_of_a_kill_conv
         assert!(status.success());
     }
 }
+
+#[tokio::test]
+async fn on_postgres_a_cms_write_reaches_bynder_through_change_capture_not_the_schedule() {
+    let pg = Postgres::start();
+    // The default schedule (every 5 minutes) never comes within this test.
+    let app = spawn_pg_app(
+        &pg,
+        Setup {
+            extra: daemon_sections("5s"),
+            ..Setup::default()
+        },
+    )
+    .await;
+    app.insert(&asset(1), &page(1), "hero").await;
+    let daemon = Daemon::start(&app.app).await;
+    let converged = || async { app.app.ours() == app.desired().await };
+    eventually(
+        &daemon,
+        "the reconcile at start-up",
+        Duration::from_secs(20),
+        converged,
+    )
+    .await;
+    for (what, sql) in [
+        (
+            "an insert",
+            format!(
+                "INSERT INTO cms_asset_references (asset_id, uri, additional) VALUES ('{}', '{}', 'teaser')",
+                asset(2),
+                page(2)
+            ),
+        ),
+        (
+            "a changed note",
+            format!(
+                "UPDATE cms_asset_references SET additional = 'hero, resized' WHERE asset_id = '{}'",
+                asset(1)
+            ),
+        ),
+        (
+            "a move",
+            format!(
+                "UPDATE cms_asset_references SET uri = '{}' WHERE asset_id = '{}'",
+                page(3),
+                asset(2)
+            ),
+        ),
+        (
+            "a delete",
+            format!(
+                "DELETE FROM cms_asset_references WHERE asset_id = '{}'",
+                asset(1)
+            ),
+        ),
+    ] {
+        app.exec(&sql).await;
+        eventually(&daemon, what, Duration::from_secs(10), converged).await;
+    }
+    let changes: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM runs WHERE command = 'changes' AND outcome = 'converged'",
+    )
+    .fetch_one(&app.cms)
+    .await
+    .unwrap();
+    assert!(changes >= 1, "change runs sent them, not the schedule");
+    eventually(
+        &daemon,
+        "the change log settled",
+        Duration::from_secs(10),
+        || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM cms_changes")
+                .fetch_one(&app.cms)
+                .await
+                .unwrap()
+                == 0
+        },
+    )
+    .await;
+    let (status, _, _) = daemon.terminate(Duration::from_secs(10)).await;
+    assert!(status.success());
+}
