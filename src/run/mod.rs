@@ -166,29 +166,35 @@ async fn reconcile_in_span(
         }
         // The drift repair rewrites the recorded state before planning: done on a private copy,
         // the plan shows what a real `--verify` run would send, and nothing real changes.
-        let (_folder, snapshot) = ctx.store.snapshot(&ctx.config.database).await?;
+        let (copy, snapshot) = ctx.store.snapshot(&ctx.config.database).await?;
         let scratch = Context {
             store: snapshot,
             ..ctx.clone()
         };
-        let (verify, stop) = verify_assets(&scratch).await?;
-        let outcome = match stop {
-            None => RunOutcome::DryRun,
-            Some(VerifyStop::CredentialsRejected) => credentials_rejected(ctx),
-        };
-        let plan = plan_run(&scratch, options.plan(false), &Scope::FULL)
-            .await?
-            .0;
-        let dead_letters = scratch.store.queue_summary().await?.dead;
+        let report = async {
+            let (verify, stop) = verify_assets(&scratch).await?;
+            let outcome = match stop {
+                None => RunOutcome::DryRun,
+                Some(VerifyStop::CredentialsRejected) => credentials_rejected(ctx),
+            };
+            let plan = plan_run(&scratch, options.plan(false), &Scope::FULL)
+                .await?
+                .0;
+            let dead_letters = scratch.store.queue_summary().await?.dead;
+            Ok(RunReport {
+                run_id: None,
+                outcome,
+                plan,
+                sent: SendReport::default(),
+                dead_letters,
+                verify: Some(verify),
+            })
+        }
+        .await;
+        // The copy goes whatever happened: a PostgreSQL one would otherwise stay behind.
         scratch.store.close().await;
-        return Ok(RunReport {
-            run_id: None,
-            outcome,
-            plan,
-            sent: SendReport::default(),
-            dead_letters,
-            verify: Some(verify),
-        });
+        copy.discard().await;
+        return report;
     }
 
     locked_run(ctx, options, progress, false)

@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use sqlx::Connection as _;
 
 use crate::common::*;
-use crate::daemon::{daemon_sections, eventually, Daemon, Watched};
+use crate::daemon::{daemon_sections, eventually, Daemon};
 use crate::databases::{Postgres, DB_PASSWORD};
 use crate::reliability::rounds_or;
 
