@@ -14,7 +14,7 @@ use sqlx::{Connection, SqliteConnection};
 
 mod support;
 
-use support::{asset, workspace, BINARY, INTEGRATION, TOKEN};
+use support::{asset, workspace, workspace_on, PgCluster, BINARY, INTEGRATION, TOKEN};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -50,7 +50,14 @@ fn main() {
 }
 
 /// The scenarios, by the names a filter matches.
-const SCENARIOS: [&str; 4] = ["steady-state", "first-sync", "per-usage-rate", "baseline"];
+const SCENARIOS: [&str; 6] = [
+    "steady-state",
+    "first-sync",
+    "postgres-steady-state",
+    "postgres-first-sync",
+    "per-usage-rate",
+    "baseline",
+];
 
 /// The scenario filter: no words runs everything, else the scenarios whose name contains one.
 struct Selected(Vec<String>);
@@ -58,6 +65,13 @@ struct Selected(Vec<String>);
 impl Selected {
     fn runs(&self, scenario: &str) -> bool {
         self.0.is_empty() || self.0.iter().any(|f| scenario.contains(f.as_str()))
+    }
+
+    /// Whether a PostgreSQL scenario runs.
+    fn any_postgres(&self) -> bool {
+        SCENARIOS
+            .iter()
+            .any(|s| s.starts_with("postgres") && self.runs(s))
     }
 }
 
@@ -175,6 +189,21 @@ async fn run_all(quick: bool, selected: &Selected) {
     if selected.runs("first-sync") {
         first_sync(quick).await;
     }
+    if selected.any_postgres() {
+        match PgCluster::start() {
+            Some(pg) => {
+                if selected.runs("postgres-steady-state") {
+                    postgres_steady_state(quick, &pg).await;
+                }
+                if selected.runs("postgres-first-sync") {
+                    postgres_first_sync(quick, &pg).await;
+                }
+            }
+            None => {
+                println!("skipped: the PostgreSQL scenarios (no /usr/lib/postgresql/*/bin/initdb)")
+            }
+        }
+    }
     if selected.runs("per-usage-rate") {
         per_usage_rate(quick).await;
     }
@@ -219,6 +248,87 @@ async fn first_sync(quick: bool) {
     assert_eq!(portal.usages_for(INTEGRATION).len() as u64, references);
     println!(
         "first_sync_sync_endpoint references={references} uris={uris} api_calls={} elapsed_s={:.2} peak_rss_mb={:.1}",
+        portal.counters().total,
+        m.elapsed.as_secs_f64(),
+        m.max_rss_mb
+    );
+}
+
+/// Fills a PostgreSQL state database's CMS table (and, when `recorded`, the recorded state) in
+/// one statement each, with the same rows as [`fill`].
+async fn fill_postgres(url: &str, references: u64, uris: u64, recorded: bool) {
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    let rows = "SELECT upper(lpad(to_hex(i / 7), 8, '0')) || '-C13A-4DA5-86EC' || upper(lpad(to_hex(i / 7), 12, '0')) AS a, \
+                'https://cms.example/pages/' || (i % $2) AS u FROM generate_series(0, $1 - 1) AS i";
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO cms_asset_references (asset_id, uri, additional) SELECT a, u, 'hero image' FROM ({rows}) AS r"
+    )))
+    .bind(references as i64)
+    .bind(uris as i64)
+    .execute(&pool)
+    .await
+    .unwrap();
+    if recorded {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO recorded_usages (asset_id, uri, additional, synced_at) \
+             SELECT a, u, 'hero image', '2026-11-23T00:00:00.000Z' FROM ({rows}) AS r"
+        )))
+        .bind(references as i64)
+        .bind(uris as i64)
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query("DELETE FROM cms_changes")
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    sqlx::query("ANALYZE").execute(&pool).await.unwrap();
+    pool.close().await;
+}
+
+/// [`steady_state`] with the state in PostgreSQL.
+async fn postgres_steady_state(quick: bool, pg: &PgCluster) {
+    for references in if quick {
+        vec![10_000u64, 100_000]
+    } else {
+        vec![100_000u64, 1_000_000]
+    } {
+        let url = pg.database(&format!("steady_{references}"));
+        let portal = start_portal(Options::default()).await;
+        let ws = workspace_on(&portal, "", &format!("url = \"{url}\""));
+        fill_postgres(&url, references, references / 5, true).await;
+        let m = measured_run(&ws.config, &["resync"]);
+        assert_eq!(m.exit, 0);
+        println!(
+            "postgres_steady_state references={references} api_calls={} elapsed_s={:.2} peak_rss_mb={:.1}",
+            portal.counters().total,
+            m.elapsed.as_secs_f64(),
+            m.max_rss_mb
+        );
+    }
+}
+
+/// [`first_sync`] with the state in PostgreSQL.
+async fn postgres_first_sync(quick: bool, pg: &PgCluster) {
+    let (references, uris) = if quick {
+        (20_000u64, 4_000u64)
+    } else {
+        (100_000, 20_000)
+    };
+    let url = pg.database("first_sync");
+    let portal = start_portal(Options::default()).await;
+    let ws = workspace_on(
+        &portal,
+        "[sync]\nstrategy = \"sync_endpoint\"",
+        &format!("url = \"{url}\""),
+    );
+    fill_postgres(&url, references, uris, false).await;
+    let m = measured_run(&ws.config, &["resync"]);
+    assert_eq!(m.exit, 0);
+    assert_eq!(portal.usages_for(INTEGRATION).len() as u64, references);
+    println!(
+        "postgres_first_sync_sync_endpoint references={references} uris={uris} api_calls={} elapsed_s={:.2} peak_rss_mb={:.1}",
         portal.counters().total,
         m.elapsed.as_secs_f64(),
         m.max_rss_mb

@@ -1,5 +1,7 @@
 //! What both benchmark binaries share: the portal's credentials, the binary under test, the
 //! asset ids, and a workspace (a config pointing at a simulated portal, a migrated database).
+// Each benchmark binary uses only part of what is here.
+#![allow(dead_code)]
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -25,6 +27,11 @@ pub struct Workspace {
 
 /// A config for `portal` (with `extra` sections appended) and a migrated database.
 pub fn workspace(portal: &Simulator, extra: &str) -> Workspace {
+    workspace_on(portal, extra, "path = \"state.db\"")
+}
+
+/// [`workspace`] with `database` as the `[database]` section's body (a `url`, say).
+pub fn workspace_on(portal: &Simulator, extra: &str, database: &str) -> Workspace {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
     let db = dir.path().join("state.db");
@@ -32,7 +39,7 @@ pub fn workspace(portal: &Simulator, extra: &str) -> Workspace {
         &config,
         format!(
             "[bynder]\nbase_url = \"{}\"\nintegration_id = \"{INTEGRATION}\"\nallow_insecure_http = true\n\
-             [auth]\npermanent_token = \"{TOKEN}\"\n[database]\npath = \"state.db\"\n[log]\nlevel = \"warn\"\n{extra}\n",
+             [auth]\npermanent_token = \"{TOKEN}\"\n[database]\n{database}\n[log]\nlevel = \"warn\"\n{extra}\n",
             portal.base_url()
         ),
     )
@@ -48,5 +55,109 @@ pub fn workspace(portal: &Simulator, extra: &str) -> Workspace {
         _dir: dir,
         config,
         db,
+    }
+}
+
+/// A throwaway PostgreSQL cluster in a temporary folder (Debian's `postgresql` package; run as
+/// root, it runs the server as the `postgres` user), listening on a free loopback port with trust
+/// authentication, stopped and removed when dropped. `None` when the server is not installed.
+pub struct PgCluster {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+}
+
+impl PgCluster {
+    pub fn start() -> Option<PgCluster> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .filter_map(|v| Some(v.ok()?.path().join("bin")))
+            .filter(|b| b.join("initdb").is_file())
+            .max()?;
+        let dir = tempfile::Builder::new()
+            .prefix("bench-pg-")
+            .tempdir()
+            .ok()?;
+        let as_postgres = |program: &str| {
+            let mut cmd = Command::new("runuser");
+            cmd.args(["-u", "postgres", "--"]).arg(bin.join(program));
+            cmd
+        };
+        Command::new("chown")
+            .arg("postgres:")
+            .arg(dir.path())
+            .status()
+            .ok()?;
+        let data = dir.path().join("data");
+        let ok = as_postgres("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--auth=trust",
+            ])
+            .output()
+            .ok()?
+            .status
+            .success();
+        assert!(ok, "initdb failed");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        // Durable as in production (fsync on): the figures include the server's commits.
+        let ok = as_postgres("pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(dir.path().join("log"))
+            .arg("-o")
+            .arg(format!(
+                "-p {port} -c listen_addresses=127.0.0.1 -k {}",
+                dir.path().display()
+            ))
+            .args(["-w", "start"])
+            .output()
+            .ok()?
+            .status
+            .success();
+        assert!(ok, "pg_ctl start failed");
+        Some(PgCluster { dir, bin, port })
+    }
+
+    /// Creates `database` and returns its url.
+    pub fn database(&self, database: &str) -> String {
+        let ok = Command::new(self.bin.join("createdb"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                database,
+            ])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "createdb failed");
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .output();
     }
 }

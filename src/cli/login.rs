@@ -140,10 +140,10 @@ async fn login(config: Config, args: LoginArgs) -> Result<Exit, Failure> {
     .await?;
     eprintln!("Approved; exchanging the code for tokens…");
     let scopes = login.finish(&config, &store, gate, code).await?;
+    let database = store.describe();
     store.close().await;
     println!(
-        "Logged in: the refresh token is stored in {}. Granted scopes: {}",
-        config.database.path.display(),
+        "Logged in: the refresh token is stored in {database}. Granted scopes: {}",
         if scopes.is_empty() {
             "(not reported)".to_owned()
         } else {
@@ -212,11 +212,11 @@ async fn oauth1_login(config: Config, args: OAuth1LoginArgs) -> Result<Exit, Fai
         );
     }
     let expires = login.finish(&store).await?;
+    let database = store.describe();
     store.close().await;
     println!(
-        "Logged in: the OAuth 1.0a token pair is stored in {}. It expires on {}; `status` warns a week \
+        "Logged in: the OAuth 1.0a token pair is stored in {database}. It expires on {}; `status` warns a week \
          before: run `bynder-usage-sync auth oauth1-login` again then.",
-        config.database.path.display(),
         expires.format("%Y-%m-%d %H:%M UTC")
     );
     Ok(Exit::Ok)
