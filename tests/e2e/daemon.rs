@@ -180,6 +180,23 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// Waits at most `within` for the daemon to exit on its own: its status and whole log.
+    pub(crate) async fn exited(mut self, within: Duration) -> (ExitStatus, String) {
+        let status = tokio::time::timeout(within, self.child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the daemon did not exit within {within:?}; its log:\n{}",
+                    self.log()
+                )
+            })
+            .unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.reader).await;
+        (status, self.log())
+    }
+}
+
 /// What a failed wait shows about the daemon it waited on.
 pub(crate) trait Watched {
     fn log(&self) -> String;

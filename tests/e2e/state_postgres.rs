@@ -546,3 +546,46 @@ async fn on_postgres_a_cms_write_reaches_bynder_through_change_capture_not_the_s
     let (status, _, _) = daemon.terminate(Duration::from_secs(10)).await;
     assert!(status.success());
 }
+
+#[tokio::test]
+async fn a_leader_whose_lock_session_is_cut_off_stops_and_the_standby_takes_over() {
+    let pg = Postgres::start();
+    let app = spawn_pg_app(
+        &pg,
+        Setup {
+            sync: "schedule = \"*/1 * * * * *\"".to_owned(),
+            extra: daemon_sections("5s"),
+            ..Setup::default()
+        },
+    )
+    .await;
+    app.insert(&asset(1), &page(1), "note").await;
+    let mut daemons = vec![Daemon::start(&app.app).await, Daemon::start(&app.app).await];
+    let leader = leader_among(&daemons).await;
+    // The server ends the leader's lock session, as a network cut or a restart would.
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(a.pid) FROM pg_locks AS l \
+         JOIN pg_stat_activity AS a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 1112866818) AS t",
+    )
+    .fetch_one(&app.cms)
+    .await
+    .unwrap();
+    assert_eq!(ended, 1, "one session holds the leader lock");
+    let cut_off = daemons.remove(leader);
+    let (status, log) = cut_off.exited(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("lost its leader lock"), "{log}");
+    // The other one leads now and keeps the portal in step.
+    assert_eq!(leader_among(&daemons).await, 0);
+    app.insert(&asset(2), &page(2), "after the cut").await;
+    eventually(
+        &daemons[0],
+        "the new leader converges",
+        Duration::from_secs(30),
+        || async { app.app.ours() == app.desired().await },
+    )
+    .await;
+    let (status, _, _) = daemons.remove(0).terminate(Duration::from_secs(10)).await;
+    assert!(status.success());
+}
