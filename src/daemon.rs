@@ -504,7 +504,10 @@ async fn watch_changes(
             }
         };
         let Some(latest) = latest else { continue };
-        if seen.is_some_and(|s| s >= latest) {
+        // Unchanged since the last wake: nothing new. Not "not above it": in PostgreSQL a CMS
+        // transaction that took its sequence number first may commit after one that took a
+        // later number was planned, and its entry then shows up below what was seen.
+        if seen == Some(latest) {
             // Nothing new; the entries a failed change run left are tried again when due.
             if triggers.take_due_retry() {
                 triggers.changes.notify_one();

@@ -123,14 +123,18 @@ impl AdvisoryLock {
     }
 }
 
-/// What a lock's holder says about itself: its process, command and host.
+/// What a lock's holder says about itself: its process, command and host, within the 63 bytes
+/// PostgreSQL keeps of an application name.
 fn holder_note(what: &str) -> String {
-    let host = hostname();
-    format!(
-        "bynder-usage-sync: process {} ({what}) on {host} since {}",
+    let mut note = format!(
+        "bynder-usage-sync pid {} ({what}) on {}",
         std::process::id(),
-        crate::model::now_text()
-    )
+        hostname()
+    );
+    while note.len() > 63 {
+        note.pop();
+    }
+    note
 }
 
 /// The machine's name, for naming a lock's holder.

@@ -365,6 +365,8 @@ pub fn postgres_options(url: &crate::config::ServerUrl) -> Result<PgConnectOptio
             ("tcp_keepalives_idle", "5"),
             ("tcp_keepalives_interval", "5"),
             ("tcp_keepalives_count", "3"),
+            // The idempotent statements `migrate` repeats at every start are not news.
+            ("client_min_messages", "warning"),
         ]);
     if let Some(p) = &url.password {
         use secrecy::ExposeSecret as _;

@@ -589,3 +589,65 @@ async fn a_leader_whose_lock_session_is_cut_off_stops_and_the_standby_takes_over
     let (status, _, _) = daemons.remove(0).terminate(Duration::from_secs(10)).await;
     assert!(status.success());
 }
+
+/// REGRESSION: in PostgreSQL a CMS transaction that took its log entry's number first can
+/// commit after a later one was planned; the watcher took an entry below the last one it had
+/// seen for "nothing new", and the row waited for the schedule.
+#[tokio::test]
+async fn on_postgres_a_cms_transaction_that_commits_out_of_order_still_reaches_bynder_at_once() {
+    let pg = Postgres::start();
+    let app = spawn_pg_app(
+        &pg,
+        Setup {
+            extra: daemon_sections("5s"),
+            ..Setup::default()
+        },
+    )
+    .await;
+    app.insert(&asset(0), &page(0), "before").await;
+    let daemon = Daemon::start(&app.app).await;
+    let converged = || async { app.app.ours() == app.desired().await };
+    eventually(
+        &daemon,
+        "the reconcile at start-up",
+        Duration::from_secs(20),
+        converged,
+    )
+    .await;
+    let change_runs = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM runs WHERE command = 'changes' AND finished_at IS NOT NULL",
+        )
+        .fetch_one(&app.cms)
+        .await
+        .unwrap()
+    };
+    // The slow transaction writes first (the lower entry number) and commits last.
+    let mut slow = app.cms.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO cms_asset_references (asset_id, uri, additional) VALUES ($1, $2, 'slow')",
+    )
+    .bind(asset(1))
+    .bind(page(1))
+    .execute(&mut *slow)
+    .await
+    .unwrap();
+    app.insert(&asset(2), &page(2), "fast").await;
+    eventually(
+        &daemon,
+        "the fast row in Bynder, by a change run",
+        Duration::from_secs(10),
+        || async { app.app.ours().iter().any(|u| u.0 == asset(2)) && change_runs().await == 1 },
+    )
+    .await;
+    slow.commit().await.unwrap();
+    eventually(
+        &daemon,
+        "the slow row in Bynder",
+        Duration::from_secs(10),
+        converged,
+    )
+    .await;
+    let (status, _, _) = daemon.terminate(Duration::from_secs(10)).await;
+    assert!(status.success());
+}
