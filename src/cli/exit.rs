@@ -79,7 +79,7 @@ impl From<StoreError> for Failure {
             // The server answered and refused (wrong user, password or database name): the
             // configuration is wrong. An unreachable server may come back (exit 1).
             StoreError::Connect {
-                source: sqlx::Error::Database(_) | sqlx::Error::Configuration(_),
+                cause: sqlx::Error::Database(_) | sqlx::Error::Configuration(_),
                 ..
             } => Failure::Setup(e),
             other => Failure::Unexpected(other.into()),

@@ -54,8 +54,8 @@ pub enum StoreError {
     MigrationsNotRun(String),
     #[error("cannot open the state database {path}: {source}. Fix: check database.path, its folder's permissions and free disk space")]
     Open { path: String, source: sqlx::Error },
-    #[error("cannot connect to the state database {url}: {source}. Fix: check database.url (host, port, user, database name), the password in database.password_file, and that the server accepts connections from this host")]
-    Connect { url: String, source: sqlx::Error },
+    #[error("cannot connect to the state database {url}: {cause}. Fix: check database.url (host, port, user, database name), the password in database.password_file, and that the server runs and accepts connections from this host")]
+    Connect { url: String, cause: sqlx::Error },
     #[error("the state database {url} cannot be used: {reason}. Fix: {fix}")]
     Unsupported {
         url: String,
@@ -383,12 +383,24 @@ async fn open_postgres(
     mode: OpenMode,
 ) -> Result<Store, StoreError> {
     let shown = url.display();
-    let connect_error = |source: sqlx::Error| StoreError::Connect {
+    let connect_error = |cause: sqlx::Error| StoreError::Connect {
         url: shown.clone(),
-        source,
+        cause,
     };
     let options = postgres_options(url).map_err(connect_error)?;
     let acquire = settings.busy_timeout + std::time::Duration::from_secs(5);
+    // One connection first: a refused connection or a wrong password is one clear error at
+    // once, not a pool's retries until its timeout.
+    let first = tokio::time::timeout(acquire, options.connect())
+        .await
+        .unwrap_or_else(|_| {
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no connection within {acquire:?}"),
+            )))
+        })
+        .map_err(connect_error)?;
+    let _ = sqlx::Connection::close(first).await;
     let pool = PgPoolOptions::new()
         .max_connections(8)
         .acquire_timeout(acquire)

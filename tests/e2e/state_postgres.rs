@@ -651,3 +651,37 @@ async fn on_postgres_a_cms_transaction_that_commits_out_of_order_still_reaches_b
     let (status, _, _) = daemon.terminate(Duration::from_secs(10)).await;
     assert!(status.success());
 }
+
+#[tokio::test]
+async fn a_state_server_that_refuses_exits_1_and_a_wrong_database_exits_78_naming_database_url() {
+    let pg = Postgres::start();
+    let app = spawn_pg_app(&pg, Setup::default()).await;
+    let config = std::fs::read_to_string(&app.app.config_path).unwrap();
+    // Nothing listens on the port any more.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    for (url, code) in [
+        (format!("postgres://postgres@127.0.0.1:{closed}/state"), 1),
+        (
+            format!("postgres://postgres@127.0.0.1:{}/no_such_db", pg.port),
+            78,
+        ),
+    ] {
+        std::fs::write(&app.app.config_path, config.replace(&app.url, &url)).unwrap();
+        let out = app.app.run(&["resync"]).await;
+        assert_eq!(out.status.code(), Some(code), "{}", stderr(&out));
+        assert!(stderr(&out).contains("database.url"), "{}", stderr(&out));
+        let error = stderr(&out)
+            .lines()
+            .filter(|l| l.starts_with("error:"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_eq!(
+            error.matches("Fix:").count(),
+            1,
+            "one error, one fix: {error}"
+        );
+    }
+}
