@@ -178,7 +178,7 @@ impl std::fmt::Display for OperationState {
 }
 
 /// A finished or running reconcile.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
 pub struct RunRecord {
     pub id: i64,
     pub command: String,
@@ -1307,22 +1307,7 @@ impl Store {
     }
 
     pub async fn recent_runs(&self, limit: i64) -> Result<Vec<RunRecord>, sqlx::Error> {
-        type RunRow = (
-            i64,
-            String,
-            String,
-            Option<String>,
-            Option<String>,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            Option<String>,
-        );
-        let rows: Vec<RunRow> = on_pool!(&self.db, |pool, pg| {
+        on_pool!(&self.db, |pool, pg| {
             sqlx::query_as(
             "SELECT id, command, started_at, finished_at, outcome, creates, updates, deletes, skipped_rows, \
                  succeeded, failed, requests, message FROM runs ORDER BY id DESC LIMIT $1",
@@ -1330,41 +1315,7 @@ impl Store {
         .bind(limit)
         .fetch_all(pool)
         .await
-        })?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(
-                    id,
-                    command,
-                    started_at,
-                    finished_at,
-                    outcome,
-                    creates,
-                    updates,
-                    deletes,
-                    skipped_rows,
-                    succeeded,
-                    failed,
-                    requests,
-                    message,
-                )| RunRecord {
-                    id,
-                    command,
-                    started_at,
-                    finished_at,
-                    outcome,
-                    creates,
-                    updates,
-                    deletes,
-                    skipped_rows,
-                    succeeded,
-                    failed,
-                    requests,
-                    message,
-                },
-            )
-            .collect())
+        })
     }
 
     /// Another asset than `asset_id` (ignoring case), for `probe`: one Bynder confirmed a usage

@@ -31,7 +31,7 @@ pub struct FoundCmsRow {
 }
 
 /// A recorded usage the search found.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct FoundRecorded {
     pub asset_id: Vec<u8>,
     pub uri: Vec<u8>,
@@ -41,7 +41,7 @@ pub struct FoundRecorded {
 }
 
 /// A queued operation the search found.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct FoundOperation {
     pub asset_id: Vec<u8>,
     pub uri: Vec<u8>,
@@ -127,38 +127,16 @@ impl Store {
         substring: bool,
         limit: i64,
     ) -> Result<Vec<FoundRecorded>, sqlx::Error> {
-        type Found = (Vec<u8>, Vec<u8>, Option<String>, String, String);
-        let rows: Vec<Found> = on_pool!(&self.db, |pool, pg| {
-            let sql = if pg {
-                format!(
-                        "SELECT convert_to(asset_id, 'UTF8'), convert_to(uri, 'UTF8'), usage_id, additional, \
-                             synced_at FROM recorded_usages {MATCHES_PG}"
-                    )
-            } else {
-                format!(
-                        "SELECT CAST(asset_id AS BLOB), CAST(uri AS BLOB), usage_id, additional, synced_at \
-                         FROM recorded_usages {MATCHES}"
-                    )
-            };
-            sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                .bind(q)
-                .bind(substring)
-                .bind(limit)
-                .fetch_all(pool)
-                .await
-        })?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(asset_id, uri, usage_id, additional, synced_at)| FoundRecorded {
-                    asset_id,
-                    uri,
-                    usage_id,
-                    additional,
-                    synced_at,
-                },
-            )
-            .collect())
+        self.search(
+            "convert_to(asset_id, 'UTF8') AS asset_id, convert_to(uri, 'UTF8') AS uri, usage_id, \
+             additional, synced_at FROM recorded_usages",
+            "CAST(asset_id AS BLOB) AS asset_id, CAST(uri AS BLOB) AS uri, usage_id, additional, \
+             synced_at FROM recorded_usages",
+            q,
+            substring,
+            limit,
+        )
+        .await
     }
 
     /// Queued operations (dead letters included) matching `q`.
@@ -168,28 +146,39 @@ impl Store {
         substring: bool,
         limit: i64,
     ) -> Result<Vec<FoundOperation>, sqlx::Error> {
-        type Found = (
-            Vec<u8>,
-            Vec<u8>,
-            OperationState,
-            String,
-            Option<String>,
-            i64,
-            Option<String>,
-            String,
-            bool,
-        );
-        let rows: Vec<Found> = on_pool!(&self.db, |pool, pg| {
+        self.search(
+            "convert_to(asset_id, 'UTF8') AS asset_id, convert_to(uri, 'UTF8') AS uri, state, action, \
+             additional, attempts, last_error, next_attempt_at, uncertain FROM operations",
+            "CAST(asset_id AS BLOB) AS asset_id, CAST(uri AS BLOB) AS uri, state, action, additional, \
+             attempts, last_error, next_attempt_at, uncertain FROM operations",
+            q,
+            substring,
+            limit,
+        )
+        .await
+    }
+
+    /// `SELECT` what (PostgreSQL's, or SQLite's) from the daemon's own tables, where
+    /// [`MATCHES`] `q`.
+    async fn search<T>(
+        &self,
+        postgres: &str,
+        sqlite: &str,
+        q: &str,
+        substring: bool,
+        limit: i64,
+    ) -> Result<Vec<T>, sqlx::Error>
+    where
+        T: Send
+            + Unpin
+            + for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>
+            + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+    {
+        on_pool!(&self.db, |pool, pg| {
             let sql = if pg {
-                format!(
-                    "SELECT convert_to(asset_id, 'UTF8'), convert_to(uri, 'UTF8'), state, action, additional, \
-                         attempts, last_error, next_attempt_at, uncertain FROM operations {MATCHES_PG}"
-                )
+                format!("SELECT {postgres} {MATCHES_PG}")
             } else {
-                format!(
-                    "SELECT CAST(asset_id AS BLOB), CAST(uri AS BLOB), state, action, additional, attempts, \
-                         last_error, next_attempt_at, uncertain FROM operations {MATCHES}"
-                )
+                format!("SELECT {sqlite} {MATCHES}")
             };
             sqlx::query_as(sqlx::AssertSqlSafe(sql))
                 .bind(q)
@@ -197,32 +186,6 @@ impl Store {
                 .bind(limit)
                 .fetch_all(pool)
                 .await
-        })?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(
-                    asset_id,
-                    uri,
-                    state,
-                    action,
-                    additional,
-                    attempts,
-                    last_error,
-                    next_attempt_at,
-                    uncertain,
-                )| FoundOperation {
-                    asset_id,
-                    uri,
-                    state,
-                    action,
-                    additional,
-                    attempts,
-                    last_error,
-                    next_attempt_at,
-                    uncertain,
-                },
-            )
-            .collect())
+        })
     }
 }
