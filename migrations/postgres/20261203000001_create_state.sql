@@ -48,7 +48,8 @@ CREATE TABLE operations (
     updated_at      text COLLATE "C" NOT NULL,
     UNIQUE (asset_id, uri)
 );
-CREATE INDEX operations_due ON operations (state, next_attempt_at);
+-- The due walk pages by (due time, id): one index range, no sort of the whole queue per page.
+CREATE INDEX operations_due ON operations (state, next_attempt_at, id);
 CREATE INDEX operations_by_uri ON operations (uri, state);
 
 -- One row per run, for `status` and the daemon's health.
