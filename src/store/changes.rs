@@ -88,22 +88,7 @@ impl Store {
     /// Whether the three capture triggers are installed on `cms_asset_references`, and the log
     /// they write is there.
     pub async fn capture_installed(&self) -> Result<bool, sqlx::Error> {
-        let found: i64 = on_pool!(&self.db, |pool, pg| {
-            sqlx::query_scalar(if pg {
-            "SELECT (SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass('cms_asset_references') \
-                     AND tgname IN ($1, $2, $3) AND tgenabled <> 'D') \
-                  + (SELECT count(*) FROM pg_class WHERE oid = to_regclass('cms_changes'))"
-        } else {
-            "SELECT count(*) FROM sqlite_master WHERE (type = 'trigger' AND tbl_name = 'cms_asset_references' \
-             AND name IN ($1, $2, $3)) OR (type = 'table' AND name = 'cms_changes')"
-        })
-        .bind(TRIGGERS[0])
-        .bind(TRIGGERS[1])
-        .bind(TRIGGERS[2])
-        .fetch_one(pool)
-        .await
-        })?;
-        Ok(found == TRIGGERS.len() as i64 + 1)
+        capture_present(&self.db).await
     }
 
     /// Puts the capture triggers back if any is missing; whether it had to.
@@ -361,10 +346,36 @@ impl super::PlanWriter {
     }
 }
 
+/// Whether the three capture triggers are on `cms_asset_references` (and enabled), and the log
+/// they write is there.
+async fn capture_present(db: &Db) -> Result<bool, sqlx::Error> {
+    let found: i64 = on_pool!(db, |pool, pg| {
+        sqlx::query_scalar(if pg {
+        "SELECT (SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass('cms_asset_references') \
+                 AND tgname IN ($1, $2, $3) AND tgenabled <> 'D') \
+              + (SELECT count(*) FROM pg_class WHERE oid = to_regclass('cms_changes'))"
+    } else {
+        "SELECT count(*) FROM sqlite_master WHERE (type = 'trigger' AND tbl_name = 'cms_asset_references' \
+         AND name IN ($1, $2, $3)) OR (type = 'table' AND name = 'cms_changes')"
+    })
+    .bind(TRIGGERS[0])
+    .bind(TRIGGERS[1])
+    .bind(TRIGGERS[2])
+    .fetch_one(pool)
+    .await
+    })?;
+    Ok(found == TRIGGERS.len() as i64 + 1)
+}
+
 /// Puts the change log and its triggers in place if they are missing (the migration's own,
 /// idempotent statements): a CMS that dropped and recreated its table lost the triggers with it.
 pub(super) async fn install_capture(db: &Db) -> Result<(), sqlx::Error> {
     if !super::has_table(db, "cms_asset_references").await? {
+        return Ok(());
+    }
+    // In place already: nothing to run (PostgreSQL's CREATE OR REPLACE TRIGGER would lock the
+    // CMS table against writes, at every command's start).
+    if capture_present(db).await? {
         return Ok(());
     }
     on_pool!(db, |pool, pg| {

@@ -685,3 +685,46 @@ async fn a_state_server_that_refuses_exits_1_and_a_wrong_database_exits_78_namin
         );
     }
 }
+
+/// Other commands in between (each opens the store, which makes sure capture is in place) leave
+/// the fingerprint alone; a write or a dropped trigger does not.
+#[tokio::test]
+async fn on_postgres_if_changed_skips_the_merge_only_while_nothing_can_have_changed() {
+    let pg = Postgres::start();
+    let app = spawn_pg_app(&pg, Setup::default()).await;
+    for n in 1..=5 {
+        app.insert(&asset(n), &page(n), "note").await;
+    }
+    app.app.resync_expecting(0).await;
+    let if_changed = || async {
+        let out = app.app.run(&["resync", "--if-changed", "--json"]).await;
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        report["plan"].clone()
+    };
+    // Other commands in between open the store too.
+    app.app.run(&["status"]).await;
+    let plan = if_changed().await;
+    assert!(plan["unchanged_since"].is_string(), "{plan}");
+    assert_eq!(plan["rows_read"], 0);
+    let plan = if_changed().await;
+    assert!(plan["unchanged_since"].is_string(), "{plan}");
+
+    // A write through the triggers: the merge runs.
+    app.insert(&asset(6), &page(6), "new").await;
+    let plan = if_changed().await;
+    assert!(plan["unchanged_since"].is_null(), "{plan}");
+    assert_eq!(plan["creates"], 1);
+    // A trigger dropped behind the daemon's back: the merge runs, and the trigger is back.
+    app.exec("DROP TRIGGER cms_changes_after_update ON cms_asset_references")
+        .await;
+    let plan = if_changed().await;
+    assert!(plan["unchanged_since"].is_null(), "{plan}");
+    let triggers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'cms_asset_references'::regclass AND NOT tgisinternal",
+    )
+    .fetch_one(&app.cms)
+    .await
+    .unwrap();
+    assert_eq!(triggers, 3);
+}
