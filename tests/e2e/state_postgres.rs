@@ -562,6 +562,21 @@ async fn a_leader_whose_lock_session_is_cut_off_stops_and_the_standby_takes_over
     app.insert(&asset(1), &page(1), "note").await;
     let mut daemons = vec![Daemon::start(&app.app).await, Daemon::start(&app.app).await];
     let leader = leader_among(&daemons).await;
+    // The standby's status page says it stands by and who leads; `status` names the leader.
+    let (code, status_page) = daemons[1 - leader].get("/").await;
+    assert_eq!(code, 200);
+    assert!(
+        status_page.contains("standby") && status_page.contains("bynder-usage-sync pid"),
+        "{status_page}"
+    );
+    let out = app.app.run(&["status"]).await;
+    assert!(
+        stdout(&out)
+            .lines()
+            .any(|l| l.starts_with("Leader:") && l.contains("bynder-usage-sync pid")),
+        "{}",
+        stdout(&out)
+    );
     // The server ends the leader's lock session, as a network cut or a restart would.
     let ended: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT pg_terminate_backend(a.pid) FROM pg_locks AS l \
