@@ -515,6 +515,15 @@ async fn incremental(backend: Backend, strategy: &str) {
         assert_eq!(moved, 1);
         on.insert(&asset(n), &page(50 + n), Some("moved")).await;
     }
+    // A dry run shows the plan and sends nothing.
+    on.portal().reset_counters();
+    let out = on.run_expecting(&["resync", "--dry-run"], 0).await;
+    let text = stdout(&out);
+    assert!(
+        text.contains("5 create(s), 3 update(s), 2 delete(s)"),
+        "{backend:?} {strategy}: {text}"
+    );
+    assert_eq!(on.portal().counters().total, 0);
     let out = on.resync_expecting(0).await;
     on.assert_converged().await;
     let text = stdout(&out);
@@ -907,6 +916,50 @@ async fn daemon_follows_the_cms_and_exits_0_on_sigterm(backend: Backend) {
     let (status, _, log) = daemon.terminate(Duration::from_secs(15)).await;
     assert_eq!(status.code(), Some(0), "{backend:?} daemon log:\n{log}");
     assert!(!log.contains("ERROR"), "{backend:?} daemon log:\n{log}");
+}
+
+on_both!(
+    manual_resync_beside_the_daemon,
+    a_manual_resync_beside_the_daemon_takes_turns
+);
+
+/// A manual `resync` while `run` is syncing the same new rows: the run lock (whatever holds it
+/// on this backend) takes them in turn, and each usage is created exactly once.
+async fn a_manual_resync_beside_the_daemon_takes_turns(backend: Backend) {
+    let on = spawn_on(
+        backend,
+        Setup {
+            portal: portal_with(Options {
+                latency: Duration::from_millis(20),
+                ..Options::default()
+            }),
+            sync: "schedule = \"*/1 * * * * *\"\nstrategy = \"per_usage\"".to_owned(),
+            extra: daemon_sections("5s"),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let daemon = Daemon::start(&on.app).await;
+    let rows: Vec<_> = (1..=30).map(|n| (asset(n), page(n), None)).collect();
+    on.insert_many(&rows).await;
+    on.run_expecting(&["resync"], 0).await;
+    eventually(&daemon, "convergence", Duration::from_secs(20), || {
+        on.converged()
+    })
+    .await;
+    let creates = on
+        .portal()
+        .counters()
+        .by_route
+        .get("POST /api/media/usage/")
+        .copied()
+        .unwrap_or(0);
+    assert_eq!(
+        creates, 30,
+        "{backend:?}: each usage was created exactly once"
+    );
+    let (status, _, log) = daemon.terminate(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0), "{backend:?} daemon log:\n{log}");
 }
 
 // ---- status and the queue commands ---------------------------------------------------------
