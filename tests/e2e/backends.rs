@@ -918,6 +918,97 @@ async fn daemon_follows_the_cms_and_exits_0_on_sigterm(backend: Backend) {
     assert!(!log.contains("ERROR"), "{backend:?} daemon log:\n{log}");
 }
 
+on_both!(killed_daemon, a_daemon_killed_and_restarted_converges);
+
+/// `run` SIGKILLed at random points of its work (a few rounds, the CMS changing between them),
+/// then restarted: it converges with no duplicate, leaves nothing queued, and SIGTERM exits 0.
+/// (`daemon.rs` runs more rounds on SQLite.)
+async fn a_daemon_killed_and_restarted_converges(backend: Backend) {
+    let on = spawn_on(
+        backend,
+        Setup {
+            portal: portal_with(Options {
+                latency: Duration::from_millis(2),
+                ..Options::default()
+            }),
+            sync: "schedule = \"*/1 * * * * *\"\nstrategy = \"per_usage\"".to_owned(),
+            extra: daemon_sections("5s"),
+            ..Setup::default()
+        },
+    )
+    .await;
+    on.portal()
+        .seed_usage(OTHER_INTEGRATION, &asset(2), &page(2), "theirs");
+    let rows: Vec<_> = (0..30)
+        .map(|n| (asset(n), page(n % 6), Some("v0".to_owned())))
+        .collect();
+    on.insert_many(&rows).await;
+    let seed: u64 = rand::random();
+    println!("run kill test seed {seed} ({backend:?})");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let rounds = 6;
+    let mut killed_mid_work = 0;
+    for round in 0..rounds {
+        // Every note changes, so each start has work to do.
+        on.exec(&format!(
+            "UPDATE cms_asset_references SET additional = 'round {round}'"
+        ))
+        .await;
+        let before = on.portal().counters().total;
+        let kill_after = rng.random_range(1..50u64);
+        let mut daemon = Daemon::start(&on.app).await;
+        // Polling, with a bound: the portal's request count has no change notification.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if on.portal().counters().total >= before + kill_after {
+                killed_mid_work += 1;
+                break;
+            }
+            if on.converged().await || tokio::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        daemon.child.start_kill().unwrap();
+        daemon.child.wait().await.unwrap();
+        let n = rng.random_range(0..40u32);
+        if round % 2 == 0 {
+            on.exec(&format!(
+                "DELETE FROM cms_asset_references WHERE asset_id = '{}'",
+                asset(n)
+            ))
+            .await;
+        } else {
+            on.upsert(&asset(n), &page(n % 6), &format!("added {round}"))
+                .await;
+        }
+    }
+    assert!(
+        killed_mid_work * 4 >= rounds * 3,
+        "only {killed_mid_work} of {rounds} runs were killed mid-work"
+    );
+    let daemon = Daemon::start(&on.app).await;
+    eventually(
+        &daemon,
+        "the restarted daemon converges",
+        Duration::from_secs(30),
+        || on.converged(),
+    )
+    .await;
+    let (status, _, log) = daemon.terminate(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0), "{backend:?} daemon log:\n{log}");
+    on.assert_converged().await;
+    let out = on.run_expecting(&["status", "--json"], 0).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["queue"]["pending"], 0, "{v}");
+    assert_eq!(v["queue"]["in_flight"], 0, "{v}");
+    assert_eq!(
+        on.others().len(),
+        1,
+        "the other integration's usage survives"
+    );
+}
+
 on_both!(
     manual_resync_beside_the_daemon,
     a_manual_resync_beside_the_daemon_takes_turns
