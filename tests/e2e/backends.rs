@@ -1285,3 +1285,107 @@ async fn postgres_password_from_password_file_works_and_is_never_shown() {
     seen.push_str(&err);
     assert!(!seen.contains(DB_PASSWORD), "the password leaked:\n{seen}");
 }
+
+/// The CMS made its table (as the contract gives it) and wrote rows before the daemon was
+/// installed: `migrate` keeps the table and its rows, and a resync sends them.
+#[tokio::test]
+async fn postgres_migrate_keeps_a_cms_table_that_already_holds_rows() {
+    let pg = cluster().await;
+    let name = fresh_database(&pg, OWNER).await;
+    let url = format!("postgres://{OWNER}@127.0.0.1:{}/{name}", pg.port);
+    let cms = PgPool::connect(&url).await.unwrap();
+    sqlx::query(
+        "CREATE TABLE cms_asset_references (asset_id text NOT NULL, uri text NOT NULL, \
+         additional text, updated_at timestamptz NOT NULL DEFAULT now(), \
+         PRIMARY KEY (asset_id, uri))",
+    )
+    .execute(&cms)
+    .await
+    .unwrap();
+    let setup = Setup::default();
+    let portal = Simulator::start(setup.portal.clone()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(
+        &config_path,
+        config_text(&setup, &portal.base_url(), &format!("url = \"{url}\"")),
+    )
+    .unwrap();
+    let on = On {
+        backend: Backend::Postgres,
+        app: App {
+            pool: SqlitePool::connect_lazy("sqlite::memory:").unwrap(),
+            db_path: dir.path().join("state.db"),
+            dir,
+            portal,
+            config_path,
+        },
+        cms: Cms::Postgres(cms),
+        url: Some(url),
+        _cluster: Some(pg),
+    };
+    on.insert(&asset(1), &page(1), Some("before the daemon"))
+        .await;
+    on.insert(&asset(2), &page(2), None).await;
+    on.run_expecting(&["migrate"], 0).await;
+    assert_eq!(on.desired().await.len(), 2, "migrate kept the CMS's rows");
+    on.resync_expecting(0).await;
+    on.assert_converged().await;
+    assert_eq!(on.ours().len(), 2);
+}
+
+/// A `database.url` nothing listens on: the commands fail (no panic, no SQLite file made
+/// instead) and nothing is sent.
+#[tokio::test]
+async fn postgres_an_unreachable_database_fails_without_sending_anything() {
+    // A port nothing listens on (taken and released).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let setup = Setup::default();
+    let portal = Simulator::start(setup.portal.clone()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(
+        &config_path,
+        config_text(
+            &setup,
+            &portal.base_url(),
+            &format!("url = \"postgres://{OWNER}@127.0.0.1:{port}/state\""),
+        ),
+    )
+    .unwrap();
+    let app = App {
+        pool: SqlitePool::connect_lazy("sqlite::memory:").unwrap(),
+        db_path: dir.path().join("state.db"),
+        dir,
+        portal,
+        config_path,
+    };
+    for args in [&["migrate"][..], &["resync"][..], &["status"][..]] {
+        let out = app.run(args).await;
+        let err = stderr(&out);
+        assert!(
+            !matches!(out.status.code(), Some(0) | Some(101) | None),
+            "{args:?} must fail cleanly: {:?}\n{err}",
+            out.status
+        );
+        assert!(
+            !err.contains("panicked") && !err.contains("unknown key"),
+            "{args:?}: the config is valid, only the server is away: {err}"
+        );
+        assert!(
+            err.contains(&format!("127.0.0.1:{port}")) || err.contains("database.url"),
+            "{args:?}: the error names the database it could not reach: {err}"
+        );
+    }
+    assert_eq!(app.portal.counters().total, 0);
+    let files: Vec<_> = std::fs::read_dir(app.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.contains(".db"))
+        .collect();
+    assert_eq!(files, Vec::<String>::new(), "no SQLite state instead");
+}
