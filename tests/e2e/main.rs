@@ -3,6 +3,7 @@
 //! its own portal, database and config.
 
 mod auth;
+mod backends;
 mod bad_input;
 mod changes;
 mod common;
