@@ -743,3 +743,35 @@ async fn on_postgres_if_changed_skips_the_merge_only_while_nothing_can_have_chan
     .unwrap();
     assert_eq!(triggers, 3);
 }
+
+/// What the README advises when a site moves to a PostgreSQL state database: the new state knows
+/// none of the usages Bynder already holds, so the first sync duplicates them; one verify then
+/// leaves exactly the CMS rows.
+#[tokio::test]
+async fn a_new_postgres_state_beside_usages_bynder_already_holds_is_set_right_by_one_verify() {
+    let pg = Postgres::start();
+    let app = spawn_pg_app(
+        &pg,
+        Setup {
+            sync: "strategy = \"per_usage\"".to_owned(),
+            ..Setup::default()
+        },
+    )
+    .await;
+    for n in 0..6 {
+        // What the old SQLite-backed daemon had created.
+        app.app
+            .portal
+            .seed_usage(INTEGRATION, &asset(n), &page(n), "note");
+        app.insert(&asset(n), &page(n), "note").await;
+    }
+    app.app.resync_expecting(0).await;
+    assert_eq!(app.app.ours().len(), 12, "each usage created a second time");
+    let out = app.app.run(&["resync", "--verify"]).await;
+    assert!(
+        matches!(out.status.code(), Some(0) | Some(2)),
+        "{}",
+        stderr(&out)
+    );
+    app.assert_converged().await;
+}
