@@ -153,8 +153,9 @@ pub enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
-    /// Copy the state database, consistently, while the daemon runs (SQLite's VACUUM INTO), to
-    /// a new file (never overwritten; private like the state itself), and check the copy.
+    /// Copy a SQLite state database, consistently, while the daemon runs (SQLite's VACUUM INTO),
+    /// to a new file (never overwritten; private like the state itself), and check the copy. A
+    /// PostgreSQL state database is backed up with the server's tools (pg_dump)
     Backup {
         /// The new file to write, e.g. /var/backups/bynder-usage-sync-$(date +%F).db
         path: PathBuf,
