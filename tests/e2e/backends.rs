@@ -690,8 +690,10 @@ async fn survives_kills(backend: Backend, strategy: &str, rounds: usize, max_req
             }
         }
     }
+    // Half at least: with these few rounds a stricter share would fail now and then by chance
+    // (`reliability.rs` holds the long variant to 80 %).
     assert!(
-        kills * 5 >= rounds * 4,
+        kills * 2 >= rounds,
         "only {kills} of {rounds} runs were killed mid-way"
     );
     on.resync_expecting(0).await;
@@ -764,8 +766,10 @@ async fn converges_through_faults(backend: Backend, strategy: &str) {
     }
     on.resync_until_converged(6).await;
     on.assert_converged().await;
+    // About 30 requests at a fault rate of 28 %: none at all has a chance of about 1 in 20,000,
+    // while "more than 3" failed about one run in 40.
     assert!(
-        on.portal().counters().faults_injected > 3,
+        on.portal().counters().faults_injected > 0,
         "faults were really injected"
     );
     assert_eq!(on.others().len(), 1);
@@ -983,8 +987,9 @@ async fn a_daemon_killed_and_restarted_converges(backend: Backend) {
                 .await;
         }
     }
+    // Half at least, as in `survives_kills` (`daemon.rs` holds 20 rounds to 75 %).
     assert!(
-        killed_mid_work * 4 >= rounds * 3,
+        killed_mid_work * 2 >= rounds,
         "only {killed_mid_work} of {rounds} runs were killed mid-work"
     );
     let daemon = Daemon::start(&on.app).await;
