@@ -388,7 +388,7 @@ fn portal_with(options: Options) -> Options {
 }
 
 /// A module `$name` with the tests `on_sqlite` and `on_postgres`, each calling
-/// `$scenario(backend, $args…)`.
+/// `$scenario(backend, $args…)`. Also used by `portals` (`#[macro_use]` in `main.rs`).
 macro_rules! on_both {
     ($name:ident, $scenario:ident $(, $arg:expr)*) => {
         mod $name {

@@ -3,6 +3,7 @@
 //! its own portal, database and config.
 
 mod auth;
+#[macro_use]
 mod backends;
 mod bad_input;
 mod changes;

@@ -4,10 +4,12 @@
 //! scenarios (first sync, incremental, deletes, a change run of only the changed assets, drift
 //! repair, a crash) run under each mode, and
 //! must leave no duplicate and no stale usage, send nothing on a rerun, and never touch another
-//! integration's usage.
+//! integration's usage. Each of those runs on both state backends (`on_sqlite`, `on_postgres`,
+//! as in `backends`): what the portal does must not depend on where the state is kept.
 
 use std::time::Duration;
 
+use crate::backends::{spawn_on, Backend, On};
 use crate::common::*;
 use bynder_usage_sync::simulator::{IdCase, Options, SyncAnswer, SyncSemantics};
 
@@ -20,7 +22,7 @@ fn options() -> Options {
 
 /// Our usages in the portal and the CMS rows, with asset ids folded to lower case: a portal
 /// that re-cases ids holds the same usages under other spellings.
-async fn assert_converged_ignoring_id_case(app: &App) {
+async fn assert_converged_ignoring_id_case(app: &On) {
     let fold = |v: Vec<(String, String, String)>| {
         let mut v: Vec<_> = v
             .into_iter()
@@ -37,7 +39,7 @@ async fn assert_converged_ignoring_id_case(app: &App) {
 }
 
 /// Runs `resync` (with `args`), expects exit 0, converged, and then a rerun that sends nothing.
-async fn resync_converges(app: &App, args: &[&str], step: &str) {
+async fn resync_converges(app: &On, args: &[&str], step: &str) {
     let mut all = vec!["resync"];
     all.extend_from_slice(args);
     let out = app.run(&all).await;
@@ -49,11 +51,11 @@ async fn resync_converges(app: &App, args: &[&str], step: &str) {
         stderr(&out)
     );
     assert_converged_ignoring_id_case(app).await;
-    let before = app.portal.counters().total;
+    let before = app.portal().counters().total;
     let out = app.run(&["resync"]).await;
     assert_eq!(out.status.code(), Some(0), "{step} rerun: {}", stderr(&out));
     assert_eq!(
-        app.portal.counters().total,
+        app.portal().counters().total,
         before,
         "{step}: a rerun with nothing changed sends zero requests"
     );
@@ -61,11 +63,11 @@ async fn resync_converges(app: &App, args: &[&str], step: &str) {
 
 /// Runs one change run (only the assets the change log names are planned) in process, expects it
 /// to converge, and then a resync that sends nothing: what it sent is what a full pass would have.
-async fn change_run_converges(app: &App, step: &str) {
+async fn change_run_converges(app: &On, step: &str) {
     use bynder_usage_sync::run::{self, RunOutcome};
     struct Quiet;
     impl run::Progress for Quiet {}
-    let source = bynder_usage_sync::config::ConfigSource::Explicit(app.config_path.clone());
+    let source = bynder_usage_sync::config::ConfigSource::Explicit(app.app.config_path.clone());
     let config = bynder_usage_sync::config::load_config(&source).unwrap();
     let ctx = bynder_usage_sync::app::build_context(config).await.unwrap();
     let report = run::changes_once(&ctx, std::sync::Arc::new(Quiet))
@@ -79,29 +81,29 @@ async fn change_run_converges(app: &App, step: &str) {
         report.outcome
     );
     assert_converged_ignoring_id_case(app).await;
-    let before = app.portal.counters().total;
+    let before = app.portal().counters().total;
     let out = app.run(&["resync"]).await;
     assert_eq!(out.status.code(), Some(0), "{step} rerun: {}", stderr(&out));
     assert_eq!(
-        app.portal.counters().total,
+        app.portal().counters().total,
         before,
         "{step}: a full pass after the change run finds nothing to send"
     );
 }
 
 /// Kills a resync once a few requests reached the portal, then lets the next one finish.
-async fn crash_and_recover(app: &App, kill_after: u64) {
-    let before = app.portal.counters().total;
+async fn crash_and_recover(app: &On, kill_after: u64) {
+    let before = app.portal().counters().total;
     let mut child = binary()
         .arg("--config")
-        .arg(&app.config_path)
+        .arg(&app.app.config_path)
         .arg("resync")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     loop {
-        if app.portal.counters().total >= before + kill_after {
+        if app.portal().counters().total >= before + kill_after {
             child.start_kill().unwrap();
             break;
         }
@@ -115,15 +117,18 @@ async fn crash_and_recover(app: &App, kill_after: u64) {
 
 /// First sync, incremental changes, deletes (an asset leaving a page that keeps others, and a
 /// page emptied), drift repaired by `--verify`, and a crash, under one portal behaviour.
-async fn scenario(portal: Options) {
-    let app = spawn_app_with(Setup {
-        portal,
-        sync: "batch_size = 4".to_owned(),
-        limits: "requests_per_second = 1000\nconcurrency = 2".to_owned(),
-        ..Setup::default()
-    })
+async fn scenario(backend: Backend, portal: Options) {
+    let app = spawn_on(
+        backend,
+        Setup {
+            portal,
+            sync: "batch_size = 4".to_owned(),
+            limits: "requests_per_second = 1000\nconcurrency = 2".to_owned(),
+            ..Setup::default()
+        },
+    )
     .await;
-    app.portal
+    app.portal()
         .seed_usage(OTHER_INTEGRATION, &asset(1), &page(1), "theirs");
     let theirs = app.others();
 
@@ -136,8 +141,12 @@ async fn scenario(portal: Options) {
     resync_converges(&app, &[], "first sync").await;
 
     // Incremental: new notes, a new row.
-    app.exec("UPDATE cms_asset_references SET additional = 'v2' WHERE rowid % 3 = 0")
-        .await;
+    app.exec(&format!(
+        "UPDATE cms_asset_references SET additional = 'v2' WHERE uri IN ('{}', '{}')",
+        page(0),
+        page(3)
+    ))
+    .await;
     app.insert(&asset(7), &page(2), Some("new")).await;
     resync_converges(&app, &[], "incremental").await;
 
@@ -171,13 +180,13 @@ async fn scenario(portal: Options) {
     change_run_converges(&app, "change run").await;
 
     // Drift: a usage removed by hand, a stray usage and a duplicate added under our integration.
-    let ours = app.portal.usages_for(INTEGRATION);
+    let ours = app.portal().usages_for(INTEGRATION);
     let victim = ours.first().expect("usages to remove").clone();
-    assert!(app.portal.remove_usage(&victim.id));
-    app.portal
+    assert!(app.portal().remove_usage(&victim.id));
+    app.portal()
         .seed_usage(INTEGRATION, &asset(2), &page(5), "stray");
     let twin = ours.last().unwrap().clone();
-    app.portal
+    app.portal()
         .seed_usage(INTEGRATION, &twin.asset_id, &twin.uri, &twin.additional);
     resync_converges(&app, &["--verify"], "drift repair").await;
 
@@ -194,54 +203,84 @@ async fn scenario(portal: Options) {
     );
 }
 
-#[tokio::test]
-async fn an_exact_portal_with_full_answers_converges() {
-    scenario(options()).await;
-}
-
-#[tokio::test]
-async fn a_literal_portal_that_keeps_omitted_assets_converges() {
-    scenario(Options {
+on_both!(
+    an_exact_portal_with_full_answers_converges,
+    scenario,
+    options()
+);
+on_both!(
+    a_literal_portal_that_keeps_omitted_assets_converges,
+    scenario,
+    Options {
         sync_semantics: SyncSemantics::Literal,
         ..options()
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn a_portal_that_answers_sync_with_204_converges() {
-    scenario(Options {
+    }
+);
+on_both!(
+    a_portal_that_answers_sync_with_204_converges,
+    scenario,
+    Options {
         sync_answer: SyncAnswer::NoContent,
         ..options()
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn a_literal_portal_that_answers_sync_with_an_empty_object_converges() {
-    scenario(Options {
+    }
+);
+on_both!(
+    a_literal_portal_that_answers_sync_with_an_empty_object_converges,
+    scenario,
+    Options {
         sync_semantics: SyncSemantics::Literal,
         sync_answer: SyncAnswer::EmptyObject,
         ..options()
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn a_literal_portal_that_answers_sync_with_an_empty_array_converges_with_sync_endpoint_strategy(
-) {
-    // Forced to the sync endpoint: every change is settled by a read-back, never resent.
-    let app_portal = Options {
+    }
+);
+on_both!(
+    a_literal_portal_that_answers_sync_with_an_empty_array_converges_with_sync_endpoint_strategy,
+    empty_array_answers
+);
+on_both!(
+    a_portal_that_answers_ids_in_lower_case_converges,
+    scenario,
+    Options {
+        id_case: IdCase::Lower,
         sync_semantics: SyncSemantics::Literal,
-        sync_answer: SyncAnswer::EmptyArray,
         ..options()
-    };
-    let app = spawn_app_with(Setup {
-        portal: app_portal,
-        sync: "strategy = \"sync_endpoint\"\nbatch_size = 4".to_owned(),
-        limits: "requests_per_second = 1000".to_owned(),
-        ..Setup::default()
-    })
+    }
+);
+on_both!(
+    a_portal_without_the_sync_endpoint_converges,
+    scenario,
+    Options {
+        sync_endpoint: false,
+        ..options()
+    }
+);
+on_both!(
+    a_portal_that_lists_without_an_asset_id_converges,
+    scenario,
+    Options {
+        list_without_asset_id: true,
+        sync_answer: SyncAnswer::NoContent,
+        sync_semantics: SyncSemantics::Literal,
+        ..options()
+    }
+);
+
+/// A literal portal answering its sync with `[]`, the strategy forced to the sync endpoint:
+/// every change is settled by a read-back, never resent.
+async fn empty_array_answers(backend: Backend) {
+    let app = spawn_on(
+        backend,
+        Setup {
+            portal: Options {
+                sync_semantics: SyncSemantics::Literal,
+                sync_answer: SyncAnswer::EmptyArray,
+                ..options()
+            },
+            sync: "strategy = \"sync_endpoint\"\nbatch_size = 4".to_owned(),
+            limits: "requests_per_second = 1000".to_owned(),
+            ..Setup::default()
+        },
+    )
     .await;
     for n in 0..12u32 {
         app.insert(&asset(n % 4), &page(n % 3), Some("v1")).await;
@@ -254,36 +293,6 @@ async fn a_literal_portal_that_answers_sync_with_an_empty_array_converges_with_s
     ))
     .await;
     resync_converges(&app, &[], "an asset leaves a page that keeps others").await;
-}
-
-#[tokio::test]
-async fn a_portal_that_answers_ids_in_lower_case_converges() {
-    scenario(Options {
-        id_case: IdCase::Lower,
-        sync_semantics: SyncSemantics::Literal,
-        ..options()
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn a_portal_without_the_sync_endpoint_converges() {
-    scenario(Options {
-        sync_endpoint: false,
-        ..options()
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn a_portal_that_lists_without_an_asset_id_converges() {
-    scenario(Options {
-        list_without_asset_id: true,
-        sync_answer: SyncAnswer::NoContent,
-        sync_semantics: SyncSemantics::Literal,
-        ..options()
-    })
-    .await;
 }
 
 /// REGRESSION: on a portal whose sync removes a usage only when its uri has no usage left in the

@@ -605,6 +605,103 @@ async fn a_leader_whose_lock_session_is_cut_off_stops_and_the_standby_takes_over
     assert!(status.success());
 }
 
+/// Sessions ever opened on the database `state`: a standby opens one for each try at the
+/// leader lock.
+async fn sessions_opened(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT sessions FROM pg_stat_database WHERE datname = 'state'")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Only the leader sends (Bynder's limit is per IP, and replicas share one): a daemon that finds
+/// the leader lock held by another session stands by, ready, naming the holder, and sends
+/// nothing while CMS rows wait and its schedule comes round, however many times it tries the
+/// lock; the moment the lock is free it leads and converges.
+#[tokio::test]
+async fn a_daemon_that_finds_the_leader_lock_taken_sends_nothing_until_the_lock_is_free() {
+    let pg = Postgres::start();
+    let app = spawn_pg_app(
+        &pg,
+        Setup {
+            sync: "schedule = \"*/1 * * * * *\"".to_owned(),
+            extra: daemon_sections("5s"),
+            ..Setup::default()
+        },
+    )
+    .await;
+    for n in 0..5 {
+        app.insert(&asset(n), &page(n), "waiting").await;
+    }
+    // Another replica leads: a session of its own holds the leader lock of this schema.
+    let mut other = sqlx::PgConnection::connect(&pg.admin_url("state"))
+        .await
+        .unwrap();
+    sqlx::query(
+        "SELECT set_config('application_name', 'bynder-usage-sync pid 4242 on host-b', false)",
+    )
+    .execute(&mut other)
+    .await
+    .unwrap();
+    let taken: bool =
+        sqlx::query_scalar("SELECT pg_try_advisory_lock(1112866818, hashtext(current_schema()))")
+            .fetch_one(&mut other)
+            .await
+            .unwrap();
+    assert!(taken);
+
+    let daemon = Daemon::start(&app.app).await;
+    eventually(
+        &daemon,
+        "the daemon stands by, ready, naming the leader",
+        Duration::from_secs(30),
+        || async {
+            let (code, body) = daemon.get("/readyz").await;
+            code == 200 && body.contains("\"role\":\"standby\"") && body.contains("pid 4242")
+        },
+    )
+    .await;
+    // Three more tries at the lock (a session each), with the schedule due every second and a
+    // change waiting: still not one request.
+    let tried_from = sessions_opened(&app.cms).await;
+    app.insert(&asset(9), &page(9), "written while it stands by")
+        .await;
+    eventually(
+        &daemon,
+        "the standby tries the lock three more times",
+        Duration::from_secs(60),
+        || async {
+            assert_eq!(
+                app.app.portal.counters().total,
+                0,
+                "a standby sent a request:\n{}",
+                daemon.log()
+            );
+            sessions_opened(&app.cms).await >= tried_from + 3
+        },
+    )
+    .await;
+    let (code, body) = daemon.get("/readyz").await;
+    assert!(
+        code == 200 && body.contains("\"role\":\"standby\""),
+        "{body}"
+    );
+    assert_eq!(app.app.portal.counters().total, 0);
+
+    // The other replica is gone: its session ends, the lock is free.
+    other.close().await.unwrap();
+    assert_eq!(leader_among(std::slice::from_ref(&daemon)).await, 0);
+    eventually(
+        &daemon,
+        "the new leader converges",
+        Duration::from_secs(30),
+        || async { app.app.ours() == app.desired().await },
+    )
+    .await;
+    let (status, _, _) = daemon.terminate(Duration::from_secs(10)).await;
+    assert!(status.success());
+}
+
 /// REGRESSION: in PostgreSQL a CMS transaction that took its log entry's number first can
 /// commit after a later one was planned; the watcher took an entry below the last one it had
 /// seen for "nothing new", and the row waited for the schedule.
