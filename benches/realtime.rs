@@ -3,7 +3,9 @@
 //! every 5 minutes) against the simulated portal on loopback with a realistic 50 ms per answer,
 //! while this process writes the CMS table as a CMS would. Prints the figures BENCHMARKS.md
 //! reports: the write-to-Bynder latency (one row at a time), a bulk load while running, the CPU
-//! of the idle daemon, and the scheduled reconcile of a large unchanged table.
+//! of the idle daemon, the scheduled reconcile of a large unchanged table, and fail-over (two
+//! daemons on one PostgreSQL state, the leader killed). Any word but `quick` runs only the
+//! scenarios whose name contains it (`-- failover`).
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -15,7 +17,7 @@ use sqlx::{Connection, SqliteConnection};
 
 mod support;
 
-use support::{asset, Workspace, BINARY, INTEGRATION, TOKEN};
+use support::{asset, PgCluster, Workspace, BINARY, INTEGRATION, TOKEN};
 
 /// The daemon's workspace: its own port, otherwise the defaults.
 fn workspace(portal: &Simulator) -> Workspace {
@@ -26,13 +28,30 @@ fn uri(i: u64) -> String {
     format!("https://cms.example/pages/{i}")
 }
 
+/// The scenarios, by the names a word on the command line matches.
+const SCENARIOS: [&str; 3] = ["write-latency", "scheduled-reconcile", "failover"];
+
 fn main() {
-    let quick = std::env::args().any(|a| a == "quick");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "quick");
+    // Cargo adds `--bench`; every other word but `quick` picks scenarios by name.
+    let words: Vec<&String> = args
+        .iter()
+        .filter(|a| *a != "quick" && !a.starts_with('-'))
+        .collect();
+    let selected: Vec<&str> = SCENARIOS
+        .into_iter()
+        .filter(|s| words.is_empty() || words.iter().any(|w| s.contains(w.as_str())))
+        .collect();
+    if selected.is_empty() {
+        eprintln!("no scenario matches {words:?}; the scenarios: {SCENARIOS:?}");
+        std::process::exit(2);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(run_all(quick));
+    runtime.block_on(run_all(quick, &selected));
 }
 
 async fn cms(db: &Path) -> SqliteConnection {
@@ -98,13 +117,20 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-async fn run_all(quick: bool) {
+async fn run_all(quick: bool, selected: &[&str]) {
     println!(
-        "realtime benchmarks ({})",
+        "realtime benchmarks ({}): {selected:?}",
         if quick { "quick" } else { "full" }
     );
-    latency_bulk_and_idle(quick).await;
-    scheduled_reconcile(quick).await;
+    if selected.contains(&"write-latency") {
+        latency_bulk_and_idle(quick).await;
+    }
+    if selected.contains(&"scheduled-reconcile") {
+        scheduled_reconcile(quick).await;
+    }
+    if selected.contains(&"failover") {
+        failover(quick).await;
+    }
 }
 
 async fn latency_bulk_and_idle(quick: bool) {
@@ -266,5 +292,152 @@ async fn scheduled_reconcile(quick: bool) {
         full[1].as_secs_f64(),
         settle.as_secs_f64(),
         portal.counters().total,
+    );
+}
+
+/// The process id in the name of the session holding the leader lock (the daemon names itself
+/// `bynder-usage-sync pid N …` there), once one holds it.
+async fn leader_pid(pool: &sqlx::PgPool) -> Option<u32> {
+    let name: Option<String> = sqlx::query_scalar(
+        "SELECT a.application_name FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 1112866818 LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await
+    .unwrap();
+    name?
+        .split_whitespace()
+        .skip_while(|w| *w != "pid")
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Fail-over on a PostgreSQL state: two daemons (`run`) on one database and one portal answering
+/// after 50 ms. Each round the CMS writes a burst, the leader is killed with SIGKILL once it has
+/// started sending it, more rows arrive, and the survivor takes over; a new replica replaces the
+/// killed one. Measures, from the kill: the survivor holding the leader lock, its first request
+/// to Bynder, and every row (the burst and those written after the kill) in Bynder exactly once.
+async fn failover(quick: bool) {
+    let Some(pg) = PgCluster::start() else {
+        println!("failover: skipped, PostgreSQL is not installed (Debian's postgresql package)");
+        return;
+    };
+    let url = pg.database("failover");
+    let portal = Simulator::start(Options {
+        permanent_tokens: vec![TOKEN.to_owned()],
+        latency: Duration::from_millis(50),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let ws = support::workspace_on(
+        &portal,
+        // Batches of 20: each burst takes several requests, so the kill falls amid them.
+        "[sync]\nbatch_size = 20\n[server]\nlisten = \"127.0.0.1:0\"",
+        &format!("url = \"{url}\""),
+    );
+    let cms = sqlx::PgPool::connect(&url).await.unwrap();
+    let insert = |from: u64, count: u64| {
+        let cms = cms.clone();
+        async move {
+            sqlx::query(
+                "INSERT INTO cms_asset_references (asset_id, uri, additional) \
+                 SELECT upper(lpad(to_hex(i), 8, '0')) || '-C13A-4DA5-86EC' || upper(lpad(to_hex(i), 12, '0')), \
+                        'https://cms.example/pages/' || i, 'hero image' \
+                 FROM generate_series($1::bigint, $2::bigint - 1) AS i",
+            )
+            .bind(from as i64)
+            .bind((from + count) as i64)
+            .execute(&cms)
+            .await
+            .unwrap();
+        }
+    };
+    let mut daemons = vec![start_daemon(&ws), start_daemon(&ws)];
+    let rounds = if quick { 3 } else { 10 };
+    let (mut leads, mut first_requests, mut converged) = (Vec::new(), Vec::new(), Vec::new());
+    let mut written = 0u64;
+    let mut mid_run = 0;
+    for round in 0..rounds {
+        // Both replicas up: one leads, and the other has had time to stand by.
+        let waiting = Instant::now();
+        let leader = loop {
+            assert!(
+                waiting.elapsed() < Duration::from_secs(60),
+                "round {round}: no replica leads"
+            );
+            if let Some(pid) = leader_pid(&cms).await {
+                if let Some(i) = daemons.iter().position(|d| d.id() == pid) {
+                    break i;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let before = portal.counters().total;
+        insert(written, 200).await;
+        written += 200;
+        while portal.counters().total < before + 2 {
+            assert!(
+                waiting.elapsed() < Duration::from_secs(120),
+                "round {round}: the leader never sent the burst"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let mut killed = daemons.remove(leader);
+        killed.kill().unwrap();
+        let at_kill = Instant::now();
+        killed.wait().unwrap();
+        mid_run += usize::from((portal.usages_for(INTEGRATION).len() as u64) < written);
+        let sent_by_the_dead = portal.counters().total;
+        insert(written, 20).await;
+        written += 20;
+        let survivor = daemons[0].id();
+        let (mut led, mut first) = (None, None);
+        loop {
+            if led.is_none() && leader_pid(&cms).await == Some(survivor) {
+                led = Some(at_kill.elapsed());
+            }
+            if led.is_some() && first.is_none() && portal.counters().total > sent_by_the_dead {
+                first = Some(at_kill.elapsed());
+            }
+            if first.is_some() && portal.usages_for(INTEGRATION).len() as u64 >= written {
+                break;
+            }
+            assert!(
+                at_kill.elapsed() < Duration::from_secs(300),
+                "round {round}: the survivor never converged"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        converged.push(at_kill.elapsed());
+        leads.push(led.unwrap());
+        first_requests.push(first.unwrap());
+        let usages = portal.usages_for(INTEGRATION);
+        let distinct: std::collections::HashSet<_> =
+            usages.iter().map(|u| (&u.asset_id, &u.uri)).collect();
+        assert_eq!(usages.len() as u64, written, "round {round}: a duplicate");
+        assert_eq!(distinct.len() as u64, written, "round {round}: a duplicate");
+        daemons.push(start_daemon(&ws));
+    }
+    for mut d in daemons {
+        d.kill().unwrap();
+        d.wait().unwrap();
+    }
+    let figures = |mut v: Vec<Duration>| {
+        v.sort();
+        format!(
+            "p50 {:.2} s, max {:.2} s",
+            percentile(&v, 50.0).as_secs_f64(),
+            v.last().unwrap().as_secs_f64()
+        )
+    };
+    println!(
+        "fail-over, {rounds} SIGKILLs of the leader ({mid_run} with its burst not yet in Bynder), portal latency 50 ms: \
+         the survivor leads after {}; its first request after {}; every row in Bynder once after {}; {written} rows, no duplicate",
+        figures(leads),
+        figures(first_requests),
+        figures(converged),
     );
 }
