@@ -253,11 +253,22 @@ pub async fn run_until_stopped(
         }
     }
 
-    let grace = contexts.borrow().config.daemon.shutdown_timeout;
-    tracing::info!(
-        ?grace,
-        "shutting down: no new work; requests in flight may finish"
-    );
+    // A daemon that lost its leader lock cannot know whether another leads by now: not one more
+    // request, so no grace. What it had in flight is read back by the next leader.
+    let lost_leadership = matches!(failure, Some(DaemonError::LostLeadership(_)));
+    let grace = if lost_leadership {
+        Duration::ZERO
+    } else {
+        contexts.borrow().config.daemon.shutdown_timeout
+    };
+    if lost_leadership {
+        tracing::warn!("shutting down at once: requests in flight are abandoned, another daemon may lead by now; the next leader reads their operations back from Bynder, never sends them twice");
+    } else {
+        tracing::info!(
+            ?grace,
+            "shutting down: no new work; requests in flight may finish"
+        );
+    }
     notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
     stop_tx.send_replace(true);
     if let Err(e) = scheduler.shutdown().await {
@@ -265,7 +276,7 @@ pub async fn run_until_stopped(
     }
     let deadline = tokio::time::Instant::now() + grace;
     if let Some(worker) = worker {
-        if !join_by(worker, deadline).await {
+        if !join_by(worker, deadline).await && !lost_leadership {
             tracing::warn!(
                 ?grace,
                 "requests still in flight after daemon.shutdown_timeout were abandoned; their \

@@ -605,6 +605,150 @@ async fn a_leader_whose_lock_session_is_cut_off_stops_and_the_standby_takes_over
     assert!(status.success());
 }
 
+/// A TCP relay to a PostgreSQL server that can go silent, as a network that drops every packet
+/// would: once cut, it forwards nothing either way and closes nothing, so neither end hears of
+/// it. Dropping it closes every connection, as the server's keep-alive ends them in the end.
+struct Relay {
+    port: u16,
+    cut: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(server_port: u16) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (cut, silent) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let (client, _) = listener.accept().await.unwrap();
+                let server = tokio::net::TcpStream::connect(("127.0.0.1", server_port))
+                    .await
+                    .unwrap();
+                let mut silent = silent.clone();
+                connections.spawn(async move {
+                    let (mut client_in, mut client_out) = client.into_split();
+                    let (mut server_in, mut server_out) = server.into_split();
+                    let forward = async {
+                        tokio::select! {
+                            _ = tokio::io::copy(&mut client_in, &mut server_out) => {}
+                            _ = tokio::io::copy(&mut server_in, &mut client_out) => {}
+                        }
+                    };
+                    let went_silent = tokio::select! {
+                        () = forward => false,
+                        _ = silent.wait_for(|cut| *cut) => true,
+                    };
+                    if went_silent {
+                        std::future::pending::<()>().await;
+                    }
+                });
+            }
+        });
+        Relay { port, cut, task }
+    }
+
+    fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// REGRESSION: a leader that lost its lock gave its requests in flight the whole
+/// `daemon.shutdown_timeout` (30 s by default), so it could still be sending when the server
+/// freed the lock (about 20 s) and another daemon led.
+///
+/// A lost machine, as the leader sees it: its connections to the state database go silent, with
+/// no reset and no close, while it has usages to send. It notices on its own (its lock's session
+/// stops answering), stops sending at once rather than after `daemon.shutdown_timeout` (another
+/// daemon may lead by now), and exits 1; until the server ends its sessions the standby still
+/// stands by; then the standby leads and converges with no duplicate.
+#[tokio::test]
+async fn a_leader_whose_network_goes_silent_stops_on_its_own_before_the_standby_can_lead() {
+    let pg = Postgres::start();
+    let app = spawn_pg_app(
+        &pg,
+        Setup {
+            // One request per usage, slowly: the leader has plenty in flight when it is cut off,
+            // and a create sent twice would show as a duplicate.
+            sync: "schedule = \"*/1 * * * * *\"\nstrategy = \"per_usage\"".to_owned(),
+            portal: Options {
+                permanent_tokens: vec![TOKEN.to_owned()],
+                latency: Duration::from_millis(100),
+                ..Options::default()
+            },
+            limits: "requests_per_second = 5\nconcurrency = 4".to_owned(),
+            // Far longer than a leader may go on sending once it cannot know who leads.
+            extra: daemon_sections("120s"),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let relay = Relay::start(pg.port).await;
+    let through_relay = format!("postgres://postgres@127.0.0.1:{}/state", relay.port);
+    let leader = Daemon::start_env(
+        &app.app,
+        &[("BYNDER_USAGE_SYNC_DATABASE__URL", &through_relay)],
+    )
+    .await;
+    assert_eq!(leader_among(std::slice::from_ref(&leader)).await, 0);
+    let standby = Daemon::start(&app.app).await;
+    let daemons = [leader, standby];
+    assert_eq!(leader_among(&daemons).await, 0);
+    let [leader, standby] = daemons;
+    for n in 0..60 {
+        app.insert(&asset(n), &page(n % 7), "sent while the network fails")
+            .await;
+    }
+    eventually(
+        &leader,
+        "the leader sends",
+        Duration::from_secs(30),
+        || async { app.app.portal.counters().total >= 3 },
+    )
+    .await;
+    relay.cut();
+    let (status, log) = leader.exited(Duration::from_secs(60)).await;
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("lost its leader lock"), "{log}");
+    assert!(
+        !log.contains("after daemon.shutdown_timeout"),
+        "a leader that lost its lock gave its requests the shutdown grace:\n{log}"
+    );
+    // The server still counts the silent sessions as alive: nobody else may lead yet.
+    let (code, body) = standby.get("/readyz").await;
+    assert!(
+        code == 200 && body.contains("\"role\":\"standby\""),
+        "{body}"
+    );
+    assert_ne!(
+        app.app.ours(),
+        app.desired().await,
+        "the leader was cut off mid-way"
+    );
+
+    // The server ends the silent sessions (its keep-alive would, about 20 s on): the standby leads.
+    drop(relay);
+    let daemons = [standby];
+    assert_eq!(leader_among(&daemons).await, 0);
+    let [standby] = daemons;
+    eventually(
+        &standby,
+        "the new leader converges with no duplicate",
+        Duration::from_secs(60),
+        || async { app.app.ours() == app.desired().await },
+    )
+    .await;
+    let (status, _, _) = standby.terminate(Duration::from_secs(10)).await;
+    assert!(status.success());
+}
+
 /// Sessions ever opened on the database `state`: a standby opens one for each try at the
 /// leader lock.
 async fn sessions_opened(pool: &sqlx::PgPool) -> i64 {
