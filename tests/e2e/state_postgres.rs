@@ -359,27 +359,28 @@ async fn leader_among(daemons: &[Daemon]) -> usize {
     }
 }
 
+/// Daemons reconciling every second with one request per usage (a create is not idempotent
+/// there, so a create sent twice shows as a duplicate usage), against a portal answering after
+/// `latency`, at `rate` requests a second, with `grace` as `daemon.shutdown_timeout`.
+fn per_usage_daemons(latency: Duration, rate: u32, grace: &str) -> Setup {
+    Setup {
+        sync: "schedule = \"*/1 * * * * *\"\nstrategy = \"per_usage\"".to_owned(),
+        portal: Options {
+            permanent_tokens: vec![TOKEN.to_owned()],
+            latency,
+            ..Options::default()
+        },
+        limits: format!("requests_per_second = {rate}\nconcurrency = 4"),
+        extra: daemon_sections(grace),
+        ..Setup::default()
+    }
+}
+
 #[tokio::test]
 async fn two_daemons_share_one_postgres_database_and_the_survivor_of_a_kill_converges_without_duplicates(
 ) {
     let pg = Postgres::start();
-    let app = spawn_pg_app(
-        &pg,
-        Setup {
-            // One request per usage: a create is not idempotent there, so a create sent twice
-            // would show as a duplicate usage.
-            sync: "schedule = \"*/1 * * * * *\"\nstrategy = \"per_usage\"".to_owned(),
-            portal: Options {
-                permanent_tokens: vec![TOKEN.to_owned()],
-                latency: Duration::from_millis(5),
-                ..Options::default()
-            },
-            limits: "requests_per_second = 1000\nconcurrency = 4".to_owned(),
-            extra: daemon_sections("5s"),
-            ..Setup::default()
-        },
-    )
-    .await;
+    let app = spawn_pg_app(&pg, per_usage_daemons(Duration::from_millis(5), 1000, "5s")).await;
     app.app
         .portal
         .seed_usage(OTHER_INTEGRATION, &asset(900), &page(900), "theirs");
@@ -674,20 +675,9 @@ async fn a_leader_whose_network_goes_silent_stops_on_its_own_before_the_standby_
     let pg = Postgres::start();
     let app = spawn_pg_app(
         &pg,
-        Setup {
-            // One request per usage, slowly: the leader has plenty in flight when it is cut off,
-            // and a create sent twice would show as a duplicate.
-            sync: "schedule = \"*/1 * * * * *\"\nstrategy = \"per_usage\"".to_owned(),
-            portal: Options {
-                permanent_tokens: vec![TOKEN.to_owned()],
-                latency: Duration::from_millis(100),
-                ..Options::default()
-            },
-            limits: "requests_per_second = 5\nconcurrency = 4".to_owned(),
-            // Far longer than a leader may go on sending once it cannot know who leads.
-            extra: daemon_sections("120s"),
-            ..Setup::default()
-        },
+        // Slowly, so the leader has plenty in flight when it is cut off, and a grace far longer
+        // than a leader may go on sending once it cannot know who leads.
+        per_usage_daemons(Duration::from_millis(100), 5, "120s"),
     )
     .await;
     let relay = Relay::start(pg.port).await;
