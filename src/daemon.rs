@@ -38,6 +38,14 @@ pub const QUEUE_POLL: Duration = Duration::from_secs(1);
 /// How often the watcher looks at the end of the change log (one look at its primary key).
 pub const CHANGES_POLL: Duration = Duration::from_millis(100);
 
+/// How often it looks while PostgreSQL notifies it of every committed CMS write: only for a
+/// notification lost to a reconnect, and for change runs due again.
+pub const CHANGES_POLL_NOTIFIED: Duration = Duration::from_secs(1);
+
+/// How long the watcher polls at [`CHANGES_POLL`] after its notifications failed, before it
+/// listens again.
+const NOTIFICATIONS_RETRY: Duration = Duration::from_secs(5);
+
 /// How long the watcher lets a burst of CMS writes gather after the first one it sees, so that
 /// they are planned and sent together.
 pub const CHANGES_COALESCE: Duration = Duration::from_millis(200);
@@ -475,8 +483,10 @@ fn changes_retry_delay(failures: u32) -> Duration {
 }
 
 /// Watches the end of the change log and wakes the worker for new entries, once a burst has had
-/// [`CHANGES_COALESCE`] to gather. Entries a change run left in the log (a refused mass delete, a
-/// failed run) wake it again only when more arrive; the next scheduled reconcile sees them too.
+/// [`CHANGES_COALESCE`] to gather. It looks every [`CHANGES_POLL`] on SQLite; on PostgreSQL it
+/// looks when the server notifies it of a committed write, and every [`CHANGES_POLL_NOTIFIED`]
+/// besides. Entries a change run left in the log (a refused mass delete, a failed run) wake it
+/// again only when more arrive; the next scheduled reconcile sees them too.
 async fn watch_changes(
     store: store::Store,
     triggers: Arc<Triggers>,
@@ -484,13 +494,28 @@ async fn watch_changes(
 ) {
     let mut seen: Option<i64> = None;
     let mut unreadable = false;
+    let notified = Arc::new(tokio::sync::Notify::new());
+    let listening = tokio::sync::watch::Sender::new(false);
+    let _listener = AbortOnDrop(tokio::spawn(listen_for_changes(
+        store.clone(),
+        notified.clone(),
+        listening.clone(),
+    )));
     let mut tick = tokio::time::interval(CHANGES_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut looked = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
-            _ = tick.tick() => {}
+            () = notified.notified() => {}
+            _ = tick.tick() => {
+                // Told of every commit, the log needs a look only now and then.
+                if *listening.borrow() && looked.elapsed() < CHANGES_POLL_NOTIFIED {
+                    continue;
+                }
+            }
         }
+        looked = tokio::time::Instant::now();
         let latest = match store.latest_change().await {
             Ok(latest) => {
                 unreadable = false;
@@ -532,6 +557,58 @@ async fn watch_changes(
         // Everything up to here is planned by the run this wakes (it reads the log's end itself).
         seen = store.latest_change().await.ok().flatten().or(Some(latest));
         triggers.changes.notify_one();
+    }
+}
+
+/// Wakes the watcher at every notification of a committed CMS write (PostgreSQL), telling
+/// `listening` while they come; on SQLite there are none and it returns at once. When they fail
+/// (the server gone, a reconnect refused), the watcher polls at its fast pace meanwhile.
+async fn listen_for_changes(
+    store: store::Store,
+    notified: Arc<tokio::sync::Notify>,
+    listening: watch::Sender<bool>,
+) {
+    let mut warned = false;
+    loop {
+        let failure = match store.change_notifications().await {
+            Ok(None) => return,
+            Ok(Some(mut notifications)) => {
+                listening.send_replace(true);
+                if warned {
+                    tracing::info!("notified of CMS writes by PostgreSQL again");
+                    warned = false;
+                }
+                // Written before LISTEN took effect: one look at the log covers it.
+                notified.notify_one();
+                loop {
+                    if let Err(e) = notifications.next().await {
+                        break e;
+                    }
+                    notified.notify_one();
+                }
+            }
+            Err(e) => e,
+        };
+        listening.send_replace(false);
+        if warned {
+            tracing::debug!("cannot listen for notifications of CMS writes yet: {failure}");
+        } else {
+            tracing::warn!(
+                "cannot listen for PostgreSQL's notifications of CMS writes ({failure}); looking \
+                 at the change log every {CHANGES_POLL:?} until it can again"
+            );
+            warned = true;
+        }
+        tokio::time::sleep(NOTIFICATIONS_RETRY).await;
+    }
+}
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -17,6 +17,14 @@ const TRIGGERS: [&str; 3] = [
     "cms_changes_after_delete",
 ];
 
+/// PostgreSQL's statement trigger that notifies [`CHANGES_CHANNEL`]: capture is trusted there
+/// only while it is in place too.
+const NOTIFY_TRIGGER: &str = "cms_changes_notify";
+
+/// The channel the PostgreSQL capture notifies when a transaction that wrote the CMS table
+/// commits; the payload is the table's schema.
+pub const CHANGES_CHANNEL: &str = "bynder_usage_sync_changes";
+
 /// The setting that holds the last full pass's [`Fingerprint`] (absent: none trusted).
 const FULL_PASS: &str = "cms.full_pass";
 
@@ -352,19 +360,22 @@ async fn capture_present(db: &Db) -> Result<bool, sqlx::Error> {
     let found: i64 = on_pool!(db, |pool, pg| {
         sqlx::query_scalar(if pg {
         "SELECT (SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass('cms_asset_references') \
-                 AND tgname IN ($1, $2, $3) AND tgenabled <> 'D') \
+                 AND tgname IN ($1, $2, $3, $4) AND tgenabled <> 'D') \
               + (SELECT count(*) FROM pg_class WHERE oid = to_regclass('cms_changes'))"
     } else {
         "SELECT count(*) FROM sqlite_master WHERE (type = 'trigger' AND tbl_name = 'cms_asset_references' \
-         AND name IN ($1, $2, $3)) OR (type = 'table' AND name = 'cms_changes')"
+         AND name IN ($1, $2, $3, $4)) OR (type = 'table' AND name = 'cms_changes')"
     })
     .bind(TRIGGERS[0])
     .bind(TRIGGERS[1])
     .bind(TRIGGERS[2])
+    .bind(NOTIFY_TRIGGER)
     .fetch_one(pool)
     .await
     })?;
-    Ok(found == TRIGGERS.len() as i64 + 1)
+    // SQLite has no notify trigger: the watcher polls its log.
+    let notify = i64::from(matches!(db, Db::Postgres(_)));
+    Ok(found == TRIGGERS.len() as i64 + notify + 1)
 }
 
 /// Puts the change log and its triggers in place if they are missing (the migration's own,
@@ -380,7 +391,10 @@ pub(super) async fn install_capture(db: &Db) -> Result<(), sqlx::Error> {
     }
     on_pool!(db, |pool, pg| {
         sqlx::raw_sql(if pg {
-            include_str!("../../migrations/postgres/20261203000002_capture_cms_changes.sql")
+            concat!(
+                include_str!("../../migrations/postgres/20261203000002_capture_cms_changes.sql"),
+                include_str!("../../migrations/postgres/20261203000003_notify_cms_changes.sql")
+            )
         } else {
             include_str!("../../migrations/sqlite/20261202000005_capture_cms_changes.sql")
         })
@@ -574,5 +588,46 @@ mod tests {
         save_full_pass(&mut tx, None).await.unwrap();
         tx.commit().await.unwrap();
         assert_eq!(store.last_full_pass().await.unwrap(), None);
+    }
+}
+
+/// PostgreSQL's word that a transaction which wrote the CMS table of this store's schema has
+/// committed (LISTEN on [`CHANGES_CHANNEL`]), on a connection of its own.
+pub struct ChangeNotifications {
+    listener: sqlx::postgres::PgListener,
+    schema: String,
+}
+
+impl ChangeNotifications {
+    /// Resolves at the next notification for this schema. A lost connection is opened again
+    /// first (what was notified meanwhile is missed: the log still holds it); `Err` when that
+    /// fails. Not cancel-safe: keep it in a task of its own.
+    pub async fn next(&mut self) -> Result<(), sqlx::Error> {
+        loop {
+            if self.listener.recv().await?.payload() == self.schema {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl Store {
+    /// On PostgreSQL, the notifications of the capture trigger; `None` on SQLite, whose log the
+    /// watcher polls.
+    pub async fn change_notifications(&self) -> Result<Option<ChangeNotifications>, sqlx::Error> {
+        let Db::Postgres(pool) = &self.db else {
+            return Ok(None);
+        };
+        let schema: String = sqlx::query_scalar("SELECT current_schema()::text")
+            .fetch_one(pool)
+            .await?;
+        // Its own connection, not one of the pool's eight, for as long as the daemon runs.
+        let own = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .connect_lazy_with((*pool.connect_options()).clone());
+        let mut listener = sqlx::postgres::PgListener::connect_with(&own).await?;
+        listener.listen(CHANGES_CHANNEL).await?;
+        Ok(Some(ChangeNotifications { listener, schema }))
     }
 }

@@ -548,6 +548,97 @@ async fn on_postgres_a_cms_write_reaches_bynder_through_change_capture_not_the_s
     assert!(status.success());
 }
 
+/// The daemon's sessions that LISTEN for the capture trigger's notifications.
+async fn listening_sessions(cms: &sqlx::PgPool) -> Vec<i32> {
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = 'state' \
+         AND query LIKE 'LISTEN \"bynder_usage_sync_changes\"%'",
+    )
+    .fetch_all(cms)
+    .await
+    .unwrap()
+}
+
+/// On PostgreSQL the daemon is told of every committed CMS write (LISTEN on the channel the
+/// capture trigger notifies) instead of polling the log ten times a second; when that session
+/// is cut it listens again, and no write waits for the schedule meanwhile.
+#[tokio::test]
+async fn on_postgres_the_daemon_listens_for_cms_writes_and_listens_again_when_cut_off() {
+    let pg = Postgres::start();
+    // The default schedule (every 5 minutes) never comes within this test.
+    let app = spawn_pg_app(
+        &pg,
+        Setup {
+            extra: daemon_sections("5s"),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let daemon = Daemon::start(&app.app).await;
+    let converged = || async { app.app.ours() == app.desired().await };
+    let listening = || async { listening_sessions(&app.cms).await.len() == 1 };
+    eventually(
+        &daemon,
+        "one session listens",
+        Duration::from_secs(20),
+        listening,
+    )
+    .await;
+    app.insert(&asset(1), &page(1), "told").await;
+    eventually(
+        &daemon,
+        "a write arrives",
+        Duration::from_secs(10),
+        converged,
+    )
+    .await;
+
+    let cut: Vec<i32> = listening_sessions(&app.cms).await;
+    let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(cut[0])
+        .fetch_one(&app.cms)
+        .await
+        .unwrap();
+    assert!(ended);
+    app.insert(&asset(2), &page(2), "written while nobody listens")
+        .await;
+    eventually(
+        &daemon,
+        "a write arrives while the listener is cut off",
+        Duration::from_secs(10),
+        converged,
+    )
+    .await;
+    eventually(
+        &daemon,
+        "it listens again, on a new session",
+        Duration::from_secs(20),
+        || async {
+            let now = listening_sessions(&app.cms).await;
+            now.len() == 1 && now != cut
+        },
+    )
+    .await;
+    app.insert(&asset(3), &page(3), "told again").await;
+    eventually(
+        &daemon,
+        "a write arrives once it listens again",
+        Duration::from_secs(10),
+        converged,
+    )
+    .await;
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE command = 'reconcile'")
+        .fetch_one(&app.cms)
+        .await
+        .unwrap();
+    assert_eq!(
+        runs, 1,
+        "only the reconcile at start-up: change runs sent the writes"
+    );
+    let (status, _, _) = daemon.terminate(Duration::from_secs(10)).await;
+    assert!(status.success());
+}
+
 #[tokio::test]
 async fn a_leader_whose_lock_session_is_cut_off_stops_and_the_standby_takes_over() {
     let pg = Postgres::start();
@@ -972,7 +1063,7 @@ async fn on_postgres_if_changed_skips_the_merge_only_while_nothing_can_have_chan
     .fetch_one(&app.cms)
     .await
     .unwrap();
-    assert_eq!(triggers, 3);
+    assert_eq!(triggers, 4, "the three that log, and the one that notifies");
 }
 
 /// What the README advises when a site moves to a PostgreSQL state database: the new state knows
