@@ -159,3 +159,47 @@ pub async fn holder(pool: &PgPool, kind: LockKind) -> Result<Option<String>, sql
     .fetch_optional(pool)
     .await
 }
+
+/// The advisory lock class of what-if copies; the second key is the copy's schema's hash.
+const COPY_CLASS: i32 = 0x4255_0003;
+
+/// Says a what-if copy (a schema of its own) is in use, for as long as it lives: its session
+/// holds the copy's advisory lock, which the server frees when the process dies.
+pub struct CopyInUse {
+    _conn: PgConnection,
+}
+
+impl std::fmt::Debug for CopyInUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CopyInUse")
+    }
+}
+
+impl CopyInUse {
+    /// Marks the copy `schema` as in use (a new name: nobody else holds its lock).
+    pub async fn take(pool: &PgPool, schema: &str) -> Result<CopyInUse, sqlx::Error> {
+        let mut conn = session(pool).await?;
+        sqlx::query("SELECT pg_advisory_lock($1, hashtext($2))")
+            .bind(COPY_CLASS)
+            .bind(schema)
+            .execute(&mut conn)
+            .await?;
+        Ok(CopyInUse { _conn: conn })
+    }
+
+    /// Takes the lock of the copy `schema` if no live process holds it: `Some` means the copy
+    /// is abandoned, and nobody else will use or drop it while the guard lives.
+    pub async fn try_take(pool: &PgPool, schema: &str) -> Result<Option<CopyInUse>, sqlx::Error> {
+        let mut conn = session(pool).await?;
+        let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
+            .bind(COPY_CLASS)
+            .bind(schema)
+            .fetch_one(&mut conn)
+            .await?;
+        if !free {
+            let _ = conn.close().await;
+            return Ok(None);
+        }
+        Ok(Some(CopyInUse { _conn: conn }))
+    }
+}

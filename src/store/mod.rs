@@ -234,13 +234,19 @@ const SNAPSHOT_TABLES: [(&str, Option<&str>); 8] = [
 /// What keeps a [`Store::snapshot`] alive: dropping it removes the copy.
 pub enum Snapshot {
     Folder(tempfile::TempDir),
-    Schema { pool: sqlx::PgPool, schema: String },
+    Schema {
+        pool: sqlx::PgPool,
+        schema: String,
+        /// Holds the copy's advisory lock for as long as the copy is in use: a copy whose lock
+        /// is free was left behind by a process that died, and the next what-if drops it.
+        _in_use: lock::CopyInUse,
+    },
 }
 
 impl Snapshot {
     /// Removes the copy now (dropping the guard removes it too, but only eventually).
     pub async fn discard(mut self) {
-        if let Snapshot::Schema { pool, schema } = &mut self {
+        if let Snapshot::Schema { pool, schema, .. } = &mut self {
             let sql = format!("DROP SCHEMA IF EXISTS {schema} CASCADE");
             if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&*pool).await {
                 tracing::warn!(error = %e, "could not drop the what-if copy of the state database");
@@ -250,9 +256,43 @@ impl Snapshot {
     }
 }
 
+/// The name every what-if copy's schema starts with.
+const WHAT_IF_PREFIX: &str = "bynder_usage_sync_what_if_";
+
+/// Drops the what-if copies no live process uses: a dry run killed (or cut off) mid-way left
+/// them, each a full copy of the state's tables.
+async fn drop_abandoned_copies(pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
+    let copies: Vec<String> = sqlx::query_scalar(
+        "SELECT nspname::text FROM pg_namespace WHERE starts_with(nspname, $1) ORDER BY nspname",
+    )
+    .bind(WHAT_IF_PREFIX)
+    .fetch_all(pool)
+    .await?;
+    for schema in copies {
+        // Only our own names reach the statement below (a schema name is not a bind parameter).
+        if !schema[WHAT_IF_PREFIX.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b == b'_')
+        {
+            continue;
+        }
+        let Some(abandoned) = lock::CopyInUse::try_take(pool, &schema).await? else {
+            continue;
+        };
+        let sql = format!("DROP SCHEMA IF EXISTS {schema} CASCADE");
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await?;
+        drop(abandoned);
+        tracing::info!(
+            schema,
+            "dropped a what-if copy of the state database that a dry run which did not finish left behind"
+        );
+    }
+    Ok(())
+}
+
 impl Drop for Snapshot {
     fn drop(&mut self) {
-        if let Snapshot::Schema { pool, schema } = self {
+        if let Snapshot::Schema { pool, schema, .. } = self {
             if schema.is_empty() {
                 return;
             }
@@ -550,11 +590,13 @@ impl Store {
         pool: &sqlx::PgPool,
         settings: &DatabaseSettings,
     ) -> Result<(Snapshot, Store), StoreError> {
+        drop_abandoned_copies(pool).await?;
         let schema = format!(
-            "bynder_usage_sync_what_if_{}_{}",
+            "{WHAT_IF_PREFIX}{}_{}",
             std::process::id(),
             Utc::now().timestamp_millis()
         );
+        let in_use = lock::CopyInUse::take(pool, &schema).await?;
         let mut tx = pool.begin().await?;
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
             .execute(&mut *tx)
@@ -602,6 +644,7 @@ impl Store {
             Snapshot::Schema {
                 pool: pool.clone(),
                 schema,
+                _in_use: in_use,
             },
             store,
         ))

@@ -195,6 +195,57 @@ async fn a_what_if_verify_on_postgres_changes_nothing_and_leaves_no_copy_behind(
     app.assert_converged().await;
 }
 
+/// A dry run killed mid-way leaves its copy behind (a schema holding every table): the next
+/// what-if drops each copy no live process holds, and leaves alone the one another dry run
+/// still uses.
+#[tokio::test]
+async fn a_what_if_drops_the_copies_dead_dry_runs_left_and_keeps_one_in_use() {
+    let pg = Postgres::start();
+    let app = spawn_pg_app(&pg, Setup::default()).await;
+    app.insert(&asset(1), &page(1), "note").await;
+    app.app.resync_expecting(0).await;
+    let (left, in_use) = (
+        "bynder_usage_sync_what_if_4242_1764000000000",
+        "bynder_usage_sync_what_if_4343_1764000000001",
+    );
+    for schema in [left, in_use] {
+        app.exec(&format!("CREATE SCHEMA {schema}")).await;
+        app.exec(&format!(
+            "CREATE TABLE {schema}.recorded_usages (LIKE recorded_usages INCLUDING ALL)"
+        ))
+        .await;
+    }
+    // Another dry run, alive, holds its copy's lock.
+    let mut other = sqlx::PgConnection::connect(&pg.admin_url("state"))
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_advisory_lock(1112866819, hashtext($1))")
+        .bind(in_use)
+        .execute(&mut other)
+        .await
+        .unwrap();
+
+    let out = app.app.run(&["resync", "--verify", "--dry-run"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let copies: Vec<String> = sqlx::query_scalar(
+        "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'bynder_usage_sync_what_if%'",
+    )
+    .fetch_all(&app.cms)
+    .await
+    .unwrap();
+    assert_eq!(copies, vec![in_use.to_owned()]);
+    other.close().await.unwrap();
+    let out = app.app.run(&["resync", "--verify", "--dry-run"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let copies: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'bynder_usage_sync_what_if%'",
+    )
+    .fetch_one(&app.cms)
+    .await
+    .unwrap();
+    assert_eq!(copies, 0, "once its dry run is gone, that copy goes too");
+}
+
 #[tokio::test]
 async fn a_resync_waits_for_the_advisory_run_lock_and_names_its_holder() {
     let pg = Postgres::start();
