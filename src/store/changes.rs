@@ -454,6 +454,47 @@ pub(super) async fn put_setting(
     Ok(())
 }
 
+/// PostgreSQL's word that a transaction which wrote the CMS table of this store's schema has
+/// committed (LISTEN on [`CHANGES_CHANNEL`]), on a connection of its own.
+pub struct ChangeNotifications {
+    listener: sqlx::postgres::PgListener,
+    schema: String,
+}
+
+impl ChangeNotifications {
+    /// Resolves at the next notification for this schema. A lost connection is opened again
+    /// first (what was notified meanwhile is missed: the log still holds it); `Err` when that
+    /// fails. Not cancel-safe: keep it in a task of its own.
+    pub async fn next(&mut self) -> Result<(), sqlx::Error> {
+        loop {
+            if self.listener.recv().await?.payload() == self.schema {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl Store {
+    /// On PostgreSQL, the notifications of the capture trigger; `None` on SQLite, whose log the
+    /// watcher polls.
+    pub async fn change_notifications(&self) -> Result<Option<ChangeNotifications>, sqlx::Error> {
+        let Db::Postgres(pool) = &self.db else {
+            return Ok(None);
+        };
+        let schema: String = sqlx::query_scalar("SELECT current_schema()::text")
+            .fetch_one(pool)
+            .await?;
+        // Its own connection, not one of the pool's eight, for as long as the daemon runs.
+        let own = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .connect_lazy_with((*pool.connect_options()).clone());
+        let mut listener = sqlx::postgres::PgListener::connect_with(&own).await?;
+        listener.listen(CHANGES_CHANNEL).await?;
+        Ok(Some(ChangeNotifications { listener, schema }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -588,46 +629,5 @@ mod tests {
         save_full_pass(&mut tx, None).await.unwrap();
         tx.commit().await.unwrap();
         assert_eq!(store.last_full_pass().await.unwrap(), None);
-    }
-}
-
-/// PostgreSQL's word that a transaction which wrote the CMS table of this store's schema has
-/// committed (LISTEN on [`CHANGES_CHANNEL`]), on a connection of its own.
-pub struct ChangeNotifications {
-    listener: sqlx::postgres::PgListener,
-    schema: String,
-}
-
-impl ChangeNotifications {
-    /// Resolves at the next notification for this schema. A lost connection is opened again
-    /// first (what was notified meanwhile is missed: the log still holds it); `Err` when that
-    /// fails. Not cancel-safe: keep it in a task of its own.
-    pub async fn next(&mut self) -> Result<(), sqlx::Error> {
-        loop {
-            if self.listener.recv().await?.payload() == self.schema {
-                return Ok(());
-            }
-        }
-    }
-}
-
-impl Store {
-    /// On PostgreSQL, the notifications of the capture trigger; `None` on SQLite, whose log the
-    /// watcher polls.
-    pub async fn change_notifications(&self) -> Result<Option<ChangeNotifications>, sqlx::Error> {
-        let Db::Postgres(pool) = &self.db else {
-            return Ok(None);
-        };
-        let schema: String = sqlx::query_scalar("SELECT current_schema()::text")
-            .fetch_one(pool)
-            .await?;
-        // Its own connection, not one of the pool's eight, for as long as the daemon runs.
-        let own = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(1)
-            .min_connections(0)
-            .connect_lazy_with((*pool.connect_options()).clone());
-        let mut listener = sqlx::postgres::PgListener::connect_with(&own).await?;
-        listener.listen(CHANGES_CHANNEL).await?;
-        Ok(Some(ChangeNotifications { listener, schema }))
     }
 }
