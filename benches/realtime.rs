@@ -29,7 +29,12 @@ fn uri(i: u64) -> String {
 }
 
 /// The scenarios, by the names a word on the command line matches.
-const SCENARIOS: [&str; 3] = ["write-latency", "scheduled-reconcile", "failover"];
+const SCENARIOS: [&str; 4] = [
+    "write-latency",
+    "scheduled-reconcile",
+    "postgres-write-latency",
+    "failover",
+];
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -128,6 +133,9 @@ async fn run_all(quick: bool, selected: &[&str]) {
     if selected.contains(&"scheduled-reconcile") {
         scheduled_reconcile(quick).await;
     }
+    if selected.contains(&"postgres-write-latency") {
+        postgres_latency_and_idle(quick).await;
+    }
     if selected.contains(&"failover") {
         failover(quick).await;
     }
@@ -152,32 +160,11 @@ async fn latency_bulk_and_idle(quick: bool) {
     for i in 0..writes {
         let key = (asset(7 * i), uri(i));
         insert_rows(&mut conn, std::iter::once(key.clone())).await;
-        let committed = Instant::now();
-        loop {
-            let found = portal
-                .usages_for(INTEGRATION)
-                .iter()
-                .any(|u| u.asset_id == key.0 && u.uri == key.1);
-            if found {
-                break;
-            }
-            assert!(
-                committed.elapsed() < Duration::from_secs(60),
-                "write {i} never arrived"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        latencies.push(committed.elapsed());
+        latencies.push(in_bynder_after(&portal, &key).await);
         // Editors do not save in lockstep with the daemon.
         tokio::time::sleep(Duration::from_millis(150 + (i * 37) % 400)).await;
     }
-    latencies.sort();
-    println!(
-        "write to Bynder, one row at a time, {writes} writes, portal latency 50 ms: p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms",
-        percentile(&latencies, 50.0).as_secs_f64() * 1000.0,
-        percentile(&latencies, 95.0).as_secs_f64() * 1000.0,
-        latencies.last().unwrap().as_secs_f64() * 1000.0,
-    );
+    print_latencies("", writes, latencies);
 
     // A bulk load while the daemon runs: an export job writing transactions of 1,000 rows.
     let rows = if quick { 10_000u64 } else { 100_000 };
@@ -219,7 +206,42 @@ async fn latency_bulk_and_idle(quick: bool) {
         converged.as_secs_f64(),
     );
 
-    // The idle daemon: nothing to do until the next schedule.
+    print_idle_cpu("", &daemon, quick).await;
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+}
+
+/// How long after now the usage `key` shows in the portal.
+async fn in_bynder_after(portal: &Simulator, key: &(String, String)) -> Duration {
+    let committed = Instant::now();
+    loop {
+        let found = portal
+            .usages_for(INTEGRATION)
+            .iter()
+            .any(|u| u.asset_id == key.0 && u.uri == key.1);
+        if found {
+            return committed.elapsed();
+        }
+        assert!(
+            committed.elapsed() < Duration::from_secs(60),
+            "the write of {key:?} never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn print_latencies(backend: &str, writes: u64, mut latencies: Vec<Duration>) {
+    latencies.sort();
+    println!(
+        "{backend}write to Bynder, one row at a time, {writes} writes, portal latency 50 ms: p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms",
+        percentile(&latencies, 50.0).as_secs_f64() * 1000.0,
+        percentile(&latencies, 95.0).as_secs_f64() * 1000.0,
+        latencies.last().unwrap().as_secs_f64() * 1000.0,
+    );
+}
+
+/// The idle daemon: nothing to do until the next schedule.
+async fn print_idle_cpu(backend: &str, daemon: &Child, quick: bool) {
     let idle = if quick { 10 } else { 60 };
     tokio::time::sleep(Duration::from_secs(2)).await;
     let cpu_before = cpu_seconds(daemon.id());
@@ -227,9 +249,65 @@ async fn latency_bulk_and_idle(quick: bool) {
     tokio::time::sleep(Duration::from_secs(idle)).await;
     let used = cpu_seconds(daemon.id()) - cpu_before;
     println!(
-        "idle daemon over {idle} s: {:.2} % of a core",
+        "{backend}idle daemon over {idle} s: {:.2} % of a core",
         100.0 * used / wall.elapsed().as_secs_f64()
     );
+}
+
+/// [`latency_bulk_and_idle`]'s one-row writes and idle CPU with the state (and the CMS table)
+/// in PostgreSQL, where the server notifies the daemon of every committed write.
+async fn postgres_latency_and_idle(quick: bool) {
+    let Some(pg) = PgCluster::start() else {
+        println!("postgres-write-latency: skipped, PostgreSQL is not installed (Debian's postgresql package)");
+        return;
+    };
+    let url = pg.database("latency");
+    let portal = Simulator::start(Options {
+        permanent_tokens: vec![TOKEN.to_owned()],
+        latency: Duration::from_millis(50),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let ws = support::workspace_on(
+        &portal,
+        "[server]\nlisten = \"127.0.0.1:0\"",
+        &format!("url = \"{url}\""),
+    );
+    let cms = sqlx::PgPool::connect(&url).await.unwrap();
+    let mut daemon = start_daemon(&ws);
+    let started = Instant::now();
+    loop {
+        let done: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM runs WHERE command = 'reconcile' AND finished_at IS NOT NULL",
+        )
+        .fetch_one(&cms)
+        .await
+        .unwrap_or(0);
+        if done > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no reconcile at start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let writes = if quick { 10 } else { 60 };
+    let mut latencies = Vec::new();
+    for i in 0..writes {
+        let key = (asset(7 * i), uri(i));
+        sqlx::query("INSERT INTO cms_asset_references (asset_id, uri, additional) VALUES ($1, $2, 'hero image')")
+            .bind(&key.0)
+            .bind(&key.1)
+            .execute(&cms)
+            .await
+            .unwrap();
+        latencies.push(in_bynder_after(&portal, &key).await);
+        tokio::time::sleep(Duration::from_millis(150 + (i * 37) % 400)).await;
+    }
+    print_latencies("postgres: ", writes, latencies);
+    print_idle_cpu("postgres: ", &daemon, quick).await;
     daemon.kill().unwrap();
     daemon.wait().unwrap();
 }
