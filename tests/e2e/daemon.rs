@@ -28,7 +28,7 @@ pub(crate) fn daemon_sections(shutdown_timeout: &str) -> String {
 }
 
 /// A daemon that reconciles every second.
-fn daemon_setup() -> Setup {
+pub(crate) fn daemon_setup() -> Setup {
     Setup {
         sync: "schedule = \"*/1 * * * * *\"".to_owned(),
         extra: daemon_sections("5s"),
@@ -38,7 +38,7 @@ fn daemon_setup() -> Setup {
 
 /// A daemon that sends one request per usage: a create is not idempotent there, so counting
 /// POSTs shows whether anything was sent twice, and a stop can fall between two operations.
-fn per_usage_daemon_setup() -> Setup {
+pub(crate) fn per_usage_daemon_setup() -> Setup {
     Setup {
         sync: "schedule = \"*/1 * * * * *\"\nstrategy = \"per_usage\"".to_owned(),
         ..daemon_setup()
