@@ -254,14 +254,18 @@ async fn print_idle_cpu(backend: &str, daemon: &Child, quick: bool) {
     );
 }
 
-/// [`latency_bulk_and_idle`]'s one-row writes and idle CPU with the state (and the CMS table)
-/// in PostgreSQL, where the server notifies the daemon of every committed write.
-async fn postgres_latency_and_idle(quick: bool) {
+/// For `scenario`: a throwaway PostgreSQL cluster, a portal answering after 50 ms, a daemon
+/// workspace whose state (and CMS table) is a database there, with `extra` sections, and a
+/// connection to it. `None` (and a line saying so) when PostgreSQL is not installed.
+async fn on_postgres(
+    scenario: &str,
+    extra: &str,
+) -> Option<(PgCluster, Simulator, Workspace, sqlx::PgPool)> {
     let Some(pg) = PgCluster::start() else {
-        println!("postgres-write-latency: skipped, PostgreSQL is not installed (Debian's postgresql package)");
-        return;
+        println!("{scenario}: skipped, PostgreSQL is not installed (Debian's postgresql package)");
+        return None;
     };
-    let url = pg.database("latency");
+    let url = pg.database(&scenario.replace('-', "_"));
     let portal = Simulator::start(Options {
         permanent_tokens: vec![TOKEN.to_owned()],
         latency: Duration::from_millis(50),
@@ -271,10 +275,19 @@ async fn postgres_latency_and_idle(quick: bool) {
     .unwrap();
     let ws = support::workspace_on(
         &portal,
-        "[server]\nlisten = \"127.0.0.1:0\"",
+        &format!("{extra}\n[server]\nlisten = \"127.0.0.1:0\""),
         &format!("url = \"{url}\""),
     );
     let cms = sqlx::PgPool::connect(&url).await.unwrap();
+    Some((pg, portal, ws, cms))
+}
+
+/// [`latency_bulk_and_idle`]'s one-row writes and idle CPU with the state (and the CMS table)
+/// in PostgreSQL, where the server notifies the daemon of every committed write.
+async fn postgres_latency_and_idle(quick: bool) {
+    let Some((_pg, portal, ws, cms)) = on_postgres("postgres-write-latency", "").await else {
+        return;
+    };
     let mut daemon = start_daemon(&ws);
     let started = Instant::now();
     loop {
@@ -397,25 +410,11 @@ async fn leader_pid(pool: &sqlx::PgPool) -> Option<u32> {
 /// killed one. Measures, from the kill: the survivor holding the leader lock, its first request
 /// to Bynder, and every row (the burst and those written after the kill) in Bynder exactly once.
 async fn failover(quick: bool) {
-    let Some(pg) = PgCluster::start() else {
-        println!("failover: skipped, PostgreSQL is not installed (Debian's postgresql package)");
+    // Batches of 20: each burst takes several requests, so the kill falls amid them.
+    let Some((_pg, portal, ws, cms)) = on_postgres("failover", "[sync]\nbatch_size = 20").await
+    else {
         return;
     };
-    let url = pg.database("failover");
-    let portal = Simulator::start(Options {
-        permanent_tokens: vec![TOKEN.to_owned()],
-        latency: Duration::from_millis(50),
-        ..Options::default()
-    })
-    .await
-    .unwrap();
-    let ws = support::workspace_on(
-        &portal,
-        // Batches of 20: each burst takes several requests, so the kill falls amid them.
-        "[sync]\nbatch_size = 20\n[server]\nlisten = \"127.0.0.1:0\"",
-        &format!("url = \"{url}\""),
-    );
-    let cms = sqlx::PgPool::connect(&url).await.unwrap();
     let insert = |from: u64, count: u64| {
         let cms = cms.clone();
         async move {

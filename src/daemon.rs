@@ -496,7 +496,7 @@ async fn watch_changes(
     let mut unreadable = false;
     let notified = Arc::new(tokio::sync::Notify::new());
     let listening = tokio::sync::watch::Sender::new(false);
-    let _listener = AbortOnDrop(tokio::spawn(listen_for_changes(
+    let _listener = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(listen_for_changes(
         store.clone(),
         notified.clone(),
         listening.clone(),
@@ -600,15 +600,6 @@ async fn listen_for_changes(
             warned = true;
         }
         tokio::time::sleep(NOTIFICATIONS_RETRY).await;
-    }
-}
-
-/// A task aborted when this is dropped.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
